@@ -1,0 +1,187 @@
+"""Native LoRA / DoRA linear layers and adapter I/O.
+
+`LoRALinear` owns its frozen base weight (named `weight`, so a Meta checkpoint loads into it
+unchanged) and, when adapted, the trainable low-rank factors:
+
+    LoRA (eq. 1):  o = W u + s · B A dropout(u),                  s = α / r
+    DoRA:          o = m ⊙ (W u + s · B A dropout(u)) / ‖W + s·B A‖_row
+
+A ∈ R^{r×d_in} is Kaiming-uniform, B ∈ R^{d_out×r} is zero, so an untrained adapter is the base
+model exactly. DoRA's row norm is computed in fp32 and detached (DoRA §4.3: treating the norm as a
+constant saves the memory of its backward graph at no measurable cost in accuracy), clamped away
+from zero so an all-zero weight row cannot divide by zero. The base matmul W u is computed once
+and reused for both terms.
+"""
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ADAPTER_KEYS = ("lora_a", "lora_b", "magnitude")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, d_in, d_out, *, rank=0, alpha=1.0, dropout=0.0, dora=False):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.rank, self.dora = rank, dora
+        self.enabled = True     # False: behave as the plain base layer (boundary-layer dropping)
+        self.merged = False
+        if rank > 0:
+            self.scale = alpha / rank
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            self.lora_a = nn.Parameter(torch.empty(rank, d_in, dtype=torch.float32))
+            self.lora_b = nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            if dora:
+                self.magnitude = nn.Parameter(torch.ones(d_out, dtype=torch.float32))
+                # ‖W‖² per row, cached once W is final (W is frozen); None = not initialised yet.
+                self.register_buffer("base_sq_norm", None, persistent=False)
+
+    @property
+    def adapted(self):
+        return self.rank > 0 and self.enabled and not self.merged
+
+    def extra_repr(self):
+        kind = ("dora" if self.dora else "lora") if self.rank else "base"
+        return f"{self.d_in}→{self.d_out}, {kind}" + (f" r={self.rank} s={self.scale:g}" if self.rank else "")
+
+    @torch.no_grad()
+    def cache_base_norm(self):
+        self.base_sq_norm = self.weight.float().pow(2).sum(dim=1)
+
+    @torch.no_grad()
+    def init_magnitude(self):
+        """DoRA: m ← ‖W‖ per output row, so that W' = W at initialisation. Call after loading W."""
+        self.cache_base_norm()
+        self.magnitude.copy_(self.base_sq_norm.sqrt())
+
+    def delta_weight(self):
+        """s · B A in fp32 (the dense LoRA update, for merging and DoRA's norm)."""
+        return self.scale * (self.lora_b.float() @ self.lora_a.float())
+
+    def weight_norm(self):
+        """‖W + s·B A‖ per output row, fp32, detached (DoRA §4.3), clamped away from 0.
+
+        Expanded so the dense d_out×d_in update is never materialised:
+            ‖W + sBA‖²_i = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ
+        ‖W‖² is cached (W is frozen); W Aᵀ is one skinny matmul over W (fp32 accumulation).
+        """
+        with torch.no_grad():
+            a, b = self.lora_a.float(), self.lora_b.float()
+            w_at = (self.weight @ self.lora_a.to(self.weight.dtype).t()).float()      # [d_out, r]
+            cross = (w_at * b).sum(dim=1)
+            ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
+            sq = self.base_sq_norm + 2 * self.scale * cross + self.scale ** 2 * ba_sq
+            return sq.clamp_min(1e-24).sqrt()
+
+    def forward(self, u):
+        base = F.linear(u, self.weight)
+        if not self.adapted:
+            return base
+        a, b = self.lora_a.to(u.dtype), self.lora_b.to(u.dtype)
+        lora = F.linear(F.linear(self.dropout(u), a), b) * self.scale   # eq. 1
+        if not self.dora:
+            return base + lora
+        if self.base_sq_norm is None:
+            raise RuntimeError("DoRA magnitude not initialised: call model.init_dora_magnitudes() "
+                               "after loading base weights (load_model does this)")
+        column_scale = (self.magnitude / self.weight_norm()).to(base.dtype)
+        return column_scale * (base + lora)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapter into W (computed in fp32, then cast). Keeps W for an exact unmerge."""
+        if self.rank == 0 or self.merged:
+            return
+        self._unmerged_weight = self.weight.detach().clone()
+        merged = self.weight.float() + self.delta_weight()
+        if self.dora:
+            merged = self.magnitude.float()[:, None] * merged / merged.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_(self._unmerged_weight)
+            del self._unmerged_weight
+            self.merged = False
+
+
+def lora_linears(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.rank > 0]
+
+
+def merge_adapters(model):
+    for _, m in lora_linears(model):
+        m.merge()
+    return model
+
+
+def unmerge_adapters(model):
+    for _, m in lora_linears(model):
+        m.unmerge()
+    return model
+
+
+def adapter_state_dict(model):
+    """Only the deployable adapter tensors (lora_a, lora_b, magnitude), fp32, on CPU."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+
+
+def adapter_config(args):
+    return {"method": args.adapter, "rank": args.lora_rank, "alpha": args.lora_alpha,
+            "dropout": args.lora_dropout, "modules": list(args.lora_modules),
+            "layers": None if args.lora_layers is None else list(args.lora_layers),
+            "base": args.to_params_json()}
+
+
+def save_adapter(model, out_dir):
+    """Write out_dir/adapter.safetensors + out_dir/adapter_config.json (atomically per file)."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False).name
+    save_file(adapter_state_dict(model), tmp)
+    os.replace(tmp, out_dir / "adapter.safetensors")
+    tmp = out_dir / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(adapter_config(model.args), indent=2))
+    os.replace(tmp, out_dir / "adapter_config.json")
+
+
+def read_adapter_config(adapter_dir):
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model, adapter_dir):
+    """Load adapter tensors into a model built with the matching adapter config."""
+    from safetensors.torch import load_file
+    path = Path(adapter_dir) / "adapter.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no adapter.safetensors in {adapter_dir}")
+    tensors = load_file(str(path))
+    expected = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+    for k in tensors:
+        if k not in expected:
+            raise ValueError(f"{path}: unexpected adapter key {k} (adapter built for another config?)")
+    for k, v in expected.items():
+        if k not in tensors:
+            raise ValueError(f"{path}: missing adapter key {k}")
+        if tensors[k].shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {list(tensors[k].shape)}, model expects {list(v.shape)}")
+    model.load_state_dict(tensors, strict=False)
+    for _, m in lora_linears(model):
+        if m.dora:
+            m.cache_base_norm()
+    return model

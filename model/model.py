@@ -1,0 +1,410 @@
+"""A minimal LLaMA 1 / 2 / 3 decoder with native LoRA/DoRA and an explicit Echo injection argument.
+
+Parameter names equal Meta's checkpoint keys, so `consolidated.00.pth` loads with strict checking
+and no renaming. Read top to bottom: config, RMSNorm, RoPE, attention (GQA), SwiGLU, block, model.
+
+Echo (eq. 7) enters through `echo_inject`, passed explicitly from `Transformer.forward` through each
+block to the projections: for each chosen (layer, module) the module output o becomes o + M·δ.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import ADAPTER_KEYS, LoRALinear
+
+ATTENTION_MODULES = ("wq", "wk", "wv", "wo")
+FFN_MODULES = ("w1", "w2", "w3")
+MODULE_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+                  "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def canonical_module(name):
+    """'q_proj' → 'wq'; unknown names are an error naming the culprit."""
+    canonical = MODULE_ALIASES.get(name, name)
+    if canonical not in ATTENTION_MODULES + FFN_MODULES:
+        raise ValueError(f"unknown module {name!r}: choose from wq wk wv wo w1 w2 w3 "
+                         f"(or q_proj k_proj v_proj o_proj gate_proj down_proj up_proj)")
+    return canonical
+
+
+# Meta params.json fields (plus hidden_dim / tie_word_embeddings, which some exports carry).
+PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "hidden_dim",
+                 "tie_word_embeddings", "max_seq_len")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False          # Llama 3.1 long-context frequency scaling
+    hidden_dim: Optional[int] = None       # None: Meta's rule from multiple_of / ffn_dim_multiplier
+    tie_word_embeddings: bool = False
+    max_seq_len: int = 4096                # length of the RoPE tables
+    # adapters, built into the model (None: plain model, all weights trainable)
+    adapter: Optional[str] = None          # "lora" | "dora"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_modules: Sequence[str] = ("wq", "wk", "wv", "wo")
+    lora_layers: Optional[Sequence[int]] = None   # None: every layer
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}, "
+                             f"and n_heads by n_kv_heads {self.n_kv_heads}")
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size is {self.vocab_size}: pass the tokenizer's vocabulary size")
+        if self.adapter not in (None, "lora", "dora"):
+            raise ValueError(f"unknown adapter {self.adapter!r}: choose lora or dora")
+        self.lora_modules = tuple(dict.fromkeys(canonical_module(m) for m in self.lora_modules))
+        if self.adapter and self.lora_rank <= 0:
+            raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
+        if self.lora_layers is not None:
+            self.lora_layers = tuple(sorted(int(i) for i in self.lora_layers))
+            bad = [i for i in self.lora_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"adapter layer {bad[0]} out of range for a {self.n_layers}-layer model")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self):
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)                       # Meta's FeedForward rule
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_params_json(self):
+        return {k: getattr(self, k) for k in PARAMS_FIELDS}
+
+    @classmethod
+    def from_params_json(cls, path, **overrides):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"missing {path}")
+        try:
+            params = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        for required in ("dim", "n_layers", "n_heads"):
+            if required not in params:
+                raise ValueError(f"{path}: missing field {required!r}")
+        known = {f.name for f in fields(cls)}
+        params = {k: v for k, v in params.items() if k in known and k in PARAMS_FIELDS}
+        return cls(**{**params, **overrides})
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}: choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, norm_eps=1e-6, max_seq_len=2048),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, norm_eps=1e-6, max_seq_len=2048),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, norm_eps=1e-5),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, norm_eps=1e-5),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                      ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+                        max_seq_len=8192),
+    # tiny shapes for tests and the built-in default run (random weights)
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=512),
+    "tiny-deep": dict(dim=64, n_layers=12, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=512),
+}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · g, computed in fp32."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim, theta, use_scaled_rope=False):
+    """θ_i = theta^(-2i/d); Llama 3.1 stretches the low frequencies (factor 8, original context 8192)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if use_scaled_rope:
+        factor, low_freq_factor, high_freq_factor, old_context = 8.0, 1.0, 4.0, 8192
+        wavelen = 2 * math.pi / freqs
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * freqs / factor + smooth * freqs
+        freqs = torch.where(wavelen < old_context / high_freq_factor, freqs,
+                            torch.where(wavelen > old_context / low_freq_factor, freqs / factor, blended))
+    return freqs
+
+
+def apply_rope(x, cos, sin):
+    """Rotate Meta's interleaved pairs (x_2i, x_2i+1) by angle pos·θ_i. x [B,T,H,D], cos/sin [B,T,D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+@dataclass
+class EchoInject:
+    """The Echo signal for one forward pass (eq. 7): module output o ← o + M ⊙ δ.
+
+    deltas: {(layer ≥ 0, module name): δ [B, d_out]}; mask: M [B, T] (eq. 8, 1 on answer positions).
+    """
+    deltas: dict
+    mask: torch.Tensor
+
+
+def add_echo(out, echo_inject, layer_id, module):   # eq. 7
+    if echo_inject is None or (layer_id, module) not in echo_inject.deltas:
+        return out
+    delta = echo_inject.deltas[(layer_id, module)]
+    return out + echo_inject.mask[..., None].to(out.dtype) * delta[:, None, :].to(out.dtype)
+
+
+def make_linear(args, layer_id, module, d_in, d_out):
+    adapted = (args.adapter is not None and module in args.lora_modules
+               and (args.lora_layers is None or layer_id in args.lora_layers))
+    if not adapted:
+        return LoRALinear(d_in, d_out)
+    return LoRALinear(d_in, d_out, rank=args.lora_rank, alpha=args.lora_alpha,
+                      dropout=args.lora_dropout, dora=args.adapter == "dora")
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, n_kv_heads, max_len, head_dim] for incremental decoding."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, device, dtype):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+
+    def update(self, layer_id, pos, k, v):
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of length {self.max_len} cannot hold position {end - 1}")
+        self.k[layer_id][:, :, pos:end] = k
+        self.v[layer_id][:, :, pos:end] = v
+        return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
+
+    def reorder(self, index):
+        """Keep batch rows `index` (beam search)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.layer_id, self.n_heads, self.n_kv_heads, self.head_dim = layer_id, args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = make_linear(args, layer_id, "wq", args.dim, args.n_heads * args.head_dim)
+        self.wk = make_linear(args, layer_id, "wk", args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = make_linear(args, layer_id, "wv", args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = make_linear(args, layer_id, "wo", args.n_heads * args.head_dim, args.dim)
+
+    def forward(self, x, cos, sin, mask, echo_inject=None, kv_cache=None, cache_pos=0):
+        B, T, _ = x.shape
+        i = self.layer_id
+        q = add_echo(self.wq(x), echo_inject, i, "wq").view(B, T, self.n_heads, self.head_dim)
+        k = add_echo(self.wk(x), echo_inject, i, "wk").view(B, T, self.n_kv_heads, self.head_dim)
+        v = add_echo(self.wv(x), echo_inject, i, "wv").view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(i, cache_pos, k, v)
+        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return add_echo(self.wo(y), echo_inject, i, "wo")
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) ⊙ w3 x)."""
+
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.layer_id, hidden = layer_id, args.ffn_hidden_dim
+        self.w1 = make_linear(args, layer_id, "w1", args.dim, hidden)
+        self.w2 = make_linear(args, layer_id, "w2", hidden, args.dim)
+        self.w3 = make_linear(args, layer_id, "w3", args.dim, hidden)
+
+    def forward(self, x, echo_inject=None):
+        i = self.layer_id
+        gate = add_echo(self.w1(x), echo_inject, i, "w1")
+        up = add_echo(self.w3(x), echo_inject, i, "w3")
+        return add_echo(self.w2(F.silu(gate) * up), echo_inject, i, "w2")
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args, layer_id)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h, cos, sin, mask, echo_inject=None, kv_cache=None, cache_pos=0):
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask, echo_inject, kv_cache, cache_pos)
+        return h + self.feed_forward(self.ffn_norm(h), echo_inject)
+
+
+def attention_mask_4d(attention_mask, T, cache_pos):
+    """bool [B,1,T,S]: causal ∧ key is a real token. Every query also sees itself, so the rows of
+    left-padding queries stay finite (their outputs are never used)."""
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(cache_pos, cache_pos + T, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+    allowed = (k_pos <= q_pos) & attention_mask[:, None, :].bool()
+    return (allowed | (k_pos == q_pos))[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64),
+                             rope_frequencies(args.head_dim, args.rope_theta, args.use_scaled_rope))
+        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std=0.02):
+        """Random base weights (presets without a checkpoint); adapters keep their own init."""
+        for name, p in self.named_parameters():
+            if name.rsplit(".", 1)[-1] in ADAPTER_KEYS:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        if self.args.adapter:   # DoRA magnitudes are NOT set here: call init_dora_magnitudes() once W is final
+            for name, p in self.named_parameters():
+                p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_KEYS)
+
+    def adapter_linears(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear) and m.rank > 0]
+
+    @torch.no_grad()
+    def init_dora_magnitudes(self):
+        for m in self.adapter_linears():
+            if m.dora:
+                m.init_magnitude()
+
+    @torch.no_grad()
+    def cast_base_(self, dtype):
+        """Cast frozen base weights (not adapters, not the fp32 RoPE tables) to `dtype`."""
+        for name, p in self.named_parameters():
+            if name.rsplit(".", 1)[-1] not in ADAPTER_KEYS:
+                p.data = p.data.to(dtype)
+        return self
+
+    @torch.no_grad()
+    def load_base_weights(self, state_dict):
+        """Strict load of a Meta-layout state dict into the base weights; one-line errors."""
+        state_dict = {k: v for k, v in state_dict.items() if k != "rope.freqs"}
+        params = dict(self.named_parameters())
+        expected = {k: p for k, p in params.items() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
+        missing = sorted(set(expected) - set(state_dict))
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weight(s), first: {missing[0]}")
+        unexpected = sorted(set(state_dict) - set(expected))
+        if unexpected:
+            raise ValueError(f"checkpoint has {len(unexpected)} unexpected key(s), first: {unexpected[0]}")
+        for k, p in expected.items():
+            if tuple(state_dict[k].shape) != tuple(p.shape):
+                raise ValueError(f"{k}: checkpoint shape {list(state_dict[k].shape)}, model expects {list(p.shape)}")
+        for k, p in expected.items():
+            p.copy_(state_dict[k])
+        self.init_dora_magnitudes()
+        return self
+
+    def setup_kv_cache(self, batch, max_len, device=None, dtype=None):
+        ref = self.tok_embeddings.weight
+        return KVCache(self.args.n_layers, batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                       device or ref.device, dtype or ref.dtype)
+
+    def layer_index(self, layer):
+        """Accept negative layer indices (−1 = last block); reject out-of-range ones."""
+        n = self.args.n_layers
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range for a {n}-layer model")
+        return layer % n
+
+    # -- the forward, in three public pieces so train.py can share the lower layers of two passes --
+
+    def embed(self, tokens):
+        return self.tok_embeddings(tokens)
+
+    def run_layers(self, h, start, end, *, positions, attention_mask=None, echo_inject=None,
+                   hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0):
+        """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
+        elif kv_cache is not None and h.shape[1] > 1:
+            ones = torch.ones(h.shape[0], cache_pos + h.shape[1], dtype=torch.bool, device=h.device)
+            mask = attention_mask_4d(ones, h.shape[1], cache_pos)
+        for i in range(start, end):
+            h = self.layers[i](h, cos, sin, mask, echo_inject, kv_cache, cache_pos)
+            if i in hidden_layers:
+                hiddens[i] = h
+        return h
+
+    def head(self, h, logits_index=None):
+        """Logits, optionally only at positions logits_index [B,P] (never project unused positions)."""
+        if logits_index is not None:
+            h = h.gather(1, logits_index[..., None].expand(-1, -1, h.shape[-1]))
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(self.norm(h), weight)
+
+    def positions_for(self, tokens, attention_mask=None, cache_pos=0):
+        T = tokens.shape[1]
+        if attention_mask is None:
+            return torch.arange(cache_pos, cache_pos + T, device=tokens.device).expand(tokens.shape[0], T)
+        # left padding: the first real token is position 0
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
+
+    def forward(self, tokens, attention_mask=None, *, positions=None, echo_inject=None, hidden_layers=(),
+                logits_index=None, kv_cache=None, cache_pos=0):
+        if positions is None:
+            positions = self.positions_for(tokens, attention_mask, cache_pos)
+        wanted = [self.layer_index(layer) for layer in hidden_layers]
+        hiddens = {}
+        h = self.run_layers(self.embed(tokens), 0, self.args.n_layers, positions=positions,
+                            attention_mask=attention_mask, echo_inject=echo_inject, hidden_layers=set(wanted),
+                            hiddens=hiddens, kv_cache=kv_cache, cache_pos=cache_pos)
+        logits = self.head(h, logits_index)
+        return (logits, [hiddens[i] for i in wanted]) if hidden_layers else logits

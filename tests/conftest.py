@@ -1,0 +1,10 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared (real data and weights) not present")
