@@ -1,0 +1,5 @@
+"""Fine-tuning data: LLM-Adapters-format reader, prompt templates, tokenization, batching, default task."""
+from data.dataset import (IGNORE_INDEX, TokenizedDataset, batches, collate, epoch_order, grad_accum_steps,
+                          load_dataset, load_examples, steps_per_epoch, tokenize_example)
+from data.default_task import make_default_task, write_default_task
+from data.prompts import RESPONSE_MARKER, TEMPLATES, build_prompt
