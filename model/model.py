@@ -137,7 +137,7 @@ PRESETS = {
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · g, computed in fp32."""
+    """y = x / sqrt(mean(x²) + eps) · g, computed in (at least) fp32."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -145,7 +145,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -164,7 +164,7 @@ def rope_frequencies(head_dim, theta, use_scaled_rope=False):
 
 def apply_rope(x, cos, sin):
     """Rotate Meta's interleaved pairs (x_2i, x_2i+1) by angle pos·θ_i. x [B,T,H,D], cos/sin [B,T,D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
@@ -239,7 +239,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(i, cache_pos, k, v)
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # (A single cached query sees every key, so it needs neither a mask nor is_causal.)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return add_echo(self.wo(y), echo_inject, i, "wo")
@@ -334,6 +335,11 @@ class Transformer(nn.Module):
     def load_base_weights(self, state_dict):
         """Strict load of a Meta-layout state dict into the base weights; one-line errors."""
         state_dict = {k: v for k, v in state_dict.items() if k != "rope.freqs"}
+        if self.output is None and "output.weight" in state_dict:   # tied: a redundant copy is fine
+            if not torch.equal(state_dict["output.weight"], state_dict.get("tok_embeddings.weight")):
+                raise ValueError("checkpoint has an output.weight different from tok_embeddings.weight, "
+                                 "but params.json says tie_word_embeddings")
+            del state_dict["output.weight"]
         params = dict(self.named_parameters())
         expected = {k: p for k, p in params.items() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
         missing = sorted(set(expected) - set(state_dict))
