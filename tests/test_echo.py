@@ -1,0 +1,400 @@
+"""Echo-LoRA (echo/): one test per equation 2-12 against values computed independently here
+(plain loops, dense fp64 algebra), plus gradient flow, router statistics, bad input and I/O."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.model as mm
+from echo import (EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources, answer_boundary,
+                  answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl, save_echo,
+                  supervised_index)
+from model.model import EchoInject, ModelArgs, Transformer
+
+N_LAYERS = 4
+# small but non-trivial: 2 targets (shallow), 2 sources (deep), both default modules
+CFG = EchoConfig(target_layers=(0, 1), source_layers=(-2, -1), bottleneck=8)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = ModelArgs(**{**dict(dim=64, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32,
+                               max_seq_len=64, adapter="lora", lora_rank=4, lora_dropout=0.0), **kw})
+    model = Transformer(args)
+    with torch.no_grad():   # non-zero B so the LoRA branch is live in the manual recomputations
+        for m in model.adapter_linears():
+            m.lora_b.normal_(0.0, 0.05)
+    return model
+
+
+def batch(seed=0):
+    """3 right-padded samples: (length, prompt length) = (10, 3), (8, 4), (6, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 10
+    tokens = torch.randint(1, 97, (B, T), generator=g)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), -100)
+    for b, (length, prompt) in enumerate([(10, 3), (8, 4), (6, 2)]):
+        tokens[b, length:] = 0
+        attn[b, :length] = True
+        labels[b, prompt:length] = tokens[b, prompt:length]
+    return tokens, labels, attn
+
+
+# ----------------------------------------------------------------------------- config / bad input
+
+def test_config_resolve_and_validation():
+    c = EchoConfig(target_modules=("q_proj", "v_proj")).resolve(32)
+    assert c.target_modules == ("wq", "wv")
+    assert c.source_layers == (24, 25, 26, 27) and c.target_layers == (4, 5, 6, 7)
+    with pytest.raises(ValueError, match="target_layers: layer 8 out of range"):
+        EchoConfig(target_layers=(7, 8), source_layers=(-1,)).resolve(8)
+    with pytest.raises(ValueError, match="source_layers: layer -9 out of range"):
+        EchoConfig(target_layers=(0,), source_layers=(-9,)).resolve(8)
+    with pytest.raises(ValueError, match="unknown module 'qq_proj'"):
+        EchoConfig(target_modules=("qq_proj",)).resolve(32)
+    with pytest.raises(ValueError, match="source_layers is empty"):
+        EchoConfig(source_layers=()).resolve(32)
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        EchoConfig(target_modules=()).resolve(32)
+    with pytest.raises(ValueError, match="duplicates"):
+        EchoConfig(source_layers=(31, -1)).resolve(32)
+    # default sources (-8..-5 = 4..7 of 12 layers) overlap the targets: rejected unless allowed
+    with pytest.raises(ValueError, match="deeper than every target"):
+        EchoConfig().resolve(12)
+    shallow = EchoConfig(source_layers=(0, 1, 2, 3), allow_any_depth=True).resolve(12)   # shallow→shallow
+    assert shallow.source_layers == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="p_end"):
+        EchoConfig(p_end=1.5).resolve(32)
+    with pytest.raises(ValueError, match="norm"):
+        EchoConfig(norm="batch").resolve(32)
+
+
+def test_bad_labels_raise():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]])
+    with pytest.raises(ValueError, match="sample 1 .* no answer token"):
+        answer_boundary(labels)
+    with pytest.raises(ValueError, match="sample 0 .* position 0"):
+        answer_boundary(torch.tensor([[4, 5, -100, -100]]))
+
+
+# ----------------------------------------------------------------------------- eq. 2
+
+def test_eq2_boundary_and_aggregation():
+    tokens, labels, attn = batch()
+    t_star = answer_boundary(labels)
+    expected = []
+    for row in labels.tolist():
+        first = next(t for t, y in enumerate(row) if y != -100)
+        expected.append(first - 1)
+    assert t_star.tolist() == expected == [2, 3, 1]
+
+    torch.manual_seed(1)
+    hs = [torch.randn(3, 10, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    z = aggregate_sources(hs, t_star)
+    for b in range(3):
+        manual = sum(h[b, expected[b]].detach() for h in hs) / 3
+        assert torch.allclose(z[b], manual, atol=1e-12)
+    assert not z.requires_grad          # stop-gradient
+
+    # through the model: negative source layers read the right residual stream
+    model = tiny_model()
+    _, hid = model(tokens, attn, hidden_layers=(-2, -1))
+    _, hid_pos = model(tokens, attn, hidden_layers=(2, 3))
+    assert all(torch.equal(a, b) for a, b in zip(hid, hid_pos))
+
+
+# ----------------------------------------------------------------------------- eqs. 3-6
+
+def test_eq3_norm():
+    torch.manual_seed(0)
+    z = torch.randn(4, 16) * 3 + 1
+    z64 = z.double()
+    for b in range(4):
+        mu = sum(z64[b].tolist()) / 16
+        var = sum((x - mu) ** 2 for x in z64[b].tolist()) / 16
+        ln = [(x - mu) / math.sqrt(var + 1e-5) for x in z64[b].tolist()]
+        rms = math.sqrt(sum(x * x for x in z64[b].tolist()) / 16 + 1e-5)
+        assert torch.allclose(echo_norm(z, "layernorm")[b].double(), torch.tensor(ln, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(echo_norm(z, "rms")[b].double(), z64[b] / rms, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rms"])
+def test_eqs4_to_6_injector(norm):
+    torch.manual_seed(0)
+    inj = EchoInjector(16, 12, bottleneck=5, gate_bias_init=-2.0, lambda_init=0.1, norm=norm)
+    assert torch.all(inj.b == -2.0) and inj.lam.item() == pytest.approx(0.1)
+    z = torch.randn(3, 16) * 2
+    delta = inj(z)
+    W1, W2 = inj.W1.weight.double(), inj.W2.weight.double()
+    U1, U2, b, lam = inj.U1.weight.double(), inj.U2.weight.double(), inj.b.double(), inj.lam.double()
+    for i in range(3):
+        zi = z[i].double()
+        if norm == "layernorm":
+            zb = (zi - zi.mean()) / torch.sqrt(((zi - zi.mean()) ** 2).mean() + 1e-5)   # eq. 3
+        else:
+            zb = zi / torch.sqrt((zi ** 2).mean() + 1e-5)
+        e = W2 @ torch.tanh(W1 @ zb)                                        # eq. 4
+        g = 1 / (1 + torch.exp(-(U2 @ torch.tanh(U1 @ zb) + b)))            # eq. 5
+        assert torch.allclose(delta[i].double(), lam * e * g, atol=1e-6)   # eq. 6
+
+
+def test_module_shapes_and_aliases():
+    model = tiny_model()
+    a = model.args
+    echo = EchoModule(EchoConfig(target_layers=(0,), source_layers=(-1,), target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")), a)
+    z = torch.randn(2, a.dim)
+    d = echo.deltas(z)
+    expect = {"wq": a.n_heads * a.head_dim, "wk": a.n_kv_heads * a.head_dim, "wv": a.n_kv_heads * a.head_dim,
+              "wo": a.dim, "w1": a.ffn_hidden_dim, "w3": a.ffn_hidden_dim, "w2": a.dim}
+    assert {k: v.shape[1] for (_, k), v in d.items()} == expect
+    # every one of them is accepted by the model's forward
+    tokens, labels, attn = batch()
+    model(tokens, attn, echo_inject=echo(torch.randn(3, a.dim), labels, attn))
+
+
+# ----------------------------------------------------------------------------- eq. 7
+
+def test_eq7_injection_through_model(monkeypatch):
+    """Output of wq (and wv) in target layers = manual LoRA recomputation + M·δ, exactly the eq. 7 form."""
+    model = tiny_model()
+    tokens, labels, attn = batch()
+    echo = EchoModule(CFG, model.args)
+    torch.manual_seed(3)
+    z = torch.randn(3, model.args.dim)
+    inject = echo(z, labels, attn)
+    inputs, outputs = {}, {}
+    for l in (0, 1):
+        for name in ("wq", "wv", "wk"):
+            lin = getattr(model.layers[l].attention, name)
+            lin.register_forward_hook(lambda mod, inp, out, key=(l, name): inputs.__setitem__(key, inp[0].detach()))
+    real_add = mm.add_echo
+
+    def spy(out, ei, layer, module):
+        res = real_add(out, ei, layer, module)
+        outputs[(layer, module)] = res.detach()
+        return res
+    monkeypatch.setattr(mm, "add_echo", spy)
+    model(tokens, attn, echo_inject=inject)
+
+    M = (labels != -100).double()
+    for (l, name), x in inputs.items():
+        lin = getattr(model.layers[l].attention, name)
+        x = x.double()
+        manual = x @ lin.weight.double().T + lin.scale * (x @ lin.lora_a.double().T) @ lin.lora_b.double().T
+        if name in ("wq", "wv"):
+            delta = echo.injectors[f"{l}_{name}"](z).double().detach()      # [B, d_out]
+            for b in range(3):
+                for t in range(10):
+                    manual[b, t] += M[b, t] * delta[b]
+        assert torch.allclose(outputs[(l, name)].double(), manual, atol=1e-5), (l, name)
+    # a non-target layer (2) is untouched: its output equals the Echo-off one
+    assert (2, "wq") in outputs
+
+
+def test_lambda_zero_gives_identical_logits_and_prompt_positions_untouched():
+    model = tiny_model()
+    tokens, labels, attn = batch()
+    echo = EchoModule(CFG, model.args)
+    off, hid = model(tokens, attn, hidden_layers=echo.cfg.source_layers)
+    z = aggregate_sources(hid, answer_boundary(labels))
+    on = model(tokens, attn, echo_inject=echo(z, labels, attn))
+    # masking on: every position before the first answer token is bit-identical (causal + M = 0)
+    first = (labels != -100).int().argmax(1)
+    for b in range(3):
+        assert torch.equal(on[b, :first[b]], off[b, :first[b]])
+        assert not torch.allclose(on[b, first[b]:attn[b].sum()], off[b, first[b]:attn[b].sum()])
+    with torch.no_grad():
+        for inj in echo.injectors.values():
+            inj.lam.zero_()
+    on0 = model(tokens, attn, echo_inject=echo(z, labels, attn))
+    assert torch.equal(on0, off)
+
+
+# ----------------------------------------------------------------------------- eq. 8
+
+def test_eq8_mask():
+    tokens, labels, attn = batch()
+    M = answer_mask(labels)
+    M_all = answer_mask(labels, answer_only=False, attention_mask=attn)
+    for b in range(3):
+        for t in range(10):
+            assert M[b, t].item() == (labels[b, t].item() != -100)
+            assert M_all[b, t].item() == bool(attn[b, t])
+    assert answer_mask(labels, answer_only=False).all()
+    # the EchoModule passes the same mask to the model
+    echo = EchoModule(EchoConfig(target_layers=(0,), source_layers=(-1,), answer_only=False), n_layers=4, dim=64,
+                      out_dims={"wq": 64, "wv": 32})
+    assert torch.equal(echo(torch.randn(3, 64), labels, attn).mask.bool(), M_all)
+
+
+# ----------------------------------------------------------------------------- eqs. 9-10
+
+def test_eq10_schedule():
+    r = Router(1.0, 0.2, total_steps=5)
+    assert [r.p(k) for k in range(5)] == pytest.approx([1.0 + k / 4 * (0.2 - 1.0) for k in range(5)])
+    assert r.p(0) == 1.0 and r.p(4) == pytest.approx(0.2)
+    assert Router(0.7, 0.2, total_steps=1).p(0) == 0.7     # K = 1
+    always = Router(1.0, 1.0, total_steps=50)                # routing off (ablation)
+    assert all(always(k) for k in range(50))
+    assert not any(Router(0.0, 0.0, total_steps=50)(k) for k in range(50))
+
+
+def test_eq9_router_frequency_seeding_and_resume():
+    K = 4000
+    r = Router(1.0, 0.2, total_steps=K, seed=123)
+    draws = [r(k) for k in range(K)]
+    ps = [1.0 + k / (K - 1) * (0.2 - 1.0) for k in range(K)]
+    sigma = math.sqrt(sum(p * (1 - p) for p in ps)) / K
+    assert abs(sum(draws) / K - sum(ps) / K) < 4 * sigma
+    # late steps route less often than early ones (the decay is real)
+    assert sum(draws[:K // 4]) > sum(draws[-K // 4:])
+
+    a, b = Router(1.0, 0.2, K, seed=7), Router(1.0, 0.2, K, seed=7)
+    assert [a(k) for k in range(200)] == [b(k) for k in range(200)]
+    assert [a(k) for k in range(200)] != [Router(1.0, 0.2, K, seed=8)(k) for k in range(200)]
+
+    state = a.state_dict()
+    cont = [a(k) for k in range(200, 400)]
+    resumed = Router(1.0, 0.2, K, seed=999)
+    resumed.load_state_dict(state)
+    assert [resumed(k) for k in range(200, 400)] == cont
+
+
+# ----------------------------------------------------------------------------- eq. 11
+
+def test_eq11_objective():
+    off, on, kd = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.5)
+    assert echo_objective(off, on, kd, True, 1.0).item() == pytest.approx(2.0 + 3.0 + 0.5)
+    assert echo_objective(off, on, kd, True, 0.3).item() == pytest.approx(2.0 + 3.0 + 0.3 * 0.5)
+    assert echo_objective(off, None, None, False).item() == 2.0
+
+
+# ----------------------------------------------------------------------------- eq. 12
+
+def test_supervised_index():
+    _, labels, _ = batch()
+    index, targets = supervised_index(labels)
+    for b in range(3):
+        pos = [t for t in range(9) if labels[b, t + 1] != -100]
+        assert index[b, :len(pos)].tolist() == pos
+        assert targets[b, :len(pos)].tolist() == [labels[b, t + 1].item() for t in pos]
+        assert (targets[b, len(pos):] == -100).all()
+
+
+def test_eq12_masked_kl_values_and_gradients():
+    torch.manual_seed(0)
+    _, labels, _ = batch()
+    B, T, V, tau = 3, 10, 7, 2.0
+    on = torch.randn(B, T, V, requires_grad=True)
+    off = torch.randn(B, T, V, requires_grad=True)
+    A = [(b, t) for b in range(B) for t in range(T - 1) if labels[b, t + 1] != -100]
+    total = 0.0
+    for b, t in A:
+        q_on = torch.softmax(on[b, t].double().detach() / tau, 0).tolist()
+        q_off = torch.softmax(off[b, t].double().detach() / tau, 0).tolist()
+        total += sum(p * (math.log(p) - math.log(q)) for p, q in zip(q_on, q_off))
+    expected = tau ** 2 * total / len(A)
+
+    kd = masked_kl(on, off, labels, tau=tau)
+    assert kd.item() == pytest.approx(expected, rel=1e-5)
+    # gathered form (what train.py feeds): same value; "sum" mode returns τ²ΣKL and |A|
+    index, targets = supervised_index(labels)
+    g_on = on.gather(1, index[..., None].expand(-1, -1, V))
+    g_off = off.gather(1, index[..., None].expand(-1, -1, V))
+    valid = targets != -100
+    assert masked_kl(g_on, g_off, valid=valid, tau=tau).item() == pytest.approx(expected, rel=1e-5)
+    s, n = masked_kl(g_on[valid], g_off[valid], tau=tau, reduction="sum")
+    assert n == len(A) and s.item() == pytest.approx(expected * len(A), rel=1e-5)
+
+    # gradient: only into the Echo-off logits, d/dlogits_off = τ/|A| (q_off - q_on) on A, 0 elsewhere
+    kd.backward()
+    assert on.grad is None
+    grad = torch.zeros(B, T, V, dtype=torch.float64)
+    for b, t in A:
+        grad[b, t] = tau / len(A) * (torch.softmax(off[b, t].double().detach() / tau, 0)
+                                     - torch.softmax(on[b, t].double().detach() / tau, 0))
+    assert torch.allclose(off.grad.double(), grad, atol=1e-6)
+    assert masked_kl(on[:0, 0], off[:0, 0]).item() == 0.0     # empty A → 0, no NaN
+
+
+# ----------------------------------------------------------------------------- the full step
+
+def test_echo_loss_equals_two_full_passes():
+    """echo_loss (shared lower layers, gathered logits) == eq. 11 from two plain model forwards."""
+    model = tiny_model()
+    tokens, labels, attn = batch()
+    echo = EchoModule(CFG, model.args)
+    loss, stats = echo_loss(model, echo, tokens, labels, attn, routed=True)
+
+    off, hid = model(tokens, attn, hidden_layers=(2, 3))
+    z = sum(h[torch.arange(3), answer_boundary(labels)] for h in hid).detach() / 2
+    on = model(tokens, attn, echo_inject=echo(z, labels, attn))
+    shift_labels = labels[:, 1:].reshape(-1)
+    l_off = F.cross_entropy(off[:, :-1].reshape(-1, 97).double(), shift_labels, ignore_index=-100)
+    l_on = F.cross_entropy(on[:, :-1].reshape(-1, 97).double(), shift_labels, ignore_index=-100)
+    l_kd = masked_kl(on.double(), off.double(), labels, tau=2.0)
+    assert loss.item() == pytest.approx((l_off + l_on + l_kd).item(), rel=1e-5)
+    assert stats["loss_off"].item() == pytest.approx(l_off.item(), rel=1e-5)
+    assert stats["loss_kd"].item() == pytest.approx(l_kd.item(), rel=1e-4)
+    assert stats["n_answer"].item() == (labels[:, 1:] != -100).sum().item()
+
+    loss_skip, stats_skip = echo_loss(model, echo, tokens, labels, attn, routed=False, normalizer=5)
+    n = stats["n_answer"].item()
+    assert loss_skip.item() == pytest.approx(l_off.item() * n / 5, rel=1e-5)
+    assert stats_skip["loss_on"] is None
+
+
+def test_gradients_reach_echo_only_on_routed_steps():
+    model = tiny_model()
+    tokens, labels, attn = batch()
+    echo = EchoModule(CFG, model.args)
+    echo_loss(model, echo, tokens, labels, attn, routed=False)[0].backward()
+    assert all(p.grad is None for p in echo.parameters())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    echo_loss(model, echo, tokens, labels, attn, routed=True)[0].backward()
+    for name, p in echo.named_parameters():   # every Echo weight moves on the first routed step
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # Echo-DoRA: same machinery
+    dora = tiny_model(adapter="dora")
+    dora.init_dora_magnitudes()
+    echo_d = EchoModule(CFG, dora.args)
+    echo_loss(dora, echo_d, tokens, labels, attn, routed=True)[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in echo_d.parameters())
+
+
+def test_no_gradient_into_source_hiddens_or_echo_on_teacher():
+    model = tiny_model()
+    tokens, labels, attn = batch()
+    echo = EchoModule(CFG, model.args)
+    off, hid = model(tokens, attn, hidden_layers=(2, 3))
+    for h in hid:
+        h.retain_grad()
+    on = model(tokens, attn, echo_inject=echo(aggregate_sources(hid, answer_boundary(labels)), labels, attn))
+    on.retain_grad()
+    # the injection branch (Echo-on logits) sends nothing into the Echo-off source hidden states
+    on.sum().backward(retain_graph=True)
+    assert all(h.grad is None for h in hid)
+    # L_kd sends nothing into the Echo-on logits (teacher), but does reach the Echo-off ones
+    on.grad = None
+    off.retain_grad()
+    masked_kl(on, off, labels).backward()
+    assert on.grad is None and off.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- I/O
+
+def test_save_load_roundtrip(tmp_path):
+    model = tiny_model()
+    echo = EchoModule(EchoConfig(target_layers=(0, 1), source_layers=(3,), target_modules=("q_proj", "wo"),
+                                 norm="rms", bottleneck=6), model.args)
+    save_echo(echo, tmp_path)
+    assert (tmp_path / "echo.safetensors").exists() and (tmp_path / "echo_config.json").exists()
+    back = load_echo(tmp_path)
+    assert back.cfg == echo.cfg
+    z = torch.randn(2, 64)
+    for k, d in echo.deltas(z).items():
+        assert torch.equal(d, back.deltas(z)[k])
+    with pytest.raises(FileNotFoundError, match="echo_config.json"):
+        load_echo(tmp_path / "nope")
