@@ -179,12 +179,18 @@ class EchoInject:
     deltas: dict
     mask: torch.Tensor
 
+    def at_layer(self, layer_id):
+        """(module → δ, M) for one block, or None. Blocks never see their own index, so one compiled
+        block graph serves every layer (torch.compile would otherwise specialise per layer)."""
+        deltas = {module: d for (layer, module), d in self.deltas.items() if layer == layer_id}
+        return (deltas, self.mask) if deltas else None
 
-def add_echo(out, echo_inject, layer_id, module):   # eq. 7
-    if echo_inject is None or (layer_id, module) not in echo_inject.deltas:
+
+def add_echo(out, layer_echo, module):   # eq. 7
+    if layer_echo is None or module not in layer_echo[0]:
         return out
-    delta = echo_inject.deltas[(layer_id, module)]
-    return out + echo_inject.mask[..., None].to(out.dtype) * delta[:, None, :].to(out.dtype)
+    deltas, mask = layer_echo
+    return out + mask[..., None].to(out.dtype) * deltas[module][:, None, :].to(out.dtype)
 
 
 def make_linear(args, layer_id, module, d_in, d_out):
@@ -228,22 +234,21 @@ class Attention(nn.Module):
         self.wv = make_linear(args, layer_id, "wv", args.dim, args.n_kv_heads * args.head_dim)
         self.wo = make_linear(args, layer_id, "wo", args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x, cos, sin, mask, echo_inject=None, kv_cache=None, cache_pos=0):
+    def forward(self, x, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0):
         B, T, _ = x.shape
-        i = self.layer_id
-        q = add_echo(self.wq(x), echo_inject, i, "wq").view(B, T, self.n_heads, self.head_dim)
-        k = add_echo(self.wk(x), echo_inject, i, "wk").view(B, T, self.n_kv_heads, self.head_dim)
-        v = add_echo(self.wv(x), echo_inject, i, "wv").view(B, T, self.n_kv_heads, self.head_dim)
+        q = add_echo(self.wq(x), echo, "wq").view(B, T, self.n_heads, self.head_dim)
+        k = add_echo(self.wk(x), echo, "wk").view(B, T, self.n_kv_heads, self.head_dim)
+        v = add_echo(self.wv(x), echo, "wv").view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(i, cache_pos, k, v)
+            k, v = kv_cache.update(self.layer_id, cache_pos, k, v)
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
         # (A single cached query sees every key, so it needs neither a mask nor is_causal.)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return add_echo(self.wo(y), echo_inject, i, "wo")
+        return add_echo(self.wo(y), echo, "wo")
 
 
 class FeedForward(nn.Module):
@@ -251,16 +256,15 @@ class FeedForward(nn.Module):
 
     def __init__(self, args, layer_id):
         super().__init__()
-        self.layer_id, hidden = layer_id, args.ffn_hidden_dim
+        hidden = args.ffn_hidden_dim
         self.w1 = make_linear(args, layer_id, "w1", args.dim, hidden)
         self.w2 = make_linear(args, layer_id, "w2", hidden, args.dim)
         self.w3 = make_linear(args, layer_id, "w3", args.dim, hidden)
 
-    def forward(self, x, echo_inject=None):
-        i = self.layer_id
-        gate = add_echo(self.w1(x), echo_inject, i, "w1")
-        up = add_echo(self.w3(x), echo_inject, i, "w3")
-        return add_echo(self.w2(F.silu(gate) * up), echo_inject, i, "w2")
+    def forward(self, x, echo=None):
+        gate = add_echo(self.w1(x), echo, "w1")
+        up = add_echo(self.w3(x), echo, "w3")
+        return add_echo(self.w2(F.silu(gate) * up), echo, "w2")
 
 
 class TransformerBlock(nn.Module):
@@ -271,9 +275,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h, cos, sin, mask, echo_inject=None, kv_cache=None, cache_pos=0):
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask, echo_inject, kv_cache, cache_pos)
-        return h + self.feed_forward(self.ffn_norm(h), echo_inject)
+    def forward(self, h, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0):
+        """echo: this block's share of the Echo signal, (module → δ, M), or None."""
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask, echo, kv_cache, cache_pos)
+        return h + self.feed_forward(self.ffn_norm(h), echo)
 
 
 def attention_mask_4d(attention_mask, T, cache_pos):
@@ -384,7 +389,8 @@ class Transformer(nn.Module):
             ones = torch.ones(h.shape[0], cache_pos + h.shape[1], dtype=torch.bool, device=h.device)
             mask = attention_mask_4d(ones, h.shape[1], cache_pos)
         for i in range(start, end):
-            h = self.layers[i](h, cos, sin, mask, echo_inject, kv_cache, cache_pos)
+            layer_echo = None if echo_inject is None else echo_inject.at_layer(i)
+            h = self.layers[i](h, cos, sin, mask, layer_echo, kv_cache, cache_pos)
             if i in hidden_layers:
                 hiddens[i] = h
         return h
