@@ -139,7 +139,7 @@ def aggregate_sources(hiddens, t_star):
         raise ValueError("aggregate_sources got no source hidden states")
     idx = t_star.to(hiddens[0].device)[:, None, None].expand(-1, 1, hiddens[0].shape[-1])
     at_boundary = torch.stack([h.detach().gather(1, idx)[:, 0] for h in hiddens])    # [L, B, D]
-    return at_boundary.float().mean(dim=0).to(hiddens[0].dtype)
+    return at_boundary.to(torch.promote_types(at_boundary.dtype, torch.float32)).mean(dim=0)   # ≥ fp32
 
 
 # ----------------------------------------------------------------------------- eqs. 3-6
@@ -210,7 +210,7 @@ class EchoModule(nn.Module):
     """All injectors of a run: `EchoModule(cfg, model.args)`; `echo(z, labels, attention_mask)` → EchoInject.
 
     Training-time only: it is never needed for inference and is saved apart from the adapter.
-    Keep it in fp32 (its outputs are cast to z's dtype before injection).
+    Keep it in fp32 even with a bf16 model (z is cast to the Echo weights' dtype).
     """
 
     def __init__(self, cfg, args=None, *, n_layers=None, dim=None, out_dims=None):
@@ -239,12 +239,13 @@ class EchoModule(nn.Module):
                 for l in self.cfg.target_layers for m in self.cfg.target_modules}
 
     def forward(self, z, labels, attention_mask=None):
-        """z [B, D] (eq. 2) → EchoInject with δ cast to z's dtype and the eq. 8 mask."""
-        if z.shape != (labels.shape[0], self.dim):
+        """z [B, D] (eq. 2) → EchoInject(deltas=fp32 δ per (layer, module), mask=bool M (eq. 8)).
+
+        The model casts δ and M to each module's output dtype when it adds them (eq. 7).
+        """
+        if tuple(z.shape) != (labels.shape[0], self.dim):
             raise ValueError(f"Echo z has shape {list(z.shape)}, expected [{labels.shape[0]}, {self.dim}]")
-        deltas = {k: d.to(z.dtype) for k, d in self.deltas(z).items()}
-        mask = answer_mask(labels, self.cfg.answer_only, attention_mask).to(z.dtype)
-        return EchoInject(deltas=deltas, mask=mask)
+        return EchoInject(deltas=self.deltas(z), mask=answer_mask(labels, self.cfg.answer_only, attention_mask))
 
     def config_dict(self):
         return {"echo": asdict(self.cfg), "n_layers": self.n_layers, "dim": self.dim,
@@ -379,6 +380,7 @@ def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, norma
     if echo.n_layers != model.args.n_layers or echo.dim != model.args.dim:
         raise ValueError(f"EchoModule was built for n_layers={echo.n_layers}, dim={echo.dim}; the model has "
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
+    t_star = answer_boundary(labels)    # validate every micro-batch, routed or not
     index, targets = supervised_index(labels)
     valid = targets != IGNORE
     n = valid.sum()
@@ -399,7 +401,7 @@ def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, norma
     if not routed:
         return echo_objective(off_sum, None, None, False) / norm, stats
 
-    z = aggregate_sources([hiddens[l] for l in sources], answer_boundary(labels))    # eq. 2
+    z = aggregate_sources([hiddens[l] for l in sources], t_star)                       # eq. 2
     inject = echo(z, labels, attention_mask)                                          # eqs. 3-8
     h_on = model.run_layers(h, split, model.args.n_layers, echo_inject=inject, **kw)
     logits_on = model.head(h_on, logits_index=index)
