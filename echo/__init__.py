@@ -14,7 +14,9 @@ API
                                              (q_proj etc. accepted), sources deeper than all targets
                                              unless allow_any_depth.
     EchoModule(cfg, model.args)              nn.Module, one EchoInjector per (target layer, module);
+                                             keep it fp32 (also with a bf16 model)
         echo(z, labels, attention_mask=None) -> model.EchoInject(deltas, mask)   eqs. 3-8
+                                             (fp32 δ, bool M; the model casts when adding)
         echo.cfg (resolved config), echo.deltas(z) -> {(layer, module): δ [B, d_out]}
     Router(p_start, p_end, total_steps, seed) / make_router(cfg, total_steps)        eqs. 9-10
         router(k) -> bool   call ONCE per optimizer step k (0-based), same seed on all ranks

@@ -157,6 +157,9 @@ class EchoInjector(nn.Module):
     """One injector for one (target layer, module): z [B, d_in] → δ [B, d_out] (eqs. 3-6).
 
     W1, U1: [bottleneck, d_in]; W2, U2: [d_out, bottleneck]; b: [d_out]; λ: scalar. No other biases.
+    W/U keep nn.Linear's init (uniform ±1/sqrt(fan_in)), b = gate_bias_init, λ = lambda_init ≠ 0:
+    with a zero W2 (LoRA-B style) W1 and U1, U2 would get no gradient at step 1; with λ = 0, none
+    of them would. With both non-zero every Echo weight gets a gradient on the first routed step.
     """
 
     def __init__(self, d_in, d_out, *, bottleneck=64, gate_bias_init=-2.0, lambda_init=0.1,
