@@ -1,5 +1,6 @@
 """Load a model directory (params.json + tokenizer + weights) or build a preset with random weights."""
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -55,11 +56,13 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
         args = ModelArgs.from_name(str(model), **overrides)
         tokenizer, state_dict = None, None
     elif model_dir.is_dir():
-        from .tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(model_dir)
-        args = ModelArgs.from_params_json(model_dir / "params.json", **overrides) \
-            if _vocab_known(model_dir) else \
-            ModelArgs.from_params_json(model_dir / "params.json", vocab_size=tokenizer.vocab_size, **overrides)
+        tokenizer = load_dir_tokenizer(model_dir)
+        params_path = model_dir / "params.json"
+        if not params_path.exists():
+            raise FileNotFoundError(f"{model_dir}: no params.json (convert the checkpoint with convert_weights.py)")
+        if json.loads(params_path.read_text()).get("vocab_size", -1) <= 0:   # LLaMA 2 ships vocab_size -1
+            overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
+        args = ModelArgs.from_params_json(params_path, **overrides)
         state_dict = read_state_dict(model_dir)
     else:
         raise FileNotFoundError(f"model {model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
@@ -78,8 +81,12 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
     return net, tokenizer
 
 
-def _vocab_known(model_dir):
-    import json
-    params = json.loads((Path(model_dir) / "params.json").read_text()) \
-        if (Path(model_dir) / "params.json").exists() else {}
-    return params.get("vocab_size", -1) > 0
+def load_dir_tokenizer(model_dir):
+    """tokenizer.model (SentencePiece or tiktoken, see tokenizer.py), or the built-in byte tokenizer
+    when tokenizer_config.json says {"type": "byte"} (the default run's random base model)."""
+    from .tokenizer import ByteTokenizer, load_tokenizer
+    config = Path(model_dir) / "tokenizer_config.json"
+    if not (Path(model_dir) / "tokenizer.model").exists() and config.exists() \
+            and json.loads(config.read_text()).get("type") == "byte":
+        return ByteTokenizer()
+    return load_tokenizer(model_dir)
