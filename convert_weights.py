@@ -129,6 +129,9 @@ def hf_config_to_params(config):
         raise ValueError(f"config.json: hidden_act '{config['hidden_act']}' is not 'silu'")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ValueError("config.json: attention_bias/mlp_bias are not supported by this LLaMA")
+    for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if k not in config:
+            raise ValueError(f"config.json lacks '{k}'")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"config.json: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
@@ -471,6 +474,11 @@ def _copy_into(path, folder):
     shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))  # contents only, not read-only modes
 
 
+def _is_our_tokenizer_config(path):
+    """HF's tokenizer_config.json is another format than ours (gguf_to_meta's, with "type": "tiktoken")."""
+    return os.path.isfile(path) and _read_json(path).get("type") == "tiktoken"
+
+
 def copy_tokenizer(src, out, layout):
     """Tokenizer files for our layout. Meta/ours: tokenizer.model (+ our tokenizer_config.json).
     HF: tokenizer.model (SentencePiece) if present, else a byte-level BPE tokenizer.json converted."""
@@ -483,7 +491,9 @@ def copy_tokenizer(src, out, layout):
         if os.path.isfile(os.path.join(src, "tokenizer_config.json")):
             _copy_into(os.path.join(src, "tokenizer_config.json"), out)
     elif os.path.isfile(tm):
-        _copy_into(tm, out)  # HF's tokenizer_config.json is a different format from ours: not copied
+        _copy_into(tm, out)
+        if _is_our_tokenizer_config(os.path.join(src, "tokenizer_config.json")):  # our own HF export
+            _copy_into(os.path.join(src, "tokenizer_config.json"), out)
     elif os.path.isfile(os.path.join(src, "tokenizer.json")):
         tokenizer_json_to_tiktoken(src, out)
     else:
@@ -760,6 +770,8 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=torch.bfloat16, force=Fa
             write_hf(sd, params, tmp, dtype, bos, eos)
             if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
                 _copy_into(os.path.join(model_dir, "tokenizer.model"), tmp)
+            if _is_our_tokenizer_config(os.path.join(model_dir, "tokenizer_config.json")):
+                _copy_into(os.path.join(model_dir, "tokenizer_config.json"), tmp)  # keeps tiktoken round trips
         else:
             write_meta(sd, params, tmp, dtype)
             copy_tokenizer(model_dir, tmp, "ours" if layout != "hf" else "hf")

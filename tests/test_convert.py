@@ -393,6 +393,56 @@ def test_peft_export_of_our_adapter(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# tokenizers
+
+def byte_unicode():
+    """GPT-2's printable stand-in character for each byte, as byte-level BPE vocabularies spell tokens."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) if b in keep else chr(256 + extra.index(b)) for b in range(256)}
+
+
+def tiny_tokenizer_json(folder):
+    """A byte-level BPE tokenizer.json (SmolLM2-style pre-tokenizer): bytes are ids 0..255, then merges."""
+    u = byte_unicode()
+    vocab = {u[b]: b for b in range(256)}
+    vocab.update({"th": 256, "the": 257, u[32] + "c": 258, "12": 259})   # u[32] = "Ġ"
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": vocab, "merges": ["t h", "th e", u[32] + " c", "1 2"]},
+           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+               {"type": "Digits", "individual_digits": True}, byte_level]},
+           "decoder": byte_level,
+           "added_tokens": [{"id": 260, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": True}]}
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
+                                                              "eos_token": "<|endoftext|>"}))
+    return tok
+
+
+def test_hf_tokenizer_json_becomes_a_tiktoken_file(tmp_path):
+    from model.tokenizer import load_tokenizer
+    tiny_tokenizer_json(tmp_path / "hf")
+    cw.tokenizer_json_to_tiktoken(tmp_path / "hf", tmp_path)
+    tok = load_tokenizer(tmp_path)
+    # "the" merges fully; " cat" starts with the merged " c"; digits are split one by one, so no "12"
+    assert tok.encode("the cat 12") == [257, 258, ord("a"), ord("t"), 32, ord("1"), ord("2")]
+    assert tok.decode([257, 258, 0xC3, 0xA9]) == "the cé"
+    assert tok.bos_id == tok.eos_id == 260
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["special_tokens"] == {"<|endoftext|>": 260}
+    bad = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    bad["pre_tokenizer"] = {"type": "Metaspace"}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="a tokenizer.model is needed"):
+        cw.tokenizer_json_to_tiktoken(tmp_path / "hf", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # bad input: one clear line, nothing left in OUT
 
 def leftovers(folder):
@@ -535,3 +585,14 @@ def test_transformers_and_peft_load_the_exports(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, logits(m, ids), atol=1e-4)
         assert torch.allclose(adapted(input_ids=ids).logits, logits(m, ids), atol=1e-4)
+
+
+def test_tokenizer_json_conversion_matches_hf_tokenizers(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from model.tokenizer import load_tokenizer
+    tok_json = tiny_tokenizer_json(tmp_path / "hf")
+    cw.tokenizer_json_to_tiktoken(tmp_path / "hf", tmp_path)
+    hf = tokenizers.Tokenizer.from_str(json.dumps(tok_json))
+    ours = load_tokenizer(tmp_path)
+    for text in ["the cat 12", "  the  theme 1234 cé!", "th\nthe\tc 9c"]:
+        assert ours.encode(text) == hf.encode(text).ids, text
