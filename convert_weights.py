@@ -778,8 +778,10 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=torch.bfloat16, force=Fa
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="+", metavar="SRC OUT | OUT")
+    usage = ("%(prog)s SRC OUT [--dtype D] [--model BASE_DIR]\n"
+             "       %(prog)s --export {hf,meta,peft} --model MODEL_DIR [--adapter ADAPTER_DIR] [--dtype D] OUT")
+    ap = argparse.ArgumentParser(usage=usage, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT (import) or OUT (export)")
     ap.add_argument("--export", choices=["hf", "meta", "peft"])
     ap.add_argument("--model", help="our model folder (export) or the base model (PEFT import)")
     ap.add_argument("--adapter", help="adapter folder saved by train.py (RUN_DIR/adapter)")
