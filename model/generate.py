@@ -215,7 +215,8 @@ def stop_ids(tokenizer):
 
 def generate(model, tokenizer, prompts, *, max_new_tokens=32, num_beams=1, batch_size=None,
              eos_ids=None, device=None, return_scores=False):
-    """Decode continuations of `prompts` (strings, encoded with BOS, or token-id lists).
+    """Decode continuations of `prompts` (strings, encoded with BOS if the tokenizer's add_bos, or
+    token-id lists). Special tokens are dropped from the decoded text (EOS never appears).
 
     Prompts are sorted by length and run in batches of `batch_size` (all at once if None) so that
     little padding is wasted; results come back in the input order. Returns the decoded new text
@@ -223,7 +224,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=32, num_beams=1, batch
     """
     was_training = model.training
     model.eval()
-    ids = [tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
+    bos = getattr(tokenizer, "add_bos", True)
+    ids = [tokenizer.encode(p, bos=bos) if isinstance(p, str) else list(p) for p in prompts]
     eos_ids = stop_ids(tokenizer) if eos_ids is None else list(eos_ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batch_size = batch_size or max(len(ids), 1)
@@ -233,6 +235,6 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=32, num_beams=1, batch
         seqs, lps = generate_ids(model, [ids[i] for i in chunk], max_new_tokens=max_new_tokens,
                                  num_beams=num_beams, eos_ids=eos_ids, device=device)
         for i, s, lp in zip(chunk, seqs, lps):
-            texts[i], scores[i] = tokenizer.decode(s), lp
+            texts[i], scores[i] = tokenizer.decode(s, skip_special=True), lp
     model.train(was_training)
     return (texts, scores) if return_scores else texts

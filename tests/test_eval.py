@@ -1,0 +1,324 @@
+"""eval.py: published answer extraction, prompts, accuracy, boundary-layer dropping, layer read-out,
+merged == unmerged, Echo off by construction, clear errors. Tiny random models; no ../shared needed."""
+import base64
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+from conftest import ROOT
+from data import write_default_task
+from model.load import load_model
+from model.lora import save_adapter
+from model.model import ModelArgs, Transformer
+
+
+def make_run(root, adapter="lora", n_layers=3, seed=0):
+    """A run folder as train.py writes it: base/ (params.json, model.safetensors, a byte-level tiktoken
+    tokenizer), adapter/ (save_adapter, random non-zero B), data/{train,test}.json, config.json, and a
+    garbage echo.safetensors that eval must never read."""
+    from safetensors.torch import save_file
+    root = Path(root)
+    base = root / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    (base / "tokenizer.model").write_text(ranks)
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {"special_tokens": {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}, "bos_id": 256, "eos_id": 257,
+         "pad_id": 258}))
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=259, multiple_of=16,
+                     max_seq_len=256)
+    base_model = Transformer(args)
+    base_model.reset_parameters(std=0.3)
+    (base / "params.json").write_text(json.dumps(args.to_params_json()))
+    save_file({k: v.contiguous() for k, v in base_model.state_dict().items()}, str(base / "model.safetensors"))
+    tuned = Transformer(ModelArgs(**{**args.to_params_json(), "adapter": adapter, "lora_rank": 4,
+                                     "lora_modules": ("wq", "wv", "w2")}))
+    tuned.load_base_weights(base_model.state_dict())
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.3)
+            if name.endswith("magnitude"):
+                p.mul_(1.2)
+    save_adapter(tuned, root / "adapter")
+    write_default_task(root / "data", n_train=30, n_test=8)
+    (root / "config.json").write_text(json.dumps({"template": "alpaca-short"}))
+    (root / "echo.safetensors").write_bytes(b"garbage: eval must never read this")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run") / "run")
+
+
+# ------------------------------------------------------------- extraction ---------------------------------
+
+def test_choice_extraction_matches_published_regex_semantics():
+    """commonsense_evaluate.py: re.findall(pattern, sentence.strip())[0], case-sensitive, no word
+    boundaries, '' when nothing matches."""
+    cases = [
+        ("boolq", "the correct answer is true", "true"),
+        ("boolq", "True", ""),                                   # case-sensitive
+        ("boolq", "false, not true", "false"),                   # first match wins
+        ("boolq", "it is untrue", "true"),                       # substring match, no \b
+        ("piqa", "solution2 (solution1 is wrong)", "solution2"),
+        ("piqa", "solution3", ""),
+        ("social_i_qa", "answer10", "answer1"),                  # prefix of a longer token still matches
+        ("ARC-Easy", "Answer3 then answer4", "answer4"),
+        ("ARC-Challenge", "answer5", "answer5"),
+        ("openbookqa", "", ""),
+        ("hellaswag", "ending5 or ending4", "ending4"),
+        ("winogrande", "\n  option2\n", "option2"),
+        ("winogrande", "option 1", ""),
+    ]
+    for task, response, expected in cases:
+        assert ev.extract_choice(ev.ANSWER_PATTERNS[task], response) == expected, (task, response)
+
+
+def test_number_extraction_and_gsm8k_correctness():
+    assert ev.extract_number("She pays 1,234.5 dollars") == 1234.5
+    assert ev.extract_number("3 apples + 4 pears = 7.") == 7.0          # last number; "7." parses
+    assert ev.extract_number("owes -12 now") == -12.0
+    assert ev.extract_number("no digits here") == math.inf
+    task = ev.Task("gsm8k", "x", "number")
+    assert ev.is_correct(task, 18.0005, "18") and not ev.is_correct(task, 18.01, "18")
+    assert not ev.is_correct(task, math.inf, "18")
+
+
+def test_response_is_text_after_marker_cut_at_next_marker():
+    assert ev.response_of("  the correct answer is answer2 \n") == "the correct answer is answer2"
+    assert ev.response_of("answer1\n\n### Instruction:\nx\n\n### Response:\nanswer2") == \
+        "answer1\n\n### Instruction:\nx"
+
+
+def test_gsm8k_reader(tmp_path):
+    path = tmp_path / "gsm8k" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"question": "q?", "answer": "a\n#### 1,200"}) + "\n")
+    task = ev.resolve_task("gsm8k", tmp_path)
+    (ex,) = ev.load_task_examples(task)
+    assert ex["instruction"] == "q?" and ex["input"] == "" and ex["answer"] == "1200"
+    path.write_text(json.dumps({"question": "q?", "answer": "no marker"}) + "\n")
+    with pytest.raises(ValueError, match=r"test\.jsonl: line 1"):
+        ev.load_task_examples(task)
+
+
+# ------------------------------------------------------------- prompts and accuracy -----------------------
+
+def fake_generate(answers):
+    """A stand-in for model.generate.generate: completion chosen by the prompt's instruction text."""
+    def generate(model, tokenizer, prompts, **kw):
+        out = []
+        for ids in prompts:
+            text = tokenizer.decode(ids, skip_special=True)
+            out.append(next(a for key, a in answers.items() if key in text))
+        return out
+    return generate
+
+
+def test_prompt_is_the_template_exactly_and_accuracy_arithmetic(monkeypatch, run_dir):
+    _, tok = load_model(run_dir / "base")
+    examples = [
+        {"instruction": "Q zero", "input": "", "output": "the correct answer is true", "answer": "true"},
+        {"instruction": "Q one is much longer than the others", "input": "", "output": "", "answer": "false"},
+        {"instruction": "Q two", "input": "", "output": "", "answer": "true"},
+    ]
+    answers = {"Q zero": "the correct answer is true", "Q one": "False. the correct answer is true",
+               "Q two": " true### Response:\nfalse"}
+    monkeypatch.setattr("model.generate.generate", fake_generate(answers))
+    task = ev.Task("boolq", "x", "choice", ev.ANSWER_PATTERNS["boolq"])
+    acc, records = ev.evaluate_task(None, tok, task, examples, template="llm-adapters", batch_size=2)
+    ind = " " * 16        # commonsense_evaluate.py's f-string, indented 16 spaces inside its function
+    for ex, r in zip(examples, records):
+        expected = ("Below is an instruction that describes a task. Write a response that appropriately "
+                    f"completes the request. \n\n{ind}### Instruction:\n{ind}{ex['instruction']}\n\n"
+                    f"{ind}### Response:\n{ind}")
+        assert r["prompt"] == expected
+    assert [r["pred"] for r in records] == ["true", "true", "true"]
+    assert [r["correct"] for r in records] == [True, False, True]
+    assert acc == pytest.approx(2 / 3)
+    _, records = ev.evaluate_task(None, tok, task, examples[:1], template="alpaca")
+    assert records[0]["prompt"] == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nQ zero\n\n### Response:\n")
+
+
+def test_cli_results_json_and_table(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    ev.main(["--adapter", str(run_dir), "--greedy", "--max-new-tokens", "6", "--out", str(out),
+             "--tasks", "default", str(run_dir / "data" / "test.json"), "--limit", "5"])
+    printed = capsys.readouterr().out
+    assert ev.ECHO_LINE in printed and "Avg." in printed and "LoRA r=4" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["echo"] == "off"
+    accs = []
+    for name in ("default", "data"):
+        rows = [json.loads(line) for line in (out / f"predictions_{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 5
+        correct = sum(r["pred"] == r["answer"] for r in rows)
+        assert results["tasks"][name] == {"accuracy": correct / 5, "correct": correct, "total": 5}
+        accs.append(correct / 5)
+    assert results["average"] == pytest.approx(sum(accs) / 2)
+
+
+# ------------------------------------------------------------- boundary-layer dropping --------------------
+
+def test_lora_layers_k_equals_full_adapter_and_zero_equals_base(run_dir):
+    model, _ = load_model(run_dir / "base", adapter_dir=run_dir / "adapter", dtype=torch.float64)
+    base, _ = load_model(run_dir / "base", dtype=torch.float64)
+    model.eval(), base.eval()                          # no LoRA dropout
+    n = model.args.n_layers
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+        ev.set_lora_layers(model, n)
+        assert torch.equal(model(tokens), full)
+        ev.set_lora_layers(model, 0)
+        torch.testing.assert_close(model(tokens), base(tokens), rtol=0, atol=1e-10)
+        assert not torch.allclose(full, base(tokens), atol=1e-3)          # the adapter does matter
+        # K = 1: the same as a model whose adapters exist only in layer 0 (built independently)
+        ev.set_lora_layers(model, 1)
+        only0, _ = load_model(run_dir / "base", dtype=torch.float64, adapter="lora", lora_rank=4,
+                              lora_modules=("wq", "wv", "w2"), lora_layers=(0,))
+        only0.eval()
+        sd = {k: v for k, v in model.state_dict().items() if k.startswith("layers.0.") or "lora" not in k}
+        only0.load_state_dict(sd, strict=False)
+        torch.testing.assert_close(model(tokens), only0(tokens), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="out of range"):
+        ev.set_lora_layers(model, n + 1)
+
+
+def test_search_boundary_curve(run_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    ev.main(["--adapter", str(run_dir), "--greedy", "--max-new-tokens", "4", "--search-boundary", "3",
+             "--limit", "0", "--out", str(out)])
+    saved = json.loads((out / "boundary_curve.json").read_text())
+    curve = {int(k): v for k, v in saved["curve"].items()}
+    assert sorted(curve) == [0, 1, 2, 3]
+    best = min(k for k in curve if curve[k] == max(curve.values()))    # ties: fewest adapter layers
+    assert saved["best"] == best
+    assert "K=  3" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- layer read-out -----------------------------
+
+def test_layer_probs_against_plain_loop(run_dir, tmp_path):
+    from data import build_prompt
+    model, tok = load_model(run_dir / "base", adapter_dir=run_dir / "adapter", dtype=torch.float64)
+    examples = json.loads((run_dir / "data" / "test.json").read_text())[:3]
+    examples[1] = {**examples[1], "instruction": examples[1]["instruction"] + " (a longer one)"}  # padding
+    got = ev.layer_probs(model, tok, examples, template="alpaca-short", batch_size=2)   # sets eval mode
+    assert not model.training
+    weight = model.tok_embeddings.weight if model.output is None else model.output.weight
+    expected = torch.zeros(model.args.n_layers, dtype=torch.float64)
+    for ex in examples:
+        ids = tok.encode(build_prompt(ex, "alpaca-short"), bos=True) + tok.encode(ex["output"])
+        k = len(ex["answer"].encode())                 # byte tokenizer: one token per answer byte
+        with torch.no_grad():
+            logits, hs = model(torch.tensor([ids]), hidden_layers=list(range(model.args.n_layers)))
+        for l, h in enumerate(hs):
+            logp = F.linear(model.norm(h[0]), weight).softmax(-1)
+            expected[l] += sum(logp[t, ids[t + 1]] for t in range(len(ids) - k - 1, len(ids) - 1)) / k
+        last = logits[0].softmax(-1)                   # the last layer's read-out is the model's output
+        assert torch.allclose(last, F.linear(model.norm(hs[-1][0]), weight).softmax(-1))
+    torch.testing.assert_close(got, expected / len(examples), rtol=1e-6, atol=1e-9)
+    ev.write_layer_probs({"default": got}, tmp_path)
+    lines = (tmp_path / "layer_probs.csv").read_text().splitlines()
+    assert lines[0] == "layer,default,mean" and len(lines) == 1 + model.args.n_layers
+    assert float(lines[-1].split(",")[1]) == pytest.approx(got[-1].item(), abs=1e-6)
+
+
+# ------------------------------------------------------------- merged == unmerged -------------------------
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_and_unmerged_give_the_same_predictions(tmp_path, method):
+    run = make_run(tmp_path / method, adapter=method, seed=1)
+    examples = ev.load_task_examples(ev.resolve_task("default", None, run))
+    task = ev.resolve_task("default", None, run)
+    preds = {}
+    for merge in (False, True):
+        for k in (3, 2):
+            model, tok = load_model(run / "base", adapter_dir=run / "adapter", dtype=torch.float64)
+            ev.set_lora_layers(model, k)
+            if merge:
+                ev.merge_enabled_adapters(model)
+                assert all(m.merged == m.enabled for m in model.adapter_linears())
+            _, records = ev.evaluate_task(model, tok, task, examples, template="alpaca-short", num_beams=2,
+                                          max_new_tokens=6, batch_size=4)
+            preds[merge, k] = [r["response"] for r in records]
+    assert preds[True, 3] == preds[False, 3] and preds[True, 2] == preds[False, 2]
+    assert preds[False, 3] != preds[False, 2]          # K changes the model, so the check has teeth
+
+
+# ------------------------------------------------------------- Echo off -----------------------------------
+
+def test_echo_is_never_imported_built_or_read(run_dir):
+    """Run eval.py in a fresh interpreter with an audit hook on file opens: no echo package in
+    sys.modules, no echo.safetensors opened (it is garbage, so reading it would also fail), and the
+    loaded model has only base + adapter parameters."""
+    script = f"""
+import runpy, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+sys.argv = ["eval.py", "--adapter", {str(run_dir)!r}, "--greedy", "--max-new-tokens", "4", "--limit", "2"]
+runpy.run_path("eval.py", run_name="__main__")
+echo_mods = [m for m in sys.modules if m == "echo" or m.startswith("echo.")]
+assert not echo_mods, echo_mods
+assert not [p for p in opened if "echo.safetensors" in p], "echo.safetensors was opened"
+assert any(p.endswith("test.json") for p in opened), "audit hook saw no opens"
+print("ECHO-OFF-OK")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ECHO-OFF-OK" in proc.stdout and ev.ECHO_LINE in proc.stdout
+    from safetensors.torch import load_file
+    model, _ = load_model(run_dir / "base", adapter_dir=run_dir / "adapter")
+    names = {n for n, _ in model.named_parameters()}
+    base_names = set(load_file(str(run_dir / "base" / "model.safetensors")))
+    adapter_names = {n for n in names if n.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "magnitude")}
+    assert names == base_names | adapter_names and adapter_names
+    assert not any("echo" in n for n in names)
+
+
+# ------------------------------------------------------------- errors -------------------------------------
+
+def run_main_error(argv):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+def test_unknown_task_and_malformed_files(run_dir, tmp_path):
+    msg = run_main_error(["--adapter", str(run_dir), "--tasks", "foo"])
+    assert "unknown task 'foo' (choose from boolq, piqa" in msg
+    bad = tmp_path / "data"
+    (bad / "boolq").mkdir(parents=True)
+    (bad / "boolq" / "test.json").write_text('[{"instruction": "x", "output": "y"')
+    msg = run_main_error(["--adapter", str(run_dir), "--tasks", "boolq", "--data-dir", str(bad)])
+    assert str(bad / "boolq" / "test.json") in msg and "invalid JSON" in msg
+    (bad / "boolq" / "test.json").write_text('[{"instruction": "x", "output": "y"}]')
+    msg = run_main_error(["--adapter", str(run_dir), "--tasks", "boolq", "--data-dir", str(bad)])
+    assert str(bad / "boolq" / "test.json") in msg and "row 1" in msg and "answer" in msg
+    msg = run_main_error(["--adapter", str(run_dir), "--tasks", "piqa", "--data-dir", str(bad)])
+    assert "piqa" in msg and "not found" in msg
+
+
+def test_no_arguments_needs_the_default_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    msg = run_main_error([])
+    assert "runs/default" in msg and "python train.py" in msg
+    make_run(tmp_path / "runs" / "default")
+    ev.main(["--greedy", "--max-new-tokens", "4", "--limit", "2"])
+    assert (tmp_path / "runs" / "default" / "eval" / "results.json").exists()
+    assert "default" in capsys.readouterr().out
