@@ -130,9 +130,11 @@ def beam_search(model, prompts, *, num_beams=4, max_new_tokens=32, eos_ids=(), l
         return [[] for _ in range(B)], [0.0] * B
     eos_set = set(eos_ids)
     ids, mask = _batch(prompts, device)
-    ids, mask = ids.repeat_interleave(K, dim=0), mask.repeat_interleave(K, dim=0)   # row b*K + k
     dec = _Decoder(model, ids, mask, max_new_tokens)
-    logits = dec.prefill(ids)
+    logits = dec.prefill(ids)                          # once per prompt, then copied to its K beams
+    expand = torch.arange(B, device=device).repeat_interleave(K)                   # row b*K + k
+    dec.reorder(expand)
+    logits = logits[expand]
     V = logits.shape[-1]
     # only beam 0 is live at the start, so the first step does not pick K copies of one token
     beam_scores = torch.zeros(B, K, dtype=torch.float64, device=device)

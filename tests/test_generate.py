@@ -1,6 +1,7 @@
 """model/generate.py: KV-cache greedy and beam search against cache-free recomputation in fp64."""
 import itertools
-import math
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,20 @@ def test_stories260k_known_greedy_text():
     known = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
              "One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
     assert text.startswith(known), text
+
+
+def test_matches_hugging_face_generate():
+    """Greedy and beam search (3 and 4 beams, EOS 0) equal transformers' generate() on a tiny random LLaMA
+    (fixture from tests/fixtures/make_hf_beam_tiny.py: HF ran each prompt alone; here they run as one
+    left-padded batch)."""
+    from safetensors.torch import load_file
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    fx = json.loads((fixtures / "hf_beam_tiny.json").read_text())
+    model = Transformer(ModelArgs(**fx["params"]))
+    model.load_base_weights(load_file(str(fixtures / "hf_beam_tiny.safetensors")))
+    model = model.double().eval()
+    kw = dict(max_new_tokens=fx["max_new_tokens"], eos_ids=[fx["eos_id"]])
+    assert greedy_search(model, fx["prompts"], **kw)[0] == fx["greedy"]
+    assert beam_search(model, fx["prompts"], num_beams=4, **kw)[0] == fx["beam4"]
+    assert beam_search(model, fx["prompts"], num_beams=3, **kw)[0] == fx["beam3"]
+    assert fx["beam4"] != fx["greedy"] and any(len(s) < fx["max_new_tokens"] for s in fx["beam4"])
