@@ -333,16 +333,15 @@ def run_config(run_dir):
 
 
 def base_model_of(run_dir, cfg):
-    """The run's base model: run_dir/base/ (the default run's tiny model) or config.json's "model"."""
+    """The run's base model: run_dir/base/ (the default run's tiny model, saved by train.py) or the
+    model train.py was given (config.json "opts"."model")."""
     if (Path(run_dir) / "base" / "params.json").exists():
         return str(Path(run_dir) / "base")
-    model = cfg.get("model")
-    if isinstance(model, dict):
-        model = model.get("path") or model.get("dir") or model.get("name")
-    if not model:
-        raise ValueError(f"{run_dir}: cannot tell the base model (no base/ folder, no 'model' in config.json);"
+    model = cfg.get("opts", {}).get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{run_dir}: cannot tell the base model (no base/ folder, no opts.model in config.json);"
                          f" pass --model")
-    return str(model)
+    return model
 
 
 def parse_args(argv):
@@ -386,8 +385,9 @@ def run(args):
             resolve_task(name, None)
     run_dir, cfg = None, {}
     if args.adapter is None and args.model is None:
-        if not (DEFAULT_RUN / "adapter").exists():
-            raise FileNotFoundError(f"{DEFAULT_RUN} not found: run `python train.py` first "
+        if not (DEFAULT_RUN / "adapter" / "adapter_config.json").exists():
+            state = "has no adapter/ yet" if DEFAULT_RUN.exists() else "not found"
+            raise FileNotFoundError(f"{DEFAULT_RUN} {state}: run `python train.py` first "
                                     f"(or pass --model DIR [--adapter RUN_DIR])")
         args.adapter = str(DEFAULT_RUN)
     if args.adapter is not None:
@@ -397,7 +397,7 @@ def run(args):
     else:
         adapter_dir = None
     model_path = args.model or base_model_of(run_dir, cfg)
-    template = args.template or cfg.get("template") or "alpaca"
+    template = args.template or cfg.get("opts", {}).get("template") or "alpaca"
     data_dir = args.data_dir or (str(SHARED / "data" / "commonsense") if (SHARED / "data" / "commonsense").exists()
                                  else None)
     if args.tasks:

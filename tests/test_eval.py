@@ -50,7 +50,7 @@ def make_run(root, adapter="lora", n_layers=3, seed=0):
                 p.mul_(1.2)
     save_adapter(tuned, root / "adapter")
     write_default_task(root / "data", n_train=30, n_test=8)
-    (root / "config.json").write_text(json.dumps({"template": "alpaca-short"}))
+    (root / "config.json").write_text(json.dumps({"opts": {"model": "default-tiny", "template": "alpaca-short"}}))
     (root / "echo.safetensors").write_bytes(b"garbage: eval must never read this")
     return root
 
@@ -164,6 +164,7 @@ def test_cli_results_json_and_table(run_dir, tmp_path, capsys):
     for name in ("default", "data"):
         rows = [json.loads(line) for line in (out / f"predictions_{name}.jsonl").read_text().splitlines()]
         assert len(rows) == 5
+        assert rows[0]["prompt"].startswith("### Instruction:\n")       # the run's template (alpaca-short)
         correct = sum(r["pred"] == r["answer"] for r in rows)
         assert results["tasks"][name] == {"accuracy": correct / 5, "correct": correct, "total": 5}
         accs.append(correct / 5)
