@@ -96,7 +96,7 @@ def apply_default_run(opts):
     opts.modules = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
     opts.rank, opts.alpha, opts.dropout = 32, 32.0, 0.0
     opts.lr, opts.warmup_steps, opts.epochs = 3e-3, 10, 1
-    opts.echo_targets, opts.echo_sources = [1, 2], [-2, -1]
+    opts.echo_targets, opts.echo_sources = [2, 3], [-3, -2]
     return opts
 
 
@@ -135,7 +135,7 @@ class EchoStep(nn.Module):
             logits = self.model.head(h, logits_index=index)
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                  reduction="sum")
-            return ce / normalizer, {"loss_off": ce.detach(), "loss_on": None, "loss_kd": None}
+            return ce / normalizer, {"sum_off": ce.detach()}
         return echo_loss(self.model, self.echo, tokens, labels, routed=routed, normalizer=normalizer,
                          index=index, targets=targets, boundary=boundary,
                          share_lower_layers=not self.separate_passes)
@@ -230,7 +230,7 @@ def build(opts, device):
     if opts.model == "default-tiny":
         tokenizer = ByteTokenizer()
         model, _ = load_model("tiny-deep", device=device, dtype=dtype, vocab_size=tokenizer.vocab_size,
-                              n_layers=4, dim=128, n_heads=4, n_kv_heads=2, **overrides)
+                              n_layers=8, dim=128, n_heads=4, n_kv_heads=2, **overrides)
     else:
         model, tokenizer = load_model(opts.model, device=device, dtype=dtype, **overrides)
         if tokenizer is None:          # a preset with random weights: a byte tokenizer is enough for benchmarks
@@ -369,9 +369,10 @@ def main(argv=None):
                     with autocast:
                         loss, stats = ddp(*batch, routed, normalizer)
                     loss.backward()
-                sums += torch.stack([stats["loss_off"], stats["loss_on"], stats["loss_kd"]]) if routed \
-                    else torch.stack([stats["loss_off"], torch.zeros_like(stats["loss_off"]),
-                                      torch.zeros_like(stats["loss_off"])])
+                sums[0] += stats["sum_off"]
+                if routed:
+                    sums[1] += stats["sum_on"]
+                    sums[2] += stats["sum_kd"]
                 tokens += int(mb["attention_mask"].sum())
             if world > 1:
                 dist.all_reduce(sums)               # for the log only; queued, no host sync

@@ -366,7 +366,8 @@ def echo_objective(loss_off, loss_on, loss_kd, routed, lambda_kd=1.0):
     return loss_off + loss_on + lambda_kd * loss_kd
 
 
-def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, normalizer=None):
+def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, normalizer=None,
+              index=None, targets=None, boundary=None, share_lower_layers=True):
     """One micro-batch of Echo-LoRA training (eqs. 2-12), sharing the layers below the first target.
 
     Both passes are identical below min(target layers) (no injection there), so those layers run
@@ -376,20 +377,29 @@ def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, norma
     (default: this micro-batch's answer-token count; pass the count over all micro-batches and
     ranks of the optimizer step for exact token-level averaging).
 
+    index / targets / boundary: the supervised positions [B,P], their targets [B,P] (-100 padded)
+    and t* [B], precomputed on the host (train.py does, with P bucketed, so the step has no
+    host-device sync and few shapes); computed and validated here when omitted.
+    share_lower_layers=False runs both passes from the embedding (separate dropout draws).
+
     Returns (loss, stats) with stats = {"loss_off", "loss_on", "loss_kd": per-token means (detached,
-    on device; loss_on / loss_kd are None when not routed), "n_answer": token count (tensor)}.
+    on device; loss_on / loss_kd are None when not routed), "sum_off", "sum_on", "sum_kd": the same
+    as sums over answer tokens, "n_answer": token count (tensor)}.
     """
     cfg = echo.cfg
     if echo.n_layers != model.args.n_layers or echo.dim != model.args.dim:
         raise ValueError(f"EchoModule was built for n_layers={echo.n_layers}, dim={echo.dim}; the model has "
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
-    t_star = answer_boundary(labels)    # validate every micro-batch, routed or not
-    index, targets = supervised_index(labels)
+    if index is None:
+        t_star = answer_boundary(labels)    # validate every micro-batch, routed or not
+        index, targets = supervised_index(labels)
+    else:
+        t_star = boundary
     valid = targets != IGNORE
     n = valid.sum()
     norm = n.clamp_min(1) if normalizer is None else normalizer
     kw = dict(positions=model.positions_for(tokens, attention_mask), attention_mask=attention_mask)
-    split = cfg.target_layers[0]
+    split = cfg.target_layers[0] if share_lower_layers else 0
     sources = cfg.source_layers
     hiddens = {}
 
@@ -400,17 +410,20 @@ def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, norma
     h_off = model.run_layers(h, split, model.args.n_layers, hidden_layers=sources, hiddens=hiddens, **kw)
     logits_off = model.head(h_off, logits_index=index)
     off_sum = ce_sum(logits_off)
-    stats = {"loss_off": off_sum.detach() / n.clamp_min(1), "loss_on": None, "loss_kd": None, "n_answer": n}
+    stats = {"loss_off": off_sum.detach() / n.clamp_min(1), "loss_on": None, "loss_kd": None, "n_answer": n,
+             "sum_off": off_sum.detach(), "sum_on": None, "sum_kd": None}
     if not routed:
         return echo_objective(off_sum, None, None, False) / norm, stats
 
     z = aggregate_sources([hiddens[l] for l in sources], t_star)                       # eq. 2
     inject = echo(z, labels, attention_mask)                                          # eqs. 3-8
-    h_on = model.run_layers(h, split, model.args.n_layers, echo_inject=inject, **kw)
+    h_start = h if share_lower_layers else model.embed(tokens)
+    h_on = model.run_layers(h_start, split, model.args.n_layers, echo_inject=inject, **kw)
     logits_on = model.head(h_on, logits_index=index)
     on_sum = ce_sum(logits_on)
     kd_sum, _ = masked_kl(logits_on, logits_off, valid=valid, tau=cfg.tau, reduction="sum")   # eq. 12
-    stats.update(loss_on=on_sum.detach() / n.clamp_min(1), loss_kd=kd_sum.detach() / n.clamp_min(1))
+    stats.update(loss_on=on_sum.detach() / n.clamp_min(1), loss_kd=kd_sum.detach() / n.clamp_min(1),
+                 sum_on=on_sum.detach(), sum_kd=kd_sum.detach())
     return echo_objective(off_sum, on_sum, kd_sum, True, cfg.lambda_kd) / norm, stats         # eq. 11
 
 
