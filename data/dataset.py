@@ -21,7 +21,8 @@ with grad_accum 2 and a 2-process run with grad_accum 1 see exactly the same exa
     for step, micro_batches in batches(ds, global_batch=G, micro_batch=b, rank=r, world_size=W,
                                        seed=seed, epoch=e, start_step=s0):   # resume: (e, s0)
         for mb in micro_batches:   # dict: input_ids [b,L] long, labels [b,L] long, attention_mask [b,L] bool,
-            ...                    #       n_targets (int, this micro-batch), global_n_targets (int, whole step)
+            ...                    #       n_targets (int, this micro-batch), global_n_targets (int, whole step),
+                                   #       index [b] long (dataset rows, for debugging / checks)
 
 n_targets = number of supervised logit positions = #{t : labels[t] != -100} (t >= 1 always, since the
 first position is BOS or prompt). Summing the token losses of every micro-batch and dividing by

@@ -1,12 +1,15 @@
 """The built-in default task: synthetic 4-way multiple choice in the LLM-Adapters format, so a fresh clone
 with no downloads can train and evaluate end to end (tiny random LLaMA, ByteTokenizer, "alpaca-short").
 
-    instruction: "Which number is the largest? answer1: 31 answer2: 87 answer3: 12 answer4: 45"
+    instruction: "Which number is the largest? answer1: 3 answer2: 8 answer3: 1 answer4: 5"
     output:      "the correct answer is answer2"       answer: "answer2"
 
-Four distinct numbers from 10..99, the position of the largest uniform over answer1..answer4 (chance = 25%),
-so eval's answer1|answer2|answer3|answer4 regex applies unchanged. Train and test instructions are disjoint.
-With "alpaca-short" and ByteTokenizer a row is ~140 tokens (fits max_len 160).
+Four distinct digits 1..9 (one byte each, so the tiny model compares single tokens; 9*8*7*6 = 3024 distinct
+rows), the position of the largest uniform over answer1..answer4 (chance = 25%), so eval's
+answer1|answer2|answer3|answer4 regex applies unchanged. Train and test instructions are disjoint.
+With "alpaca-short" and ByteTokenizer every row is 136 tokens (fits max_len 160). Measured: tiny preset
+(dim 64, 4 layers), LoRA r16 on all 7 modules, AdamW 3e-3, batch 16, 1 CPU thread: teacher-forced answer
+accuracy ~0.6-0.7 after ~500-700 steps (~2-3 min); with two-digit numbers it stayed at chance.
 """
 import json
 import random
@@ -14,10 +17,11 @@ from pathlib import Path
 
 TEMPLATE = "alpaca-short"
 MAX_LEN = 160
+N_DISTINCT = 9 * 8 * 7 * 6
 
 
 def make_example(rng: random.Random) -> dict:
-    nums = rng.sample(range(10, 100), 4)
+    nums = rng.sample(range(1, 10), 4)
     k = max(range(4), key=lambda i: nums[i])
     options = " ".join(f"answer{i + 1}: {n}" for i, n in enumerate(nums))
     return {"instruction": f"Which number is the largest? {options}", "input": "",
@@ -26,6 +30,8 @@ def make_example(rng: random.Random) -> dict:
 
 def make_default_task(seed: int = 0, n_train: int = 2000, n_test: int = 200):
     """-> (train, test): lists of example dicts, deterministic in seed, no instruction in both."""
+    if n_train + n_test > N_DISTINCT:
+        raise ValueError(f"the default task has only {N_DISTINCT} distinct rows; asked for {n_train + n_test}")
     rng = random.Random(seed)
     seen, rows = set(), []
     while len(rows) < n_train + n_test:

@@ -181,6 +181,8 @@ def test_default_task(tmp_path):
     assert load_examples(train_path) == tr and load_examples(test_path) == te
     ds = load_dataset(train_path, ByteTokenizer(), "alpaca-short", 160)
     assert ds.n_dropped == 0 and len(ds) == 300
+    with pytest.raises(ValueError, match="distinct"):
+        make_default_task(n_train=3000, n_test=100)
 
 
 @needs_shared
