@@ -87,9 +87,9 @@ def parse_args(argv=None):
     return opts
 
 
-DEFAULT_RUN_SETTINGS = dict(            # `python train.py` (no --model): ~30 s on 2 CPU cores
+DEFAULT_RUN_SETTINGS = dict(            # `python train.py` (no --model): ~40 s on 2 CPU cores
     echo=True, modules=["wq", "wk", "wv", "wo", "w1", "w2", "w3"], rank=32, alpha=32.0, dropout=0.0,
-    lr=3e-3, warmup_steps=10, epochs=2, micro_batch=16, echo_targets=[1], echo_sources=[2, 3])
+    lr=3e-3, warmup_steps=10, epochs=3, micro_batch=16, echo_targets=[1], echo_sources=[2, 3])
 
 
 def apply_default_run(opts):
@@ -252,9 +252,9 @@ def main(argv=None):
     torch.manual_seed(opts.seed)                        # identical adapter init on every rank
     name = Path(opts.model).name if opts.model else "default"
     out = Path(opts.out or f"runs/{name}-{opts.method}{'-echo' if opts.echo else ''}")
-    out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = build(opts, device)
+    out.mkdir(parents=True, exist_ok=True)      # only now: a bad --model leaves no empty run folder
     if opts.model == "default-tiny":
         if master:
             data.write_default_task(out / "data")
@@ -334,6 +334,7 @@ def main(argv=None):
         """Read one step's losses (finished on the device by now), stop on a non-finite loss, log."""
         nonlocal t_last
         sums, n = record.pop("sums").tolist(), record["answer_tokens"]
+        record["tokens"] = int(sums[3])
         record["loss_off"] = sums[0] / n
         record["loss_on"] = sums[1] / n if record["routed"] else None
         record["loss_kd"] = sums[2] / n if record["routed"] else None
@@ -347,10 +348,10 @@ def main(argv=None):
         now = time.perf_counter()
         record["tokens_per_s"] = round(record["tokens"] / max(now - t_last, 1e-9), 1)
         if flops_peak:     # 4·N FLOPs per token and pass (forward 2N + activation gradients 2N)
-            record["mfu"] = round(4 * n_params * record.pop("pass_tokens") / (now - t_last) / flops_peak, 4)
+            passes = 2 if record["routed"] else 1
+            record["mfu"] = round(4 * n_params * passes * record["tokens"] / (now - t_last) / flops_peak, 4)
         if "cuda" in str(device):
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        record.pop("pass_tokens", None)
         t_last = now
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
@@ -372,8 +373,7 @@ def main(argv=None):
             routed = router(step) if router is not None else False     # eq. 9, same draw on every rank
             answer_tokens = micro_batches[0]["global_n_targets"]       # over all micro-batches and ranks
             normalizer = answer_tokens / world                          # DDP then averages over ranks
-            sums = torch.zeros(3, device=device)                        # Σ CE_off, Σ CE_on, τ²Σ KL
-            tokens = 0
+            sums = torch.zeros(4, device=device)             # Σ CE_off, Σ CE_on, τ²Σ KL, tokens (all ranks)
             for i, mb in enumerate(micro_batches):
                 index, targets, boundary = supervision(mb["labels"])
                 batch = [t.to(device, non_blocking=True) for t in (mb["input_ids"], mb["labels"], index,
@@ -387,7 +387,7 @@ def main(argv=None):
                 if routed:
                     sums[1] += stats["sum_on"]
                     sums[2] += stats["sum_kd"]
-                tokens += int(mb["attention_mask"].sum())
+                sums[3] += int(mb["attention_mask"].sum())
             if world > 1:
                 dist.all_reduce(sums)               # for the log only; queued, no host sync
             if opts.grad_clip:
@@ -399,8 +399,7 @@ def main(argv=None):
             epoch_step = epoch_step_now + 1
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                       "p": router.p(step - 1) if router else 0.0, "routed": routed, "sums": sums,
-                      "answer_tokens": answer_tokens, "tokens": tokens * world,
-                      "pass_tokens": tokens * world * (2 if routed else 1)}
+                      "answer_tokens": answer_tokens}
             if pending is not None:
                 finish_step(pending)
             pending = record

@@ -1,0 +1,244 @@
+"""train.py: 2 gloo processes = 1 process with the same global batch (routed and unrouted steps),
+resume = uninterrupted run, the loss is a token mean over the global batch however it is cut into
+micro-batches, the built-in default run learns, and bad input stops with a one-line error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+import train
+from conftest import ROOT
+from echo import EchoConfig, EchoModule
+from model import ModelArgs, Transformer
+from model.tokenizer import ByteTokenizer
+
+ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random base model folder and 16 rows whose answers are 3..11 tokens long."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    train.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), root / "base")
+    rows = [{"instruction": f"repeat {i}", "input": "", "output": "ab" * (1 + i % 5), "answer": ""}
+            for i in range(16)]
+    (root / "ds.json").write_text(json.dumps(rows))
+    return root
+
+
+def args(setup, out, *extra):
+    """6 steps of global batch 4 (4 steps per epoch, so epoch 1 is entered) with Echo; the router
+    probability falls from 1 to 0, so the run has routed and unrouted steps."""
+    return ["--model", str(setup / "base"), "--data", str(setup / "ds.json"), "--out", str(out),
+            "--template", "alpaca-short", "--max-len", "64", "--dtype", "fp32", "--no-compile",
+            "--dropout", "0", "--global-batch", "4", "--max-steps", "6", "--lr", "1e-2", "--warmup-steps", "1",
+            "--seed", "3", "--echo", "--echo-targets", "1", "--echo-sources", "2", "3",
+            "--echo-p-start", "1", "--echo-p-end", "0", *extra]
+
+
+def metrics(out):
+    """metrics.jsonl without the wall-clock fields."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "peak_gib")} for r in rows]
+
+
+def trained(out):
+    return {**load_file(str(out / "adapter" / "adapter.safetensors")), **load_file(str(out / "echo.safetensors"))}
+
+
+def assert_same_run(a, b, atol):
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, len(ma) + 1))
+    for x, y in zip(ma, mb):
+        assert x.keys() == y.keys() and x["routed"] == y["routed"] and x["epoch"] == y["epoch"]
+        for k, v in x.items():
+            assert v == pytest.approx(y[k], abs=atol), (x["step"], k)
+    ta, tb = trained(a), trained(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+    # AdamW's moments hold the gradients' scale, which the update m / sqrt(v) does not show
+    sa, sb = (torch.load(d / "checkpoint" / "state.pt", weights_only=False)["optimizer"]["state"] for d in (a, b))
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[i][k], sb[i][k], atol=atol * sa[i][k].abs().max(), rtol=0)
+
+
+def test_two_gloo_processes_equal_one_process(setup, tmp_path):
+    """Global batch 4 = 2 ranks × micro-batch 2, against 1 process × 2 micro-batches of 2. The adapter
+    can only match if both ranks took the same routing decision on every step (the Echo-on pass adds
+    the L_on and L_kd gradients to the adapter)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *args(setup, two, "--micro-batch", "2", "--grad-clip", "0")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train.main(args(setup, one, "--micro-batch", "2", "--grad-clip", "0"))
+
+    c2, c1 = (json.loads((d / "config.json").read_text()) for d in (two, one))
+    assert (c2["world_size"], c2["grad_accum"], c1["world_size"], c1["grad_accum"]) == (2, 1, 1, 2)
+    routed = [m["routed"] for m in metrics(one)]
+    assert True in routed and False in routed
+    assert [m["epoch"] for m in metrics(one)] == [0, 0, 0, 0, 1, 1]
+    assert_same_run(two, one, atol=1e-6)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dropout,checkpoint_step", [(0.0, 4), (0.1, 2)])
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, dropout, checkpoint_step):
+    """Checkpoints every 2 steps; the process dies during step checkpoint_step + 2 (after logging
+    step checkpoint_step + 1). --resume must drop that orphan log line, restore the adapter, Echo
+    weights, AdamW, LR schedule, router and RNG (LoRA dropout draws), and the data position (step 4
+    ends epoch 0, step 2 is mid-epoch), so the run ends exactly as an uninterrupted one."""
+    extra = ("--dropout", str(dropout), "--save-every", "2", "--max-steps", "7")
+    train.main(args(setup, tmp_path / "full", *extra))
+
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_crash(*a, **k):                  # called once per optimizer step
+        calls.append(1)
+        if len(calls) == checkpoint_step + 2:
+            raise Crash
+        return clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_crash)
+    with pytest.raises(Crash):
+        train.main(args(setup, tmp_path / "resumed", *extra))
+    monkeypatch.undo()
+    assert len(metrics(tmp_path / "resumed")) == checkpoint_step + 1
+    state = torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == checkpoint_step
+
+    train.main(args(setup, tmp_path / "resumed", *extra, "--resume"))
+    assert_same_run(tmp_path / "resumed", tmp_path / "full", atol=1e-6)
+
+
+def test_loss_is_token_mean_over_the_global_batch(setup):
+    """Micro-batches with different answer-token counts, each loss divided by the count of the whole
+    global batch (as train.py does): the accumulated gradient equals the gradient of the token-mean
+    loss over the global batch, computed here with a plain forward and cross-entropy (Echo off), or
+    with the whole global batch as one micro-batch (Echo on: rows are independent)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", vocab_size=259, adapter="lora", lora_rank=4,
+                                            lora_dropout=0.0, lora_modules=ALL))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.1)        # non-zero B so every adapter weight gets a gradient
+    echo = EchoModule(EchoConfig(target_layers=(1,), source_layers=(2, 3), gate_bias_init=0.0), model.args)
+    model, echo = model.double(), echo.double()
+    step = train.EchoStep(model, echo)
+    ds = data.load_dataset(setup / "ds.json", ByteTokenizer(), "alpaca-short", 64)
+    _, mbs = next(iter(data.batches(ds, global_batch=8, micro_batch=2, seed=1)))
+    n_global = mbs[0]["global_n_targets"]
+    assert len({mb["n_targets"] for mb in mbs}) > 1 and sum(mb["n_targets"] for mb in mbs) == n_global
+
+    def grads(micro_batches, routed, normalizer):
+        step.zero_grad(set_to_none=True)
+        for mb in micro_batches:
+            index, targets, boundary = train.supervision(mb["labels"])
+            loss, _ = step(mb["input_ids"], mb["labels"], index, targets, boundary, routed, normalizer(mb))
+            loss.backward()
+        return {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+
+    whole = data.collate([ds[i] for i in torch.cat([mb["index"] for mb in mbs]).tolist()], ds.pad_id)
+    for routed in (False, True):
+        got = grads(mbs, routed, lambda mb: torch.tensor(float(n_global)))
+        assert any(k.startswith("echo.") for k in got) == routed
+        assert sum(k.endswith(("lora_a", "lora_b")) for k in got) == 2 * 7 * 4      # every adapter weight
+        if not routed:
+            step.zero_grad(set_to_none=True)
+            logits = model(whole["input_ids"])
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), whole["labels"][:, 1:].flatten(),
+                            ignore_index=-100).backward()          # mean over the global batch's answer tokens
+            want = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+        else:
+            want = grads([whole], True, lambda mb: torch.tensor(float(mb["n_targets"])))
+        assert got.keys() == want.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], atol=1e-9, rtol=1e-5,      # echo_loss's CE is fp32
+                                       msg=lambda m: f"{k}, routed {routed}: {m}")
+        # the per-micro-batch mean (averaged over micro-batches) is a different objective here
+        wrong = grads(mbs, routed, lambda mb: torch.tensor(float(mb["n_targets"] * len(mbs))))
+        assert max(((wrong[k] - want[k]).abs() / want[k].abs().max()).max() for k in want) > 0.01
+
+
+def test_default_run_loss_falls(tmp_path):
+    """`python train.py` (here cut to 30 of its steps): the tiny random model with LoRA on all modules
+    and Echo learns the deterministic answer format of the synthetic task within seconds."""
+    out = train.main(["--out", str(tmp_path / "default"), "--max-steps", "30"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["opts"]["model"] == "default-tiny" and cfg["echo"] is not None
+    assert (out / "base" / "model.safetensors").exists() and (out / "data" / "test.json").exists()
+    ms = metrics(out)
+    assert len(ms) == 30 and any(m["routed"] for m in ms) and not all(m["routed"] for m in ms)
+    first, last = ms[0]["loss_off"], sum(m["loss_off"] for m in ms[-3:]) / 3
+    assert first > 5.0 and last < 0.5, (first, last)      # ln 259 = 5.6 nats at chance
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def one_line(e):
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_missing_model_folder_cli(setup, tmp_path):
+    missing = tmp_path / "no_such_model"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(missing), "--data",
+                             str(setup / "ds.json"), "--out", str(tmp_path / "run")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra,error,culprit", [
+    (("--modules", "wq", "q_proj", "attn"), ValueError, "'attn'"),
+    (("--echo-targets", "1", "--echo-sources", "2", "9"), ValueError, "layer 9 out of range"),
+    (("--echo-targets", "2", "--echo-sources", "1"), ValueError, "deeper"),
+    (("--global-batch", "32"), ValueError, "one global batch of 32"),
+    (("--resume",), FileNotFoundError, "no checkpoint"),
+])
+def test_bad_input(setup, tmp_path, extra, error, culprit):
+    with pytest.raises(error) as e:
+        train.main(args(setup, tmp_path / "run", *extra))
+    assert culprit in one_line(e)
+
+
+def test_empty_dataset(setup, tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    argv = args(setup, tmp_path / "run")
+    argv[argv.index("--data") + 1] = str(tmp_path / "empty.json")
+    with pytest.raises(ValueError) as e:
+        train.main(argv)
+    assert "no examples in" in one_line(e) and "empty.json" in str(e.value)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    """lr 1e30: step 1 is finite but its update blows the weights up, so step 2's loss is NaN. The run
+    stops naming step 2; the checkpoint (saved every step) is step 1's, finite, and still loadable."""
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as e:
+        train.main(args(setup, out, "--lr", "1e30", "--save-every", "1"))
+    assert "at step 2" in one_line(e) and str(out / "checkpoint") in str(e.value)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 1 and all(v.isfinite().all() for v in state["trainable"].values())
+    assert [m["step"] for m in metrics(out)] == [1]
+    saved = load_file(str(out / "adapter" / "adapter.safetensors"))
+    for k, v in saved.items():
+        torch.testing.assert_close(v, state["trainable"][k], atol=0, rtol=0)
