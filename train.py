@@ -372,7 +372,7 @@ def main(argv=None):
                 break
             routed = router(step) if router is not None else False     # eq. 9, same draw on every rank
             answer_tokens = micro_batches[0]["global_n_targets"]       # over all micro-batches and ranks
-            normalizer = answer_tokens / world                          # DDP then averages over ranks
+            normalizer = torch.tensor(answer_tokens / world)            # DDP then averages over ranks
             sums = torch.zeros(4, device=device)             # Σ CE_off, Σ CE_on, τ²Σ KL, tokens (all ranks)
             for i, mb in enumerate(micro_batches):
                 index, targets, boundary = supervision(mb["labels"])
@@ -434,29 +434,43 @@ def save_base(model, tokenizer, out_dir):
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
 
 
+def compile_step(step_module, how):
+    """how: "blocks" compiles each transformer block (one graph serves all layers and both Echo
+    passes; fast to compile); "layers" compiles run_layers (one graph per layer range);
+    "step" compiles the whole micro-step. "-cg" adds CUDA graphs."""
+    mode = "reduce-overhead" if how.endswith("-cg") else None
+    if how.startswith("blocks"):
+        for block in step_module.model.layers:
+            block.compile(mode=mode)
+        return step_module
+    if how.startswith("layers"):
+        step_module.model.run_layers = torch.compile(step_module.model.run_layers, mode=mode)
+        return step_module
+    return torch.compile(step_module, mode=mode)
+
+
 def make_benchmark_step(model, echo_mode, compiled, batch, seq, answer):
     """For tests/benchmark.py: a closure running one optimizer step of this file's training step on
-    random tokens (answers on the last `answer` positions). echo_mode: off | routed | unrouted."""
+    random tokens (answers on the last `answer` positions). echo_mode: off | routed | unrouted.
+    compiled: False or a compile_step() mode."""
     device = model.tok_embeddings.weight.device
     echo = None
     if echo_mode != "off":
         echo = EchoModule(EchoConfig(), model.args).to(device)
-    if compiled:
-        for block in model.layers:
-            block.compile()
     step_module = EchoStep(model, echo)
     params = [p for p in step_module.parameters() if p.requires_grad]
+    runner = compile_step(step_module, compiled) if compiled else step_module
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     tokens = torch.randint(0, model.args.vocab_size, (batch, seq))
     labels = torch.full_like(tokens, IGNORE)
     labels[:, -answer:] = tokens[:, -answer:]
     index, targets, boundary = supervision(labels)
     args = [t.to(device) for t in (tokens, labels, index, targets, boundary)]
-    normalizer = float((targets != IGNORE).sum())
+    normalizer = (targets != IGNORE).sum().float()      # 0-d CPU tensor: no recompile when it changes
 
     def run():
         with torch.autocast("cuda", torch.bfloat16):
-            loss, _ = step_module(*args, echo_mode == "routed", normalizer)
+            loss, _ = runner(*args, echo_mode == "routed", normalizer)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

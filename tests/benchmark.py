@@ -21,7 +21,9 @@ def main():
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--method", nargs="+", default=["lora", "dora"])
     ap.add_argument("--echo", nargs="+", default=["off"], help="off | routed | unrouted")
-    ap.add_argument("--compile", default="both", choices=["yes", "no", "both"])
+    ap.add_argument("--compile", nargs="+", default=["no", "blocks"],
+                    help="no | blocks | blocks-cg | step | step-cg (see train.compile_step)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--answer", type=int, default=32)
@@ -32,7 +34,8 @@ def main():
     import train   # the step under test is train.py's own
 
     results = []
-    for compiled in {"yes": [True], "no": [False], "both": [False, True]}[opts.compile]:
+    for compiled in opts.compile:
+        compiled = False if compiled == "no" else compiled
         for method in opts.method:
             for echo in opts.echo:
                 torch.cuda.empty_cache()
@@ -51,6 +54,16 @@ def main():
                     stepper()
                 torch.cuda.synchronize()
                 ms = (time.perf_counter() - t0) / opts.steps * 1000
+                if opts.profile:
+                    from torch.profiler import ProfilerActivity, profile
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(3):
+                            stepper()
+                        torch.cuda.synchronize()
+                    events = prof.key_averages()
+                    gpu_us = sum(e.self_device_time_total for e in events) / 3
+                    print(f"# {method} {echo} {compiled}: GPU busy {gpu_us / 1000:.1f} ms/step of {ms:.1f} ms")
+                    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
                 tokens = opts.batch * opts.seq
                 passes = 2 if echo == "routed" else 1
                 mfu = 4 * n_params * tokens * passes / (ms / 1000) / (opts.peak_tflops * 1e12)
@@ -65,5 +78,49 @@ def main():
             json.dump(results, f, indent=1)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--check-accumulation" not in __import__("sys").argv:
     main()
+
+
+def check_accumulation():
+    """CUDA graphs keep outputs in a static pool: verify that gradients accumulated over two
+    micro-batches (routed Echo step included) equal the uncompiled ones."""
+    import train
+    from echo import EchoConfig, EchoModule
+    results = {}
+    for how in (False, "blocks-cg"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        args = ModelArgs.from_name("llama3-8b", n_layers=4, adapter="lora", lora_dropout=0.0)
+        model = build_model(args, "cuda", torch.bfloat16)
+        with torch.no_grad():
+            for m in model.adapter_linears():
+                m.lora_b.normal_(0, 0.01)
+        echo = EchoModule(EchoConfig(target_layers=(1,), source_layers=(-1,)), model.args).cuda()
+        step = train.EchoStep(model, echo)
+        runner = train.compile_step(step, how) if how else step
+        gen = torch.Generator().manual_seed(1)
+        for it in range(3):          # the third iteration is the one compared
+            grads = None
+            for routed in (True, False, True):
+                for micro in range(2):
+                    tokens = torch.randint(0, args.vocab_size, (2, 256), generator=gen)
+                    labels = torch.full_like(tokens, -100)
+                    labels[:, -20 - 10 * micro:] = tokens[:, -20 - 10 * micro:]
+                    index, targets, boundary = train.supervision(labels)
+                    batch = [t.cuda() for t in (tokens, labels, index, targets, boundary)]
+                    with torch.autocast("cuda", torch.bfloat16):
+                        loss, _ = runner(*batch, routed, torch.tensor(50.0))
+                    loss.backward()
+                grads = {n: p.grad.float().clone() for n, p in step.named_parameters() if p.grad is not None}
+                for p in step.parameters():
+                    p.grad = None
+        results[how] = grads
+    eager, graphed = results[False], results["blocks-cg"]
+    worst = max(((graphed[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in eager.items())
+    print(json.dumps({"check": "accumulation", "params": len(eager), "same_keys": set(eager) == set(graphed),
+                      "worst_relative_grad_error": worst}))
+
+
+if __name__ == "__main__" and "--check-accumulation" in __import__("sys").argv:
+    check_accumulation()
