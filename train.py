@@ -60,6 +60,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=42)
     a("--dtype", default="bf16", choices=["bf16", "fp32"])
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+      help="with --compile on GPU: replay each compiled block as a CUDA graph (removes launch overhead)")
     a("--save-every", type=int, default=200)
     a("--log-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -183,8 +185,6 @@ def save_checkpoint(out, step_module, optimizer, scheduler, router, step, epoch,
     state = {"trainable": trainable_state(model, echo), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "router": router.state_dict() if router else None,
              "step": step, "epoch": epoch, "epoch_step": epoch_step,
-             "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "opts": vars(opts)}
     (out / "checkpoint").mkdir(exist_ok=True)
     tmp = out / "checkpoint" / "state.pt.tmp"
@@ -192,7 +192,7 @@ def save_checkpoint(out, step_module, optimizer, scheduler, router, step, epoch,
     os.replace(tmp, out / "checkpoint" / "state.pt")
 
 
-def load_checkpoint(out, step_module, optimizer, scheduler, router):
+def load_checkpoint(out, step_module, optimizer, scheduler, router, rank=0):
     path = out / "checkpoint" / "state.pt"
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -206,10 +206,20 @@ def load_checkpoint(out, step_module, optimizer, scheduler, router):
     scheduler.load_state_dict(state["scheduler"])
     if router is not None:
         router.load_state_dict(state["router"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    rng = torch.load(out / "checkpoint" / f"rng_rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state["step"], state["epoch"], state["epoch_step"]
+
+
+def save_rng(out, rank):
+    """Every rank's own RNG state (dropout draws differ per rank), so a resumed run repeats them."""
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    tmp = out / "checkpoint" / f"rng_rank{rank}.pt.tmp"
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp)
+    os.replace(tmp, out / "checkpoint" / f"rng_rank{rank}.pt")
 
 
 # ------------------------------------------------------------------ setup
@@ -276,11 +286,11 @@ def main(argv=None):
                          lambda_kd=opts.echo_lambda_kd, allow_any_depth=opts.echo_any_depth, seed=opts.seed)
         echo = EchoModule(cfg, model.args).to(device)   # fp32, like the adapter weights
 
-    use_compile = str(device).startswith("cuda") if opts.compile is None else opts.compile
-    if use_compile:
-        for block in model.layers:     # regional compilation: one graph for all blocks, both passes
-            block.compile()
     step_module = EchoStep(model, echo, opts.echo_separate_passes)
+    use_compile = str(device).startswith("cuda") if opts.compile is None else opts.compile
+    cuda_graphs = use_compile and opts.cuda_graphs and str(device).startswith("cuda")
+    if use_compile:     # regional compilation: one block graph serves every layer and both Echo passes
+        compile_step(step_module, "blocks-cg" if cuda_graphs else "blocks")
     ddp = step_module
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -303,7 +313,7 @@ def main(argv=None):
 
     step, epoch, epoch_step = 0, 0, 0
     if opts.resume:
-        step, epoch, epoch_step = load_checkpoint(out, step_module, optimizer, scheduler, router)
+        step, epoch, epoch_step = load_checkpoint(out, step_module, optimizer, scheduler, router, rank)
     if master:
         (out / "config.json").write_text(json.dumps({"opts": vars(opts), "model": model.args.to_params_json(),
                                                      "echo": asdict(echo.cfg) if echo else None,
@@ -383,6 +393,8 @@ def main(argv=None):
                     with autocast:
                         loss, stats = ddp(*batch, routed, normalizer)
                     loss.backward()
+                if cuda_graphs:
+                    keep_grads(params)
                 sums[0] += stats["sum_off"]
                 if routed:
                     sums[1] += stats["sum_on"]
@@ -407,6 +419,7 @@ def main(argv=None):
                 finish_step(pending)         # never checkpoint a step whose loss was not checked
                 pending = None
             if step % opts.save_every == 0 or step == total:
+                save_rng(out, rank)
                 if master:
                     save_checkpoint(out, step_module, optimizer, scheduler, router, step, epoch, epoch_step, opts)
                 if world > 1:
@@ -432,6 +445,14 @@ def save_base(model, tokenizer, out_dir):
     save_file(base, str(out_dir / "model.safetensors"))
     (out_dir / "params.json").write_text(json.dumps(model.args.to_params_json(), indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
+
+
+def keep_grads(params):
+    """A CUDA graph writes its outputs, gradients included, into memory that its next replay reuses:
+    move accumulated gradients out of that pool before the next micro-batch runs."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.clone()
 
 
 def compile_step(step_module, how):

@@ -112,6 +112,8 @@ def check_accumulation():
                     with torch.autocast("cuda", torch.bfloat16):
                         loss, _ = runner(*batch, routed, torch.tensor(50.0))
                     loss.backward()
+                    if how:
+                        train.keep_grads(step.parameters())
                 grads = {n: p.grad.float().clone() for n, p in step.named_parameters() if p.grad is not None}
                 for p in step.parameters():
                     p.grad = None
