@@ -212,12 +212,14 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer_id, pos, k, v):
+        """Write positions pos.. and return the whole buffers: attention always spans max_len keys
+        (unwritten slots are masked), so every decoding step has the same shapes."""
         end = pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache of length {self.max_len} cannot hold position {end - 1}")
         self.k[layer_id][:, :, pos:end] = k
         self.v[layer_id][:, :, pos:end] = v
-        return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
+        return self.k[layer_id], self.v[layer_id]
 
     def reorder(self, index):
         """Keep batch rows `index` (beam search)."""
@@ -244,7 +246,6 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, cache_pos, k, v)
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-        # (A single cached query sees every key, so it needs neither a mask nor is_causal.)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
@@ -362,6 +363,7 @@ class Transformer(nn.Module):
         return self
 
     def setup_kv_cache(self, batch, max_len, device=None, dtype=None):
+        max_len = -(-max_len // 64) * 64     # a few lengths only: attention kernels plan per shape
         ref = self.tok_embeddings.weight
         return KVCache(self.args.n_layers, batch, self.args.n_kv_heads, max_len, self.args.head_dim,
                        device or ref.device, dtype or ref.dtype)
@@ -383,11 +385,14 @@ class Transformer(nn.Module):
         """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         mask = None
-        if attention_mask is not None:
+        if kv_cache is not None:      # keys: the whole cache; slots not written yet are masked out
+            B, written = h.shape[0], cache_pos + h.shape[1]
+            if attention_mask is None:
+                attention_mask = torch.ones(B, written, dtype=torch.bool, device=h.device)
+            unwritten = torch.zeros(B, kv_cache.max_len - written, dtype=torch.bool, device=h.device)
+            mask = attention_mask_4d(torch.cat([attention_mask.bool(), unwritten], 1), h.shape[1], cache_pos)
+        elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
-        elif kv_cache is not None and h.shape[1] > 1:
-            ones = torch.ones(h.shape[0], cache_pos + h.shape[1], dtype=torch.bool, device=h.device)
-            mask = attention_mask_4d(ones, h.shape[1], cache_pos)
         for i in range(start, end):
             layer_echo = None if echo_inject is None else echo_inject.at_layer(i)
             h = self.layers[i](h, cos, sin, mask, layer_echo, kv_cache, cache_pos)
