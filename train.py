@@ -334,6 +334,7 @@ def main(argv=None):
     flops_peak = peak_flops(device)
     autocast = torch.autocast("cuda", torch.bfloat16) if opts.dtype == "bf16" and "cuda" in str(device) \
         else nullcontext()
+    routing = []              # this run's r_k, compared across ranks at the end
     pending = None            # the previous step's device-side stats, read one step late (no sync per step)
     read_late = "cuda" in str(device)       # a CPU step is synchronous: read at once, so tok/s is per step
     t_start = time.perf_counter()
@@ -381,6 +382,7 @@ def main(argv=None):
             if step >= total:
                 break
             routed = router(step) if router is not None else False     # eq. 9, same draw on every rank
+            routing.append(routed)
             answer_tokens = micro_batches[0]["global_n_targets"]       # over all micro-batches and ranks
             normalizer = torch.tensor(answer_tokens / world)            # DDP then averages over ranks
             sums = torch.zeros(4, device=device)             # Σ CE_off, Σ CE_on, τ²Σ KL, tokens (all ranks)
@@ -428,6 +430,13 @@ def main(argv=None):
             epoch, epoch_step = epoch + 1, 0
     if pending is not None:
         finish_step(pending)
+    if world > 1 and router is not None:      # the router must agree on every rank: check it, once
+        every_rank = [None] * world
+        dist.all_gather_object(every_rank, routing)
+        if any(r != routing for r in every_rank):
+            raise RuntimeError("Echo routing differed between ranks")
+        if master:
+            print(f"routing identical on all {world} ranks: {sum(routing)} of {len(routing)} steps routed")
     if master:
         metrics.close()
         print(f"done: adapter in {out / 'adapter'}" + (f", Echo weights (analysis only) in {out}" if echo else ""))
