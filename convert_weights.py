@@ -10,7 +10,7 @@ Import (SRC is a Meta or HF checkpoint folder; OUT is what model/load.py loads):
 Export (MODEL_DIR is our layout, or any layout above; RUN_DIR/adapter is what train.py saved):
     python convert_weights.py --export hf   --model MODEL_DIR [--adapter RUN_DIR/adapter] OUT
     python convert_weights.py --export meta --model MODEL_DIR [--adapter RUN_DIR/adapter] OUT
-      merged model: base + adapter folded in fp32 (LoRA eq. 1, DoRA eq. 5)
+      merged model: base + adapter folded in fp32 (LoRA eq. 1, DoRA)
     python convert_weights.py --export peft --model MODEL_DIR --adapter RUN_DIR/adapter OUT
       adapter only, PEFT key names, for PeftModel.from_pretrained / vLLM on the HF base model
 
@@ -563,7 +563,7 @@ def check_adapter(adapter_sd, adapter_cfg, params):
 def fold_adapter(state_dict, adapter_sd, adapter_cfg):
     """Base weights with the adapter folded in, computed in fp32, stored in each weight's dtype.
     LoRA (eq. 1):  W' = W + s B A,  s = alpha / r.
-    DoRA (eq. 5):  W' = m * (W + s B A) / ||W + s B A||_row  (norm per output row, as model/lora.py)."""
+    DoRA:          W' = m * (W + s B A) / ||W + s B A||_row  (norm per output row, as model/lora.py)."""
     s = float(adapter_cfg["alpha"]) / float(adapter_cfg["rank"])
     out = dict(state_dict)
     for k in adapter_sd:

@@ -338,12 +338,11 @@ def main(argv=None):
     pending = None            # the previous step's device-side stats, read one step late (no sync per step)
     read_late = "cuda" in str(device)       # a CPU step is synchronous: read at once, so tok/s is per step
     t_start = time.perf_counter()
-    t_last = t_start
+    window = {"since": t_start, "tokens": 0, "flops": 0.0}     # throughput over the current log window
     step_at_start = step
 
     def finish_step(record):
         """Read one step's losses (finished on the device by now), stop on a non-finite loss, log."""
-        nonlocal t_last
         sums, n = record.pop("sums").tolist(), record["answer_tokens"]
         record["tokens"] = int(sums[3])
         record["loss_off"] = sums[0] / n
@@ -356,14 +355,18 @@ def main(argv=None):
                                      f"the last good checkpoint is in {out / 'checkpoint'}")
         if not master:
             return
+        # Rates are averaged over the log window: steps are read one step late, so a single step's
+        # wall time is not its own. MFU counts 4·N FLOPs per token and pass (forward 2N, activation
+        # gradients 2N; the frozen weights get no weight gradient), two passes on a routed step.
         now = time.perf_counter()
-        record["tokens_per_s"] = round(record["tokens"] / max(now - t_last, 1e-9), 1)
-        if flops_peak:     # 4·N FLOPs per token and pass (forward 2N + activation gradients 2N)
-            passes = 2 if record["routed"] else 1
-            record["mfu"] = round(4 * n_params * passes * record["tokens"] / (now - t_last) / flops_peak, 4)
+        window["tokens"] += record["tokens"]
+        window["flops"] += 4 * n_params * record["tokens"] * (2 if record["routed"] else 1)
+        elapsed = max(now - window["since"], 1e-9)
+        record["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
+        if flops_peak:
+            record["mfu"] = round(window["flops"] / elapsed / flops_peak, 4)
         if "cuda" in str(device):
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        t_last = now
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         if record["step"] % opts.log_every == 0 or record["step"] in (1, total):
@@ -374,6 +377,7 @@ def main(argv=None):
                   f"lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}"
                   + (f" mfu {record['mfu']:.1%}" if "mfu" in record else "")
                   + (f" mem {record['peak_gib']:.1f}G" if "peak_gib" in record else ""), flush=True)
+            window.update(since=now, tokens=0, flops=0.0)
 
     while step < total:
         for epoch_step_now, micro_batches in data.batches(
