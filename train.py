@@ -445,6 +445,7 @@ def main(argv=None):
         metrics.close()
         print(f"done: adapter in {out / 'adapter'}" + (f", Echo weights (analysis only) in {out}" if echo else ""))
     if world > 1:
+        dist.barrier()                 # leave together: a rank tearing down gloo early can abort its peer
         dist.destroy_process_group()
     return out
 
