@@ -155,6 +155,8 @@ def supervision(labels, bucket=16):
     counts = supervised.sum(1)
     if (counts == 0).any():
         raise ValueError("a training row has no answer token")
+    if (labels[:, 0] != IGNORE).any():
+        raise ValueError("a training row is supervised from position 0: no prompt, so no answer boundary t*")
     P = int(math.ceil(counts.max().item() / bucket) * bucket)
     index = torch.zeros(B, P, dtype=torch.long)
     targets = torch.full((B, P), IGNORE, dtype=torch.long)

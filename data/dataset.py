@@ -7,7 +7,11 @@ Tokenization (tokenize_example): prompt = build_prompt(example, template), respo
     ids    = encode(prompt, bos=tok.add_bos) + encode(response) + [eos]
     labels = [-100] * len(prompt ids)        + encode(response) + [eos]
 "Unshifted" labels: labels[t] is the target for the logit at t-1. The prompt and response are encoded
-separately, so the answer boundary is exact (a BPE merge can never straddle it). A sequence longer than
+separately, so the answer boundary is exact (a BPE merge can never straddle it). One consequence with
+SentencePiece (LLaMA 1/2): the response's first piece carries the word-start marker ("▁the", not the
+"the" a joint encoding of prompt + response gives), unlike LLM-Adapters, which encodes the joined text;
+train and eval agree on it (generation continues from the prompt ids), and tiktoken is unaffected.
+A sequence longer than
 max_len is DROPPED rather than cut: its end is answer tokens, so any cut would remove some of the answer.
 TokenizedDataset.n_dropped counts them.
 

@@ -186,8 +186,8 @@ def answer_mask(labels, answer_only=True, attention_mask=None):
     """eq. 8: M_{b,t} = [y_{b,t} != -100] → bool [B, T].
 
     answer_only=False (ablation): every real token (attention_mask True; all positions when no
-    attention_mask is given). Padding is excluded either way — with right padding it could not
-    influence real tokens anyway (causal attention), excluding it just keeps the mask honest.
+    attention_mask is given). Padding is excluded whenever an attention_mask is given (train.py gives
+    none: with right padding, padded positions cannot influence real tokens under causal attention).
     Note: eq. 8 marks the answer *tokens*; the boundary position t* (whose logit predicts the first
     answer token) is a prompt position and is not injected.
     """
@@ -416,7 +416,8 @@ def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, norma
         return echo_objective(off_sum, None, None, False) / norm, stats
 
     z = aggregate_sources([hiddens[l] for l in sources], t_star)                       # eq. 2
-    inject = echo(z, labels, attention_mask)                                          # eqs. 3-8
+    with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 3-6)
+        inject = echo(z, labels, attention_mask)                                      # eqs. 3-8
     h_start = h if share_lower_layers else model.embed(tokens)
     h_on = model.run_layers(h_start, split, model.args.n_layers, echo_inject=inject, **kw)
     logits_on = model.head(h_on, logits_index=index)
