@@ -366,7 +366,7 @@ def main(argv=None):
         elapsed = max(now - window["since"], 1e-9)
         record["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
         if flops_peak:
-            record["mfu"] = round(window["flops"] / elapsed / flops_peak, 4)
+            record["mfu"] = round(window["flops"] / elapsed / (flops_peak * world), 4)   # per GPU
         if "cuda" in str(device):
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         metrics.write(json.dumps(record) + "\n")
