@@ -479,6 +479,8 @@ def compile_step(step_module, how):
     if how.startswith("blocks"):
         for block in step_module.model.layers:
             block.compile(mode=mode)
+        if step_module.echo is not None:      # eqs. 3–6: dozens of tiny kernels, one graph
+            step_module.echo.compile(mode=mode)
         return step_module
     if how.startswith("layers"):
         step_module.model.run_layers = torch.compile(step_module.model.run_layers, mode=mode)

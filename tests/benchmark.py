@@ -88,7 +88,7 @@ def check_accumulation():
     import train
     from echo import EchoConfig, EchoModule
     results = {}
-    for how in (False, "blocks", "blocks-cg"):
+    for how in (False, "blocks", "blocks-cg", "layers-cg"):
         torch._dynamo.reset()
         torch.manual_seed(0)
         args = ModelArgs.from_name("llama3-8b", n_layers=4, adapter="lora", lora_dropout=0.0)
@@ -128,7 +128,8 @@ def check_accumulation():
     print(json.dumps({"check": "accumulation", "params": len(results[False]),
                       "compiled_vs_eager": error(results[False], results["blocks"]),
                       "cuda_graphs_vs_compiled": error(results["blocks"], results["blocks-cg"]),
-                      "cuda_graphs_vs_eager": error(results[False], results["blocks-cg"])}))
+                      "cuda_graphs_vs_eager": error(results[False], results["blocks-cg"]),
+                      "layer_range_graphs_vs_compiled": error(results["blocks"], results["layers-cg"])}))
 
 
 if __name__ == "__main__" and "--check-accumulation" in __import__("sys").argv:
