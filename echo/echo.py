@@ -19,7 +19,6 @@ One training step (train.py, or `echo_loss` below, which does all of it):
     L_kd = τ²/|A| Σ_{t∈A} KL(q_on ‖ q_off),  q = softmax(logits/τ), q_on detached   eq. 12
 """
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace

@@ -8,7 +8,7 @@ block to the projections: for each chosen (layer, module) the module output o be
 """
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from echo import (EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources, answer_boundary,
                   answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl, save_echo,
                   supervised_index)
-from model.model import EchoInject, ModelArgs, Transformer
+from model.model import ModelArgs, Transformer
 
 N_LAYERS = 4
 # small but non-trivial: 2 targets (shallow), 2 sources (deep), both default modules
