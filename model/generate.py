@@ -1,4 +1,16 @@
-"""Batched autoregressive decoding with the model's KV cache: greedy and beam search.
+"""Batched autoregressive decoding with the model's KV cache: greedy, sampling and beam search, and a
+command line to try a model (and adapter) on a prompt:
+
+    python -m model.generate --model DIR [--adapter RUN_OR_ADAPTER_DIR] [--chat] "prompt"
+    python -m model.generate --model DIR "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1
+    python -m model.generate --model DIR "Once upon a time" --num-beams 4
+
+Greedy is the default; --temperature > 0 samples (with optional --top-k / --top-p, reproducible by
+--seed); --num-beams > 1 runs beam search. Greedy and sampled text streams to stdout token by token;
+beam search prints when it ends (its best hypothesis is only known then). Generation stops at the
+tokenizer's EOS / end-of-turn tokens (stop_ids). Without --chat the prompt is encoded as plain text
+(with BOS if the tokenizer wants one) and echoed; with --chat it is wrapped in the model's chat format
+(chat_text) and only the reply is printed.
 
 Prompts of different lengths are LEFT-padded into one [B, T] batch, so every row's last prompt token
 sits at column T-1 and all rows step together. The attention mask spans every key written so far
@@ -21,6 +33,11 @@ early_stopping False, no sampling):
 Both searches return the chosen tokens (EOS stripped) and their sequence log-prob
 sum_t log p(y_t | prompt, y_<t) (including the EOS term when EOS ended the sequence).
 """
+import argparse
+import json
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -87,35 +104,98 @@ class _Decoder:
         self.next_pos = self.next_pos[index]
 
 
-@torch.inference_mode()
-def greedy_search(model, prompts, *, max_new_tokens=32, eos_ids=(), device=None):
-    """argmax decoding of a batch of token-id prompts → (list of new-token lists, list of log-probs)."""
+class _AllDone:
+    """"Has every row finished?" without stalling the GPU. On CUDA the flag of step i is copied to the
+    host asynchronously and read at step i+1, after that step's kernels are queued, so the CPU never
+    waits for the GPU to drain (a plain bool(done.all()) per step would); the price is at most one extra
+    step, whose tokens are discarded (finished rows feed a dummy token). On CPU nothing runs ahead, so
+    the current flag is read directly."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.flag, self.event = None, None
+
+    def __call__(self, done):
+        if not self.cuda:
+            return bool(done.all())
+        finished = self.flag is not None and (self.event.synchronize() or bool(self.flag))
+        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.flag.copy_(done.all(), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return finished
+
+
+def _token_by_token(model, prompts, pick, *, max_new_tokens, eos_ids, device, on_token=None):
+    """The loop shared by greedy and sampled decoding: pick(logits [B,V]) -> tokens [B].
+    Returns (new-token lists, EOS stripped; sequence log-probs of the picked tokens under the model).
+    on_token(tokens [B]) is called after every step (streaming); rows that finished earlier get token 0."""
     device = device or _model_device(model)
     ids, mask = _batch(prompts, device)
     B = ids.shape[0]
+    if max_new_tokens <= 0:
+        return [[] for _ in range(B)], [0.0] * B
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    out = torch.zeros(B, 0, dtype=torch.long, device=device)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     score = torch.zeros(B, dtype=torch.float64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-    if max_new_tokens <= 0:
-        return [[] for _ in range(B)], [0.0] * B
     dec = _Decoder(model, ids, mask, max_new_tokens)
+    all_done = _AllDone(device)
     logits = dec.prefill(ids)
     for i in range(max_new_tokens):
         logp = F.log_softmax(logits.double(), dim=-1)
-        tok = logits.argmax(dim=-1)
-        tok = torch.where(done, torch.zeros_like(tok), tok)       # finished rows feed a dummy token
+        tok = torch.where(done, 0, pick(logits))                   # finished rows feed a dummy token
         score += torch.where(done, 0.0, logp.gather(1, tok[:, None])[:, 0])
-        out = torch.cat([out, tok[:, None]], dim=1)
+        out[:, i] = tok
         hit_eos = torch.isin(tok, eos) & ~done
         lengths = torch.where(hit_eos, i, lengths)                # EOS itself is not returned
         done |= hit_eos
-        if bool(done.all()) or i == max_new_tokens - 1:
+        if on_token is not None:
+            on_token(tok)
+        if i == max_new_tokens - 1 or all_done(done):
             break
         logits = dec(tok)
-    seqs = [out[b, :lengths[b]].tolist() for b in range(B)]
-    return seqs, score.tolist()
+    lengths, out = lengths.tolist(), out.tolist()                  # the one transfer of the results
+    return [row[:n] for row, n in zip(out, lengths)], score.tolist()
+
+
+@torch.inference_mode()
+def greedy_search(model, prompts, *, max_new_tokens=32, eos_ids=(), device=None, on_token=None):
+    """argmax decoding of a batch of token-id prompts → (list of new-token lists, list of log-probs)."""
+    return _token_by_token(model, prompts, lambda logits: logits.argmax(dim=-1), max_new_tokens=max_new_tokens,
+                           eos_ids=eos_ids, device=device, on_token=on_token)
+
+
+def sample_next(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row from softmax(logits / temperature), restricted to the top_k most likely tokens
+    (0: all) and then to the smallest set of most likely tokens whose probability reaches top_p (1: all;
+    the most likely token always stays). The same filters as Hugging Face's TopK/TopP warpers."""
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p                # mass before this token already >= p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def sample_search(model, prompts, *, max_new_tokens=32, eos_ids=(), temperature=1.0, top_k=0, top_p=1.0,
+                  seed=0, device=None, on_token=None):
+    """Sampled decoding (see sample_next); the same seed on the same device gives the same tokens."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature} (use greedy_search)")
+    device = device or _model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pick = lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
+                                      generator=generator)
+    return _token_by_token(model, prompts, pick, max_new_tokens=max_new_tokens, eos_ids=eos_ids, device=device,
+                           on_token=on_token)
 
 
 @torch.inference_mode()
@@ -216,13 +296,12 @@ def stop_ids(tokenizer):
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens=32, num_beams=1, batch_size=None,
-             eos_ids=None, device=None, return_scores=False):
+             eos_ids=None, device=None):
     """Decode continuations of `prompts` (strings, encoded with BOS if the tokenizer's add_bos, or
     token-id lists). Special tokens are dropped from the decoded text (EOS never appears).
 
     Prompts are sorted by length and run in batches of `batch_size` (all at once if None) so that
-    little padding is wasted; results come back in the input order. Returns the decoded new text
-    per prompt (EOS stripped), plus the sequence log-probs if return_scores.
+    little padding is wasted; results come back in the input order, as the decoded new text per prompt.
     """
     was_training = model.training
     model.eval()
@@ -231,12 +310,239 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=32, num_beams=1, batch
     eos_ids = stop_ids(tokenizer) if eos_ids is None else list(eos_ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batch_size = batch_size or max(len(ids), 1)
-    texts, scores = [None] * len(ids), [None] * len(ids)
+    texts = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        seqs, lps = generate_ids(model, [ids[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                 num_beams=num_beams, eos_ids=eos_ids, device=device)
-        for i, s, lp in zip(chunk, seqs, lps):
-            texts[i], scores[i] = tokenizer.decode(s, skip_special=True), lp
+        seqs, _ = generate_ids(model, [ids[i] for i in chunk], max_new_tokens=max_new_tokens,
+                               num_beams=num_beams, eos_ids=eos_ids, device=device)
+        for i, s in zip(chunk, seqs):
+            texts[i] = tokenizer.decode(s, skip_special=True)
     model.train(was_training)
-    return (texts, scores) if return_scores else texts
+    return texts
+
+
+# ---------------------------------------------------------------- loading ----------------------------------
+
+def find_adapter_dir(path):
+    """A run folder (holding adapter/) or an adapter folder itself -> the folder with adapter_config.json."""
+    path = Path(path)
+    for d in (path / "adapter", path):
+        if (d / "adapter_config.json").exists():
+            return d
+    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json in {path}/adapter or {path}")
+
+
+def load_for_inference(model_dir, adapter_dir=None, device="cpu", dtype=torch.float32):
+    """model.load.load_model in eval mode, with a damaged file (truncated safetensors, corrupt pickle,
+    unreadable tensors) reported as a one-line ValueError naming the folders instead of a traceback."""
+    import pickle
+    from safetensors import SafetensorError
+    from .load import load_model
+    try:
+        model, tokenizer = load_model(model_dir, adapter_dir=adapter_dir, device=device, dtype=dtype)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError, json.JSONDecodeError) as e:
+        what = f"model {model_dir}" + (f" with adapter {adapter_dir}" if adapter_dir else "")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load {what}: {type(e).__name__}: {first} (a damaged or incomplete file?)") from None
+    if tokenizer is None:
+        raise ValueError(f"model {model_dir!r} has no tokenizer: pass a model directory")
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- chat prompts -----------------------------
+
+def chat_text(model_dir, tokenizer, user, system=None):
+    """The prompt text for one user turn (and an optional system message), ending where the assistant's
+    reply starts. Uses the `chat_template` of model_dir/tokenizer_config.json (Hugging Face's Jinja
+    format, rendered as HF does) when there is one and jinja2 is installed; otherwise the built-in
+    format picked by the tokenizer's special tokens (fallback_chat_text)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    template = json.loads(config_path.read_text()).get("chat_template") if config_path.exists() else None
+    if isinstance(template, list):                    # HF's named templates: [{"name", "template"}]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if isinstance(template, str) and template.strip():
+        try:
+            import jinja2.sandbox
+        except ImportError:
+            print("note: jinja2 is not installed: using the built-in chat format instead of the model's "
+                  "chat_template", file=sys.stderr)
+        else:
+            return _render_jinja(template, messages, tokenizer, config_path)
+    return fallback_chat_text(tokenizer, messages)
+
+
+def _render_jinja(template, messages, tokenizer, where):
+    import jinja2.sandbox
+
+    def raise_exception(message):
+        raise ValueError(f"{where}: chat_template: {message}")
+
+    names = {i: s for s, i in tokenizer.special_tokens.items()}
+    # HF's apply_chat_template environment: sandboxed, trim_blocks + lstrip_blocks, loop controls
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, raise_exception=raise_exception,
+            bos_token=names.get(tokenizer.bos_id, ""), eos_token=names.get(tokenizer.eos_id, ""))
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{where}: chat_template does not render: {e}") from None
+
+
+def fallback_chat_text(tokenizer, messages):
+    """Built-in chat formats, chosen by which special tokens the tokenizer has:
+      Llama 3 (<|start_header_id|>): <|begin_of_text|> then per message
+          <|start_header_id|>ROLE<|end_header_id|>\\n\\nCONTENT<|eot_id|>, then the assistant header;
+      ChatML (<|im_start|>, e.g. SmolLM2, Qwen): per message <|im_start|>ROLE\\nCONTENT<|im_end|>\\n,
+          then <|im_start|>assistant\\n.
+    A model's own default system message (some templates add one) is not reproduced."""
+    special = tokenizer.special_tokens
+    if "<|start_header_id|>" in special and "<|eot_id|>" in special:
+        turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+                        for m in messages)
+        bos = "<|begin_of_text|>" if "<|begin_of_text|>" in special else ""
+        return bos + turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    if "<|im_start|>" in special and "<|im_end|>" in special:
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+            "<|im_start|>assistant\n"
+    raise ValueError("--chat: the model has no chat_template in tokenizer_config.json and its tokenizer has "
+                     "neither ChatML (<|im_start|>) nor Llama 3 (<|start_header_id|>) tokens; drop --chat")
+
+
+# ---------------------------------------------------------------- streaming --------------------------------
+
+class TextStream:
+    """Writes the text of a growing token sequence as it grows. Each step decodes prefix + new tokens
+    as a whole, because a token's text depends on its neighbours (SentencePiece drops a word-start
+    space at the very start; a multi-byte character can span tokens), and writes only the new suffix;
+    a text ending in U+FFFD (an incomplete UTF-8 character) waits for the next token."""
+
+    def __init__(self, tokenizer, prefix_ids, out=None, echo=True):
+        self.tokenizer, self.prefix, self.ids, self.out = tokenizer, list(prefix_ids), [], out or sys.stdout
+        self.shown = tokenizer.decode(self.prefix, skip_special=True)
+        if echo:
+            self._write(self.shown)
+
+    def _write(self, text):
+        self.out.write(text)
+        self.out.flush()
+
+    def push(self, ids):
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.prefix + self.ids, skip_special=True)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return
+        self._write(text[len(self.shown):])
+        self.shown = text
+
+
+# ---------------------------------------------------------------- command line -----------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m model.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Generate text from a model (+ adapter); streams to stdout.\n\n" +
+                                __doc__.split("\n\n")[1])
+    p.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    p.add_argument("--model", required=True, help="model dir: params.json, tokenizer, weights (required)")
+    p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder (default: none, the base model)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format, print the "
+                                                       "reply only (default: off, plain continuation)")
+    p.add_argument("--system", help="with --chat: a system message (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="at most this many new tokens, and no further than the context (default: %(default)s)")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search, printed at the end (default: 1, greedy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0, all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the most likely tokens covering this probability (default: 1, all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu (here: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="compute dtype of the base weights (default: %(default)s)")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+def check_args(args):
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.temperature > 0 and args.num_beams > 1:
+        raise ValueError("--temperature > 0 samples and --num-beams > 1 searches: choose one")
+    if args.temperature == 0 and (args.top_k != 0 or args.top_p != 1.0):
+        raise ValueError("--top-k / --top-p filter sampling: also pass --temperature > 0 (e.g. 1.0)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.system and not args.chat:
+        raise ValueError("--system needs --chat")
+
+
+def prompt_ids(args, tokenizer):
+    """-> (token ids, whether to echo the prompt). Chat prompts carry their own specials (BOS included
+    when the format has one), so they are encoded with allow_special and no extra BOS."""
+    if args.chat:
+        text = chat_text(args.model, tokenizer, args.prompt, args.system)
+        return tokenizer.encode(text, bos=False, allow_special=True), False
+    return tokenizer.encode(args.prompt, bos=tokenizer.add_bos), True
+
+
+def run(args, out=None):
+    out = out or sys.stdout
+    check_args(args)
+    adapter_dir = find_adapter_dir(args.adapter) if args.adapter else None
+    model, tokenizer = load_for_inference(args.model, adapter_dir, args.device, getattr(torch, args.dtype))
+    ids, echo = prompt_ids(args, tokenizer)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    context = model.args.max_seq_len
+    if len(ids) >= context:
+        raise ValueError(f"the prompt is {len(ids)} tokens, the model's context is {context}: shorten it")
+    max_new = min(args.max_new_tokens, context - len(ids))
+    if max_new < args.max_new_tokens:
+        print(f"note: --max-new-tokens {args.max_new_tokens} cut to {max_new} (context {context})", file=sys.stderr)
+    kw = dict(max_new_tokens=max_new, eos_ids=stop_ids(tokenizer), device=args.device)
+    stream = TextStream(tokenizer, ids if echo else [], out, echo=echo)
+    if args.num_beams > 1:
+        seqs, _ = beam_search(model, [ids], num_beams=args.num_beams, **kw)
+        stream.push(seqs[0])
+    else:
+        stop = set(kw["eos_ids"])
+        ended = []
+
+        def on_token(tok):                 # one row; after a stop token the row only feeds dummies
+            t = int(tok[0])
+            if not ended:
+                ended.extend([True] if t in stop else [])
+                if not ended:
+                    stream.push([t])
+        if args.temperature > 0:
+            sample_search(model, [ids], temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, on_token=on_token, **kw)
+        else:
+            greedy_search(model, [ids], on_token=on_token, **kw)
+    out.write("\n")
+    out.flush()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
