@@ -1,0 +1,400 @@
+"""results/reproduce.py: statistics against known values, the JSON/table builder on synthetic eval files,
+skip/resume decisions, --dry-run command lines, one-line failures. No training, no torch, CPU, fast."""
+import importlib.util
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "results" / "reproduce.py")
+rp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rp)
+
+TASKS = rp.TASKS
+SIZES = {"boolq": 40, "piqa": 30, "social_i_qa": 30, "hellaswag": 50, "winogrande": 20, "ARC-Easy": 30,
+         "ARC-Challenge": 20, "openbookqa": 20}
+
+
+# ------------------------------------------------------------------ synthetic run folders
+
+def flags(n, k, seed):
+    """n 0/1 flags with exactly k ones, positions fixed by seed."""
+    idx = random.Random(seed).sample(range(n), k)
+    out = [0] * n
+    for i in idx:
+        out[i] = 1
+    return out
+
+
+def write_eval(path, per_task, *, per_example=True, unextracted=None, limit=None, layout="file"):
+    """per_task: {task: list of 0/1}. layout 'file': the results JSON at path (per-task correct/total/
+    accuracy/unextracted/skipped + optional per_example list, settings); 'folder': today's eval.py, a folder
+    path/ with results.json and predictions_<task>.jsonl."""
+    path = Path(path)
+    tasks = {}
+    for t, f in per_task.items():
+        tasks[t] = {"correct": sum(f), "total": len(f), "accuracy": sum(f) / len(f),
+                    "unextracted": (unextracted or {}).get(t, 0), "skipped": 0}
+        if per_example and layout == "file":
+            tasks[t]["per_example"] = list(f)
+    if layout == "file":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": {"num_beams": 1, "limit": limit}, "tasks": tasks}))
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    for t, f in per_task.items():
+        del tasks[t]["unextracted"]
+        n_unex = (unextracted or {}).get(t, 0)
+        with open(path / f"predictions_{t}.jsonl", "w") as fh:
+            for i, c in enumerate(f):
+                pred = "" if i >= len(f) - n_unex else ("x" if not c else "gold")
+                fh.write(json.dumps({"correct": bool(c), "pred": pred}) + "\n")
+    (path / "results.json").write_text(json.dumps({"limit": limit, "num_beams": 1, "tasks": tasks}))
+
+
+def accs_run(accs, seed, **kw):
+    """accs: {task: correct count} -> per-task flags."""
+    return {t: flags(SIZES[t], accs[t], seed * 100 + i) for i, t in enumerate(TASKS)}
+
+
+def make_finished(runs, name, seed, per_task, summary=None, **kw):
+    rd = rp.run_dir(runs, name, seed)
+    rd.mkdir(parents=True, exist_ok=True)
+    (rd / "summary.json").write_text(json.dumps(summary or {"steps": 10, "train_seconds": 120.0,
+                                                            "tokens_per_s": 1000.0, "peak_gib": 1.5,
+                                                            "device": "cpu"}))
+    write_eval(rp.eval_file(rd, "greedy"), per_task, **kw)
+    return rd
+
+
+def build(tmp_path, runs, **kw):
+    res = rp.collect(runs, list(rp.METHODS), [0, 1, 2], model="m", train_files=["a", "b"],
+                     recipe={"lr": 2e-4, "epochs": 3}, **kw)
+    return res, rp.build_table(res)
+
+
+BASE_ACC = {"boolq": 20, "piqa": 15, "social_i_qa": 12, "hellaswag": 20, "winogrande": 10, "ARC-Easy": 15,
+            "ARC-Challenge": 8, "openbookqa": 10}
+
+
+def shifted(delta_by_seed):
+    return {t: BASE_ACC[t] + delta_by_seed for t in TASKS}
+
+
+# ------------------------------------------------------------------ statistics
+
+def test_mcnemar_exact_known_values():
+    assert rp.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096, abs=1e-12)
+    assert rp.mcnemar_exact(10, 2) == pytest.approx(0.0386, abs=5e-5)
+    assert rp.mcnemar_exact(2, 10) == rp.mcnemar_exact(10, 2)            # two-sided: symmetric
+    assert rp.mcnemar_exact(0, 0) == 1.0 and rp.mcnemar_exact(5, 5) == 1.0 and rp.mcnemar_exact(1, 0) == 1.0
+    assert rp.mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+    for b, c in [(3, 9), (17, 4), (40, 25)]:                                # against the textbook sum
+        n = b + c
+        ref = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+        assert rp.mcnemar_exact(b, c) == pytest.approx(ref, rel=1e-12)
+    # large n: close to the continuity-corrected chi-square (normal) approximation
+    b, c = 5200, 4800
+    z = (abs(b - c) - 1) / math.sqrt(b + c)
+    assert rp.mcnemar_exact(b, c) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.02)
+
+
+def test_binomial_cdf_edges():
+    assert rp.binom_half_cdf(-1, 5) == 0.0 and rp.binom_half_cdf(5, 5) == 1.0
+    assert rp.binom_half_cdf(2, 4) == pytest.approx(11 / 16)
+
+
+def test_two_proportion_z_known_value():
+    z, p = rp.two_proportion_z(60, 100, 50, 100)
+    assert z == pytest.approx(1.4213, abs=1e-4) and p == pytest.approx(0.1552, abs=1e-4)
+
+
+def test_mean_sd():
+    assert rp.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert rp.mean_sd([4.0]) == (4.0, None) and rp.mean_sd([]) == (None, None)
+
+
+def test_paired_bootstrap_deterministic_and_sane():
+    rng = np.random.default_rng(1)
+    diffs = [rng.choice([-1.0, 0.0, 0.0, 1.0, 1.0], size=n) for n in (200, 50, 500)]
+    a, b = rp.paired_bootstrap_ci(diffs), rp.paired_bootstrap_ci(diffs)
+    assert a == b                                                           # fixed seed
+    assert rp.paired_bootstrap_ci(diffs, seed=7) != a
+    point = np.mean([d.mean() for d in diffs])
+    assert a[0] < point < a[1]
+    # same spread as resampling example indices directly
+    idx_stats = [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in diffs]) for _ in range(2000)]
+    lo, hi = np.quantile(idx_stats, [0.025, 0.975])
+    assert abs((a[1] - a[0]) - (hi - lo)) < 0.25 * (hi - lo)
+    assert rp.paired_bootstrap_ci([np.zeros(30)]) == (0.0, 0.0)
+
+
+# ------------------------------------------------------------------ JSON + table
+
+@pytest.fixture
+def partial_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for s in (0, 1, 2):
+        make_finished(runs, "lora", s, accs_run(shifted(s), s))                 # +0, +1, +2 over base
+        make_finished(runs, "echo-lora", s, accs_run(shifted(s + 3), s + 10))   # +3, +4, +5
+    make_finished(runs, "dora", 0, accs_run(shifted(1), 20))
+    write_eval(runs / "base" / "eval-greedy.json", accs_run(BASE_ACC, 99))
+    return runs
+
+
+def test_json_shape_and_partial(tmp_path, partial_runs):
+    res, table = build(tmp_path, partial_runs)
+    assert res["partial"] is True and res["main_runs_done"] == 7
+    assert "PARTIAL (7 of 12 runs)" in table
+    greedy = [r for r in res["runs"] if r["decoding"] == "greedy"]
+    assert len(greedy) == 7
+    r = next(r for r in greedy if r["name"] == "echo-lora" and r["seed"] == 1)
+    assert (r["method"], r["echo"], r["seed"]) == ("lora", True, 1)
+    assert set(r["tasks"]) == set(TASKS)
+    assert r["tasks"]["boolq"]["correct"] == BASE_ACC["boolq"] + 4 and r["tasks"]["boolq"]["total"] == 40
+    assert r["tasks"]["boolq"]["unextracted"] == 0
+    assert r["train_seconds"] == 120.0 and r["peak_gib"] == 1.5 and r["device"] == "cpu"
+    assert res["base"]["tasks"]["piqa"]["correct"] == BASE_ACC["piqa"]
+    path = tmp_path / "out.json"
+    rp.write_json(res, path)
+    assert json.loads(path.read_text())["partial"] is True
+
+
+def test_table_means_sd_and_averages(tmp_path, partial_runs):
+    res, table = build(tmp_path, partial_runs)
+    lora_row = next(l for l in table.splitlines() if l.startswith("| LoRA |"))
+    cells = [c.strip() for c in lora_row.strip("|").split("|")]
+    # boolq: (20, 21, 22)/40 -> 50.0, 52.5, 55.0: mean 52.5, sd 2.5
+    assert cells[1] == "3" and cells[2] == "52.5 ± 2.5"
+    avg5 = [np.mean([100 * (BASE_ACC[t] + s) / SIZES[t] for t in rp.IN_FORMAT]) for s in (0, 1, 2)]
+    avg8 = [np.mean([100 * (BASE_ACC[t] + s) / SIZES[t] for t in TASKS]) for s in (0, 1, 2)]
+    assert cells[7] == f"**{np.mean(avg5):.1f} ± {np.std(avg5, ddof=1):.1f}**"
+    assert cells[-1] == f"**{np.mean(avg8):.1f} ± {np.std(avg8, ddof=1):.1f}**"
+    assert abs(np.mean(avg5) - np.mean(avg8)) > 0.1                      # the two averages differ here
+    assert "(u 0%)" in cells[8]                                          # piqa: transfer task shows u
+    assert "(u" not in cells[2]
+    dora_row = next(l for l in table.splitlines() if l.startswith("| DoRA |"))
+    assert "| 1 of 3 |" in dora_row and "±" not in dora_row             # one seed: no sd
+    assert next(l for l in table.splitlines() if l.startswith("| Echo-DoRA |")).count("—") >= 10
+    assert "| base model (no adapter) | 1 |" in table
+
+
+def test_table_deltas_and_paired_test(tmp_path, partial_runs):
+    res, table = build(tmp_path, partial_runs)
+    row = next(l for l in table.splitlines() if l.startswith("| Echo-LoRA − LoRA |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "3"
+    # every task gets +3 correct per seed: boolq +3/40 = +7.5 points
+    assert cells[2] == "+7.5"
+    d8 = np.mean([100 * 3 / SIZES[t] for t in TASKS])
+    assert cells[-2] == f"**{d8:+.1f}**" and cells[-1] == "+3.0"
+    assert "| Echo-DoRA − DoRA | — |" in table and "+2.7" in table
+    stats = next(l for l in table.splitlines() if l.startswith("| Echo-LoRA − LoRA | 8 tasks |"))
+    cells = [c.strip() for c in stats.strip("|").split("|")]
+    treated = {s: r for s, r in rp.by_name(res, "greedy")["echo-lora"].items()}
+    control = rp.by_name(res, "greedy")["lora"]
+    c = rp.compare(treated, control, TASKS)
+    assert c["paired"] and c["pairs"] == 3 * sum(SIZES.values())
+    assert c["b"] - c["c"] == 3 * 3 * len(TASKS)                          # net +3 per task per seed
+    assert cells[5] == f"{c['b']:,}" and cells[6] == f"{c['c']:,}"
+    assert cells[7] == rp._p(rp.mcnemar_exact(c["b"], c["c"]))
+    lo, hi = c["ci"]
+    assert lo < d8 < hi
+    assert "unpaired" not in table
+
+
+def test_complete_sweep_not_partial(tmp_path):
+    runs = tmp_path / "runs"
+    for name in rp.MAIN_METHODS:
+        for s in rp.MAIN_SEEDS:
+            make_finished(runs, name, s, accs_run(shifted(s), s))
+    res, table = build(tmp_path, runs)
+    assert res["partial"] is False and res["main_runs_done"] == 12
+    assert "PARTIAL" not in table
+
+
+def test_unpaired_fallback_without_per_example(tmp_path):
+    runs = tmp_path / "runs"
+    for name, d in (("lora", 0), ("echo-lora", 5)):
+        make_finished(runs, name, 0, accs_run(shifted(d), 0), per_example=False)
+    res, table = build(tmp_path, runs)
+    assert all(t["per_example"] is None for r in res["runs"] for t in r["tasks"].values())
+    assert "*unpaired*" in table and "paired test needs" in table and "two-proportion z-test" in table
+    c = rp.compare(rp.by_name(res, "greedy")["echo-lora"], rp.by_name(res, "greedy")["lora"], TASKS)
+    n = sum(SIZES.values())
+    ref = rp.two_proportion_z(sum(BASE_ACC.values()) + 40, n, sum(BASE_ACC.values()), n)
+    assert not c["paired"] and c["p"] == pytest.approx(ref[1])
+
+
+def test_todays_eval_folder_layout(tmp_path):
+    """eval.py's --out as a folder (results.json + predictions_<task>.jsonl): per-example correctness and
+    unextracted counts come from the predictions."""
+    per = accs_run(BASE_ACC, 3)
+    out = tmp_path / "run" / "eval-greedy.json"
+    write_eval(out, per, layout="folder", unextracted={"piqa": 4})
+    ev = rp.load_eval(out)
+    assert ev["tasks"]["piqa"]["unextracted"] == 4
+    assert ev["tasks"]["boolq"]["per_example"] == "".join(map(str, per["boolq"]))
+    assert ev["tasks"]["boolq"]["correct"] == BASE_ACC["boolq"]
+
+
+def test_layer_probs_merge(tmp_path):
+    runs = tmp_path / "runs"
+    for n, scale in (("lora", 1.0), ("echo-lora", 2.0)):
+        d = rp.run_dir(runs, n, 0) / "layer-probs"
+        d.mkdir(parents=True)
+        (d / "layer_probs.csv").write_text("layer,boolq,mean\n" + "".join(
+            f"{l},{0.01 * l * scale:.6f},{0.02 * l * scale:.6f}\n" for l in range(4)))
+    args = rp.parse_args(["--model", "m", "--runs-dir", str(runs), "--layer-probs", "5",
+                          "--layer-png", str(tmp_path / "lp.png"), "--layer-csv", str(tmp_path / "lp.csv")])
+    info = rp.layer_probs_outputs(args, ["lora", "echo-lora"])
+    assert info["runs"] == ["lora", "echo-lora"] and info["n"] == 5
+    if info["file"].endswith(".csv"):
+        lines = (tmp_path / "lp.csv").read_text().splitlines()
+        assert lines[0].startswith("layer,lora_mean,echo-lora_mean")
+        assert lines[3].split(",")[:3] == ["2", "0.040000", "0.080000"]
+    else:
+        assert (tmp_path / "lp.png").stat().st_size > 0
+    res = rp.collect(runs, ["lora"], [0], model="m", train_files=[], recipe={}, layer_probs=info)
+    assert "LoRA vs Echo-LoRA" in rp.build_table(res)
+
+
+# ------------------------------------------------------------------ decisions and commands
+
+def test_train_decision(tmp_path):
+    rd = tmp_path / "run"
+    assert rp.train_decision(rd) == "fresh"
+    (rd / "checkpoint").mkdir(parents=True)
+    assert rp.train_decision(rd) == "resume"
+    (rd / "summary.json").write_text("{}")
+    assert rp.train_decision(rd) == "skip"
+
+
+def dry_run(tmp_path, *extra):
+    cmd = [sys.executable, str(ROOT / "results" / "reproduce.py"), "--model", "M", "--data-dir", "D",
+           "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"),
+           "--table", str(tmp_path / "t.md"), "--dry-run", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_dry_run_command_lines(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "lora-s0").mkdir(parents=True)
+    (runs / "lora-s0" / "summary.json").write_text("{}")                 # finished: skip
+    (runs / "dora-s1" / "checkpoint").mkdir(parents=True)                # interrupted: resume
+    lines = dry_run(tmp_path)
+    train = [l for l in lines if l.startswith("would run: [train")]
+    assert len(train) == 11                                              # 12 minus the finished one
+    assert any("lora-s0" in l and "skipped" in l for l in lines)
+    el = next(l for l in train if "[train echo-lora-s2]" in l)
+    data = " ".join(f"D/{t}/train.json" for t in rp.TRAIN_TASKS)
+    assert f"train.py --model M --data {data} --method lora --echo --seed 2 --lr 0.0002 --epochs 3 " in el
+    assert f"--out {runs / 'echo-lora-s2'}" in el and "--resume" not in el
+    assert ("--val-split 0.02" in el) == rp._supports("train.py", "--val-split")
+    d1 = next(l for l in train if "[train dora-s1" in l)
+    assert "--method dora" in d1 and "--echo" not in d1 and d1.endswith("--resume")
+    evals = [l for l in lines if l.startswith("would run: [eval")]
+    base = next(l for l in evals if "[eval base greedy]" in l)
+    assert "--adapter" not in base and base.endswith(f"--out {runs / 'base' / 'eval-greedy.json'}")
+    g = next(l for l in evals if "[eval echo-dora-s1 greedy]" in l)
+    assert (f"eval.py --model M --adapter {runs / 'echo-dora-s1'} --data-dir D --tasks "
+            + " ".join(rp.TASKS) + " --greedy") in g and "--limit" not in g
+    assert g.endswith(f"--out {runs / 'echo-dora-s1' / 'eval-greedy.json'}")
+    beams = [l for l in evals if "beam4]" in l]
+    assert len(beams) == 4 and all("-s0 beam4" in l for l in beams)
+    assert all("--num-beams 4 --max-new-tokens 32 --limit 500" in l for l in beams)
+    assert len(evals) == 1 + 12 + 4
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "t.md").exists()
+
+
+def test_dry_run_ablation_smoke_and_layer_probs(tmp_path):
+    lines = dry_run(tmp_path, "--methods", "echo-lora-norouting", "--seeds", "0", "--limit", "8",
+                    "--beam-limit", "all", "--layer-probs", "20", "--lr", "1e-3")
+    t = next(l for l in lines if l.startswith("would run: [train"))
+    assert "--echo --seed 0 --lr 0.001" in t and "--max-steps 8" in t
+    assert "--echo-p-start 1 --echo-p-end 1" in t and "echo-lora-norouting-s0" in t
+    assert "--greedy --limit 8" in next(l for l in lines if "greedy]" in l and "norouting" in l)
+    assert "--max-new-tokens 32 --limit 8" in next(l for l in lines if "beam4]" in l)
+    lp = [l for l in lines if "[layer-probs" in l]
+    assert len(lp) == 2 and all("--layer-probs 20 --limit 0" in l for l in lp)
+
+
+def test_beam_limit_zero_skips_beam(tmp_path):
+    assert not [l for l in dry_run(tmp_path, "--beam-limit", "0", "--seeds", "0") if "beam4" in l]
+
+
+# ------------------------------------------------------------------ orchestration with fake subprocesses
+
+def fake_call(log):
+    """Stands in for subprocess.call: train writes summary.json + adapter/, eval writes its results."""
+    def call(cmd, stdout=None, stderr=None):
+        log.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if cmd[1].endswith("train.py"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "adapter").mkdir(exist_ok=True)
+            (out / "summary.json").write_text(json.dumps({"train_seconds": 3.0, "device": "fake"}))
+        else:
+            lim = int(cmd[cmd.index("--limit") + 1]) if "--limit" in cmd else None
+            write_eval(out, accs_run(BASE_ACC, len(log)), limit=lim)
+        stdout.write("fake output\n")
+        return 0
+    return call
+
+
+def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rp.subprocess, "call", fake_call(calls))
+    argv = ["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--methods", "lora",
+            "echo-lora", "--seeds", "0", "1"]
+    for t in rp.TRAIN_TASKS:
+        (tmp_path / "data" / t).mkdir(parents=True)
+        (tmp_path / "data" / t / "train.json").write_text("[]")
+    rp.main(argv)
+    assert sum(c[1].endswith("train.py") for c in calls) == 4
+    assert sum(c[1].endswith("eval.py") for c in calls) == 1 + 4 + 2        # base, greedy, beam4 for seed 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["partial"] and res["main_runs_done"] == 4 and res["recipe"]["lr"] == 2e-4
+    assert "PARTIAL (4 of 12 runs)" in (tmp_path / "t.md").read_text()
+    assert res["runs"][0]["train_seconds"] == 3.0 and res["runs"][0]["tokens_per_s"] is None
+    assert (tmp_path / "runs" / "lora-s0" / "train.log").read_text().count("fake output") == 1
+    calls.clear()
+    rp.main(argv)                                                           # everything exists now
+    assert calls == []
+    rp.main(argv + ["--only-table"])
+    assert calls == []
+
+
+def test_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    def failing(cmd, stdout=None, stderr=None):
+        stdout.write("Traceback ... boom\n")
+        return 3
+    monkeypatch.setattr(rp.subprocess, "call", failing)
+    for t in rp.TRAIN_TASKS:
+        (tmp_path / "data" / t).mkdir(parents=True)
+        (tmp_path / "data" / t / "train.json").write_text("[]")
+    write_eval(tmp_path / "runs" / "base" / "eval-greedy.json", accs_run(BASE_ACC, 0))
+    with pytest.raises(SystemExit) as e:
+        rp.main(["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+                 "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--seeds", "0"])
+    log = tmp_path / "runs" / "lora-s0" / "train.log"
+    assert str(e.value) == f"error: train lora-s0 failed (exit 3); see {log}"
+    assert "boom" in log.read_text()
+
+
+def test_eval_made_with_another_limit_is_refused(tmp_path):
+    write_eval(tmp_path / "runs" / "base" / "eval-greedy.json", accs_run(BASE_ACC, 0), limit=8)
+    with pytest.raises(SystemExit) as e:
+        rp.main(["--model", "M", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
+                 "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--dry-run"])
+    assert "made with --limit 8" in str(e.value) and "\n" not in str(e.value)
