@@ -259,9 +259,23 @@ def recipe_of(run):
 
 # ================================================================ the JSON ==============================
 
+def discover(runs_dir):
+    """(name, seed) of every run folder RUNS/<name>-s<seed> with a known method name."""
+    found = set()
+    for d in Path(runs_dir).glob("*-s*") if Path(runs_dir).is_dir() else []:
+        name, _, seed = d.name.rpartition("-s")
+        if d.is_dir() and name in METHODS and seed.isdigit():
+            found.add((name, int(seed)))
+    return found
+
+
 def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, beam_limit=None,
             layer_probs=None):
-    """Everything the table needs, from the run folders. Only evaluations that exist are listed."""
+    """Everything the table needs, from the run folders: the requested {names} x {seeds} and any other
+    run folder present. Only evaluations that exist are listed."""
+    found = discover(runs_dir)
+    names = [n for n in METHODS if n in names or any(f[0] == n for f in found)]
+    seeds = sorted(set(seeds) | {f[1] for f in found})
     runs = []
     for name in names:
         method, echo, _, _ = METHODS[name]
@@ -423,16 +437,33 @@ def build_table(results):
                  f"not a result.")
         L.append("")
     rows = f" ({rec['train_rows']:,} rows)" if isinstance(rec.get("train_rows"), int) else ""
-    steps = f"{rec.get('max_steps')} steps" if rec.get("max_steps") else f"{_num(rec.get('epochs'))} epochs"
-    L.append(f"Fine-tuned on the 5 train sets available here — {', '.join(TRAIN_TASKS)}{rows} — "
-             f"r = {_num(rec.get('rank'))}, α = {_num(rec.get('alpha'))} on {'/'.join(map(str, rec.get('modules') or ['?']))}, "
-             f"lr {_num(rec.get('lr'))}, {steps}, global batch {_num(rec.get('global_batch'))}, max length "
-             f"{_num(rec.get('max_len'))}, validation hold-out {_num(rec.get('val_split'))}. "
+    parts = []
+    if rec.get("rank") is not None:
+        parts.append(f"r = {_num(rec['rank'])}" + (f", α = {_num(rec['alpha'])}" if rec.get("alpha") is not None
+                                                   else "")
+                     + (f" on {'/'.join(map(str, rec['modules']))}" if rec.get("modules") else ""))
+    if rec.get("lr") is not None:
+        parts.append(f"lr {_num(rec['lr'])}")
+    if rec.get("max_steps"):
+        parts.append(f"{rec['max_steps']} steps")
+    elif rec.get("epochs") is not None:
+        parts.append(f"{_num(rec['epochs'])} epochs")
+    for key, label in (("global_batch", "global batch"), ("max_len", "max length"),
+                       ("val_split", "validation hold-out")):
+        if rec.get(key) is not None:
+            parts.append(f"{label} {_num(rec[key])}")
+    L.append(f"Fine-tuned on the 5 train sets available here — {', '.join(TRAIN_TASKS)}{rows}"
+             + (f" — {', '.join(parts)}" if parts else "") + ". "
              f"Greedy decoding on the full test sets; accuracy (%) as mean ± sample sd over seeds "
              f"(the seeds column counts them; no ± with one seed). "
              f"**In-format** tasks ({', '.join(DISPLAY[t] for t in IN_FORMAT)}) have their train set in the "
              f"mix; the **format-transfer** tasks ({', '.join(DISPLAY[t] for t in TRANSFER)}) have none, so "
              f"their cells also give the share of answers the published regex could not extract (u).")
+    skipped = sum(t.get("skipped") or 0 for r in results["runs"] + ([results["base"]] if results.get("base") else [])
+                  for t in r["tasks"].values())
+    if skipped:
+        L.append(f"Note: eval.py skipped {skipped:,} test examples in total (see each run's `skipped` counts in "
+                 f"the JSON); accuracy is correct / total as eval.py reports them.")
     if rec.get("differs_between_runs"):
         L.append(f"Note: the runs' config.json differ in {', '.join(rec['differs_between_runs'])}.")
     L.append("")
@@ -520,16 +551,26 @@ def build_table(results):
                      "it, so they fall back to an UNPAIRED two-proportion z-test on the pooled counts "
                      "(conservative for paired data); no CI.")
         L.append("")
-        L.append("| comparison | tasks | seeds | Δ (points) | pairs | b | c | p | 95% CI of Δ |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for label, block, k, delta, s in stats_rows:
-            if s["paired"]:
-                L.append(f"| {label} | {block} | {k} | {_signed(delta, 2)} | {s['pairs']:,} | {s['b']:,} | "
-                         f"{s['c']:,} | {_p(s['p'])} | [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}] |")
-            else:
-                L.append(f"| {label} | {block} | {k} | {_signed(delta, 2)} | *unpaired* | — | — | "
-                         f"{_p(s['p'])} (z = {s['z']:.2f}) | — |")
-        L.append("")
+        blocks = {b for b, _ in BLOCKS}
+        for part in ("blocks", "tasks"):
+            if part == "tasks":
+                L.append("<details><summary>per task</summary>")
+                L.append("")
+            L.append("| comparison | tasks | seeds | Δ (points) | pairs | b | c | p | 95% CI of Δ |")
+            L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+            for label, block, k, delta, s in stats_rows:
+                if (block in blocks) != (part == "blocks"):
+                    continue
+                if s["paired"]:
+                    L.append(f"| {label} | {block} | {k} | {_signed(delta, 2)} | {s['pairs']:,} | {s['b']:,} | "
+                             f"{s['c']:,} | {_p(s['p'])} | [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}] |")
+                else:
+                    L.append(f"| {label} | {block} | {k} | {_signed(delta, 2)} | *unpaired* | — | — | "
+                             f"{_p(s['p'])} (z = {s['z']:.2f}) | — |")
+            L.append("")
+            if part == "tasks":
+                L.append("</details>")
+                L.append("")
 
     # ---- the published protocol, seed 0
     if beam:
@@ -621,7 +662,9 @@ def recipe_flags(args):
         if _supports("train.py", "--val-split"):
             pairs.append(("--val-split", args.val_split))
         else:
-            print("warning: train.py has no --val-split: training without a validation hold-out", file=sys.stderr)
+            if not args.only_table:
+                print("warning: train.py has no --val-split: training without a validation hold-out",
+                      file=sys.stderr)
             args.val_split = None
     argv, recipe = [], {}
     for flag, v in pairs:
@@ -823,7 +866,7 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=float, default=32.0)
     g.add_argument("--global-batch", type=int, default=16)
-    g.add_argument("--micro-batch", type=int, default=None)
+    g.add_argument("--micro-batch", type=int, default=16)
     g.add_argument("--max-len", type=int, default=256)
     g.add_argument("--warmup-steps", type=int, default=None)
     g.add_argument("--max-steps", type=int, default=None)
