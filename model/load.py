@@ -5,8 +5,78 @@ from pathlib import Path
 
 import torch
 
-from .lora import load_adapter, read_adapter_config
-from .model import ModelArgs, PRESETS, Transformer
+from .lora import ADAPTER_KEYS, load_adapter, read_adapter_config
+from .model import PARAMS_FIELDS, PRESETS, ModelArgs, Transformer
+
+DAMAGED = "the file is damaged or truncated: re-download it, or re-convert it with convert_weights.py"
+
+
+def read_json(path):
+    """A JSON file; a parse error names the file and the position (one line, no traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: invalid JSON (not UTF-8 text)") from None
+
+
+def read_safetensors(path, what="checkpoint"):
+    """All tensors of a .safetensors file. safetensors reads lazily, so a truncated file can fail on
+    open or on the first tensor past the end; both become one line naming the file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError / OSError: the header or the data region is cut short
+        raise ValueError(f"{path}: cannot read this {what} ({_first_line(e)}); {DAMAGED}") from None
+
+
+def read_pth(path):
+    """A torch.save'd state dict, memory-mapped when possible (pre-zipfile pickles cannot be)."""
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):   # only the old pickle format is retried without mmap
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, EOF: torch's multi-line errors, shortened
+        raise ValueError(f"{path}: cannot read this checkpoint ({_first_line(e)}); {DAMAGED}") from None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def args_from_params(params, **overrides):
+    """ModelArgs for a params.json dict (keys ModelArgs does not know are ignored). A vocab_size <= 0
+    (LLaMA 1/2 write -1) becomes 1: callers that only need other sizes (the FFN width) can ask anyway."""
+    known = {k: v for k, v in params.items() if k in PARAMS_FIELDS}
+    if (known.get("vocab_size") or -1) <= 0:
+        known["vocab_size"] = 1
+    if not known.get("n_kv_heads"):   # Meta's params.json may write null
+        known.pop("n_kv_heads", None)
+    return ModelArgs(**{**known, **overrides})
+
+
+def expected_shapes(args):
+    """{Meta key: shape} of the base weights (adapters excluded) of a model built from args, read off
+    the model itself on the meta device (no memory), so the shapes can never disagree with model.py."""
+    with torch.device("meta"):
+        net = Transformer(ModelArgs(**{k: getattr(args, k) for k in PARAMS_FIELDS}))
+    return {k: tuple(p.shape) for k, p in net.named_parameters() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
+
+
+def expected_adapter_shapes(args):
+    """{key: shape} of the adapter tensors (lora_a, lora_b, magnitude) of args' adapter config."""
+    with torch.device("meta"):
+        net = Transformer(args)
+    return {k: tuple(p.shape) for k, p in net.named_parameters() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
 
 
 @contextlib.contextmanager
@@ -29,11 +99,10 @@ def adapter_overrides(adapter_dir):
 def read_state_dict(model_dir):
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").exists():
-        from safetensors.torch import load_file
-        return load_file(str(model_dir / "model.safetensors"))
+        return read_safetensors(model_dir / "model.safetensors")
     shards = sorted(model_dir.glob("consolidated.*.pth"))
     if len(shards) == 1:
-        return torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+        return read_pth(shards[0])
     if len(shards) > 1:
         raise ValueError(f"{model_dir} holds {len(shards)} model-parallel shards: "
                          f"merge them first with `python convert_weights.py {model_dir} OUT`")
@@ -60,7 +129,7 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
         params_path = model_dir / "params.json"
         if not params_path.exists():
             raise FileNotFoundError(f"{model_dir}: no params.json (convert the checkpoint with convert_weights.py)")
-        if json.loads(params_path.read_text()).get("vocab_size", -1) <= 0:   # LLaMA 2 ships vocab_size -1
+        if (read_json(params_path).get("vocab_size") or -1) <= 0:   # LLaMA 2 ships vocab_size -1
             overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
         args = ModelArgs.from_params_json(params_path, **overrides)
         state_dict = read_state_dict(model_dir)
@@ -87,6 +156,6 @@ def load_dir_tokenizer(model_dir):
     from .tokenizer import ByteTokenizer, load_tokenizer
     config = Path(model_dir) / "tokenizer_config.json"
     if not (Path(model_dir) / "tokenizer.model").exists() and config.exists() \
-            and json.loads(config.read_text()).get("type") == "byte":
+            and read_json(config).get("type") == "byte":
         return ByteTokenizer()
     return load_tokenizer(model_dir)

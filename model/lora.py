@@ -103,9 +103,8 @@ class LoRALinear(nn.Module):
         if self.rank == 0 or self.merged:
             return
         self._unmerged_weight = self.weight.detach().clone()
-        merged = self.weight.float() + self.delta_weight()
-        if self.dora:
-            merged = self.magnitude.float()[:, None] * merged / merged.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        merged = merged_weight(self.weight, self.lora_a, self.lora_b, self.scale,
+                               self.magnitude if self.dora else None)
         self.weight.copy_(merged.to(self.weight.dtype))
         self.merged = True
 
@@ -115,6 +114,17 @@ class LoRALinear(nn.Module):
             self.weight.copy_(self._unmerged_weight)
             del self._unmerged_weight
             self.merged = False
+
+
+def merged_weight(weight, lora_a, lora_b, scale, magnitude=None):
+    """The dense weight an adapter stands for, in fp32 (callers choose the dtype to store):
+        LoRA (eq. 1):  W' = W + s·B A
+        DoRA:          W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_row   (exact fp32 norm, no expansion)
+    Used by LoRALinear.merge and by convert_weights.py's merged exports, so both fold identically."""
+    merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    if magnitude is not None:
+        merged = magnitude.float()[:, None] * merged / merged.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return merged
 
 
 def lora_linears(model):
@@ -160,30 +170,58 @@ def save_adapter(model, out_dir):
 
 
 def read_adapter_config(adapter_dir):
+    from .load import read_json   # load.py imports this module, so import at call time
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
-def load_adapter(model, adapter_dir):
-    """Load adapter tensors into a model built with the matching adapter config."""
-    from safetensors.torch import load_file
-    path = Path(adapter_dir) / "adapter.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"no adapter.safetensors in {adapter_dir}")
-    tensors = load_file(str(path))
-    expected = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+def read_adapter_tensors(path):
+    """{name: tensor} of an adapter.safetensors; a damaged file or a NaN/inf tensor is a one-line error.
+    A non-finite adapter (a diverged run) would silently turn every logit into NaN, so it is refused."""
+    from .load import read_safetensors
+    return check_finite(read_safetensors(path, what="adapter"), path)
+
+
+def check_finite(tensors, origin):
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{origin}: adapter tensor {k} has NaN/inf values (the run diverged?); "
+                             f"use an earlier checkpoint or retrain")
+    return tensors
+
+
+def check_adapter_tensors(tensors, expected, origin):
+    """tensors must hold exactly the keys of `expected` ({name: shape}) with those shapes."""
     for k in tensors:
         if k not in expected:
-            raise ValueError(f"{path}: unexpected adapter key {k} (adapter built for another config?)")
-    for k, v in expected.items():
+            raise ValueError(f"{origin}: unexpected adapter key {k} (adapter built for another config?)")
+    for k, shape in expected.items():
         if k not in tensors:
-            raise ValueError(f"{path}: missing adapter key {k}")
-        if tensors[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {list(tensors[k].shape)}, model expects {list(v.shape)}")
+            raise ValueError(f"{origin}: missing adapter key {k} (adapter_config.json and the tensors disagree)")
+        if tuple(tensors[k].shape) != tuple(shape):
+            raise ValueError(f"{origin}: {k} has shape {tuple(tensors[k].shape)}, this model needs {tuple(shape)}")
+
+
+def adapter_shapes(model):
+    """{name: shape} of the adapter tensors a model built with an adapter config holds."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+
+
+def load_adapter_tensors(model, tensors, origin="adapter"):
+    """Load checked adapter tensors into a model built with the matching adapter config."""
+    check_adapter_tensors(tensors, adapter_shapes(model), origin)
     model.load_state_dict(tensors, strict=False)
     for _, m in lora_linears(model):
         if m.dora:
             m.cache_base_norm()
     return model
+
+
+def load_adapter(model, adapter_dir):
+    """Load adapter_dir/adapter.safetensors into a model built with the matching adapter config."""
+    path = Path(adapter_dir) / "adapter.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no adapter.safetensors in {adapter_dir}")
+    return load_adapter_tensors(model, read_adapter_tensors(path), path)

@@ -193,6 +193,7 @@ class TiktokenTokenizer(Tokenizer):
         except Exception as e:
             raise ValueError(f"{path}: cannot build tiktoken encoding: {e}") from None
         self.special_tokens = special
+        self.ranks, self.pattern = ranks, pattern   # kept for exporting an HF tokenizer.json
         self.vocab_size = max(max(ranks.values()), max(special.values(), default=-1)) + 1
         self.bos_id, self.eos_id, self.pad_id = bos, eos, pad
         self.add_bos = True
@@ -284,10 +285,8 @@ def load_tokenizer(path_or_dir) -> Tokenizer:
     config = {}
     cfg_path = path.parent / "tokenizer_config.json"
     if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        from .load import read_json   # imported here: load.py imports this module
+        config = read_json(cfg_path)
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_path}: expected a JSON object")
     if _is_rank_file(path):

@@ -22,10 +22,9 @@ from model.load import adapter_overrides, read_state_dict
 from model.lora import ADAPTER_KEYS, merge_adapters, save_adapter, load_adapter
 from model.model import ModelArgs, Transformer
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from conftest import ROOT, SHARED, needs_shared
+
 FIX = ROOT / "tests" / "fixtures"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared not present")
 STORIES = SHARED / "models" / "stories260K"
 STORIES_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One "
                 "day, she saw a big, red ball. She wanted to play with it, but it was too high.")
@@ -195,7 +194,7 @@ def test_hf_fixture_imports_to_transformers_logits(tmp_path):
     """peft_tiny_hf was saved by transformers (LLaMA 3.1 RoPE scaling, GQA): converted, our model gives
     transformers' logits, near position 0 and at far positions where the scaling matters."""
     exp = load_file(FIX / "peft_expected.safetensors")
-    assert run_cli(FIX / "peft_tiny_hf", tmp_path / "ours", "--dtype", "fp32") is None
+    assert run_cli(FIX / "peft_tiny_hf", tmp_path / "ours", "--dtype", "fp32", "--no-tokenizer") is None
     params = json.loads((tmp_path / "ours" / "params.json").read_text())
     assert params["use_scaled_rope"] is True and params["n_kv_heads"] == 2 and params["rope_theta"] == 500000.0
     m = build(tmp_path / "ours")
@@ -251,20 +250,20 @@ def test_round_trip_meta_hf_meta_exact(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(m.args.to_params_json()))
     src = tmp_path
     for dtype in ("fp32", "bf16"):
-        assert run_cli(src, tmp_path / f"ours_{dtype}", "--dtype", dtype) is None
+        assert run_cli(src, tmp_path / f"ours_{dtype}", "--dtype", dtype, "--no-tokenizer") is None
         assert run_cli("--export", "hf", "--model", tmp_path / f"ours_{dtype}", "--dtype", dtype,
                        tmp_path / f"hf_{dtype}") is None
-        assert run_cli(tmp_path / f"hf_{dtype}", tmp_path / f"back_{dtype}", "--dtype", dtype) is None
+        assert run_cli(tmp_path / f"hf_{dtype}", tmp_path / f"back_{dtype}", "--dtype", dtype, "--no-tokenizer") is None
         back = load_file(tmp_path / f"back_{dtype}" / "model.safetensors")
         assert_same(back, {k: v.to(cw.DTYPES[dtype]) for k, v in sd.items()})
 
 
 def test_round_trip_hf_meta_hf_exact(tmp_path):
     src = FIX / "peft_tiny_hf"
-    assert run_cli(src, tmp_path / "ours", "--dtype", "fp32") is None
+    assert run_cli(src, tmp_path / "ours", "--dtype", "fp32", "--no-tokenizer") is None
     assert run_cli("--export", "meta", "--model", tmp_path / "ours", "--dtype", "fp32", tmp_path / "meta") is None
     assert (tmp_path / "meta" / "consolidated.00.pth").exists()
-    assert run_cli(tmp_path / "meta", tmp_path / "ours2", "--dtype", "fp32") is None
+    assert run_cli(tmp_path / "meta", tmp_path / "ours2", "--dtype", "fp32", "--no-tokenizer") is None
     assert run_cli("--export", "hf", "--model", tmp_path / "ours2", "--dtype", "fp32", tmp_path / "hf") is None
     assert_same(load_file(tmp_path / "hf" / "model.safetensors"), load_file(src / "model.safetensors"))
     a = json.loads((src / "config.json").read_text())
@@ -319,8 +318,8 @@ def test_two_shards_merge_to_the_one_shard_model(tmp_path, style, embedding_dim)
     write_shards(tmp_path / "two", split_like_meta(sd, 2, embedding_dim), params)
     shard0 = torch.load(tmp_path / "two" / "consolidated.00.pth")
     assert shard0["tok_embeddings.weight"].shape[embedding_dim] * 2 == sd["tok_embeddings.weight"].shape[embedding_dim]
-    assert run_cli(tmp_path / "one", tmp_path / "out1", "--dtype", "fp32") is None
-    assert run_cli(tmp_path / "two", tmp_path / "out2", "--dtype", "fp32") is None
+    assert run_cli(tmp_path / "one", tmp_path / "out1", "--dtype", "fp32", "--no-tokenizer") is None
+    assert run_cli(tmp_path / "two", tmp_path / "out2", "--dtype", "fp32", "--no-tokenizer") is None
     a, b = load_file(tmp_path / "out1" / "model.safetensors"), load_file(tmp_path / "out2" / "model.safetensors")
     assert_same(a, b)
     assert_same(a, sd)
@@ -335,7 +334,7 @@ def test_two_shards_merge_to_the_one_shard_model(tmp_path, style, embedding_dim)
 def test_peft_fixture_imports_to_peft_logits(tmp_path):
     """Adapters saved by peft, imported (peft -> ours): our model gives peft's logits, unmerged and merged."""
     exp = load_file(FIX / "peft_expected.safetensors")
-    assert run_cli(FIX / "peft_tiny_hf", tmp_path / "ours", "--dtype", "fp32") is None
+    assert run_cli(FIX / "peft_tiny_hf", tmp_path / "ours", "--dtype", "fp32", "--no-tokenizer") is None
     for name in ("lora", "dora"):
         assert run_cli(FIX / f"peft_tiny_{name}", tmp_path / name, "--model", tmp_path / "ours") is None
         cfg = json.loads((tmp_path / name / "adapter_config.json").read_text())
@@ -352,7 +351,7 @@ def test_peft_export_follows_peft_layout(tmp_path):
     """ours -> PEFT reproduces peft's own files: same keys, shapes, tensors (q/k rows back in HF order),
     and the config fields peft reads."""
     layout = json.loads((FIX / "peft_layout.json").read_text())
-    assert run_cli(FIX / "peft_tiny_hf", tmp_path / "ours", "--dtype", "fp32") is None
+    assert run_cli(FIX / "peft_tiny_hf", tmp_path / "ours", "--dtype", "fp32", "--no-tokenizer") is None
     for name in ("lora", "dora"):
         assert run_cli(FIX / f"peft_tiny_{name}", tmp_path / name, "--model", tmp_path / "ours") is None
         assert run_cli("--export", "peft", "--model", tmp_path / "ours", "--adapter", tmp_path / name,

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED, needs_shared
 from model.tokenizer import ByteTokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared not present")
 LLAMA2 = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
 LLAMA3 = SHARED / "tokenizers" / "llama3" / "tokenizer.model"
 SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
