@@ -4,26 +4,44 @@ model.load.load_model from the base weights and adapter/ alone.
 
     python eval.py                                    # the built-in default run (python train.py first)
     python eval.py --model DIR --adapter RUN_DIR --tasks boolq piqa --data-dir ../shared/data/commonsense
-    python eval.py ... --greedy --limit 100           # fast check
+    python eval.py ... --greedy --limit 100           # fast check (the default is 4-beam search)
     python eval.py ... --search-boundary 100          # pick K for boundary-layer LoRA dropping
     python eval.py ... --layer-probs 100              # per-layer probability of the gold answer (CSV/PNG)
 
-Protocol (LLM-Adapters / DoRA commonsense_evaluate.py): prompt = data.build_prompt(example, template,
-for_eval=True); beam search, 4 beams, max_new_tokens 32; the response is the generated text after the
-prompt's "### Response:" (cut at a further "### Response:", as their `split("### Response:")[1]` does),
-stripped; the prediction is the FIRST match of the task's regex in it (case-sensitive re.findall(...)[0],
-"" if none); accuracy = mean(prediction == answer). GSM8K (LLM-Adapters evaluate.py): commas removed,
-the LAST number matching -?\\d+\\.?\\d* is the prediction (inf if none), correct iff |pred - gold| <= 1e-3,
-gold = the number after "####".
+Protocol (LLM-Adapters / DoRA commonsense_evaluate.py), the default: prompt = data.build_prompt(example,
+template, for_eval=True); beam search, 4 beams, max_new_tokens 32 (--greedy: 1 beam, the fast mode); the
+response is the generated text after the prompt's "### Response:" (cut at a further "### Response:", as
+their `split("### Response:")[1]` does), stripped; the prediction is the FIRST match of the task's regex
+in it (case-sensitive re.findall(...)[0], "" if none: counted as "unextracted"); accuracy =
+mean(prediction == answer). GSM8K (LLM-Adapters evaluate.py): commas removed, the LAST number matching
+-?\\d+\\.?\\d* is the prediction (inf if none), correct iff |pred - gold| <= 1e-3, gold = the number
+after "####".
+
+Too-long prompts: a row whose prompt tokens + max_new_tokens exceed the model's context (max_seq_len) is
+not generated; it is SKIPPED and COUNTED WRONG, so `total` is always the whole test set and accuracies
+stay comparable with the published ones. Each task's result carries `skipped`; the table shows them.
+
+Results: RUN/eval/results-<settings>.json (runs/eval-base/ without an adapter), named after the tasks,
+decoding and the options that change the numbers (e.g. results-commonsense-beam4.json,
+results-boolq+piqa-greedy-limit100.json), so runs with other settings never overwrite each other;
+--out FILE.json puts it elsewhere. Beside it: <stem>-predictions/<task>.jsonl (every prompt, response,
+prediction), <stem>-boundary.json, <stem>-layer_probs.csv/.png. Progress goes to stderr.
 
 Boundary-layer LoRA dropping (Chen et al., "Not All LoRA Parameters Are Essential"): with --lora-layers K
 only layers < K keep their adapters; layers >= K run as the base model (LoRALinear.enabled = False).
 --search-boundary N evaluates every K in 0..n_layers on N validation examples per task and keeps the best.
+The validation examples are never rows the adapter trained on: they come from the run's held-out rows
+(train.py --val-split F: data.holdout_indices over the run's --data files, or its --val-data files), or
+from --val-data FILE here; a row belongs to the task whose folder name its file lies in
+(.../boolq/train.json -> boolq). A run without held-out rows is refused.
 --layer-probs N: for each layer l, p_l = mean over examples and gold answer tokens y_t of
 softmax(head(h_l))[y_t], with head = final RMSNorm + LM head applied to block l's residual output h_l
-(teacher forcing on prompt + output); the layer where p_l rises marks the boundary.
+(teacher forcing on prompt + output); the layer where p_l rises marks the boundary. It uses the same
+validation rows when the run has them, else (an analysis, not a model choice) the task's train file.
 """
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -49,6 +67,8 @@ DISPLAY = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag":
            "gsm8k": "GSM8K"}
 ECHO_LINE = "Echo: off (deployable model: base + adapter only; no Echo module built or loaded)"
 RESPONSE_MARKER = "### Response:"
+SKIP_RULE = "prompt tokens + max_new_tokens > the model's context: not generated, counted wrong"
+PROGRESS_EVERY_S = 10.0
 
 
 # ---------------------------------------------------------------- answers --------------------------------
@@ -162,45 +182,148 @@ def _load_gsm8k(path):
     return examples
 
 
-def validation_examples(task, n, seed=0):
-    """n examples sampled (seed 0) from the task's train file; the test file when it has none."""
-    source = task.train_path or task.path
+# ---------------------------------------------------------------- validation rows ------------------------
+
+def task_key(task):
+    """The folder name that ties data files to a task: .../boolq/test.json -> boolq (the default task's
+    RUN/data/test.json and the run's RUN/data/train.json share "data")."""
+    return task.path.parent.name
+
+
+def heldout_files(run_cfg, val_data):
+    """-> (what, [(file, rows)]) of validation rows the adapter never trained on, or None when there are
+    none: --val-data files, else the run's --val-data files, else the run's held-out rows
+    (data.holdout_indices over its --data files concatenated in order, its --val-split and --seed)."""
+    from data import load_examples
+    opts = run_cfg.get("opts", {})
+    if val_data or opts.get("val_data"):
+        files = val_data or opts["val_data"]
+        files = [files] if isinstance(files, str) else files
+        return ("--val-data" if val_data else "the run's --val-data"), [(f, load_examples(f)) for f in files]
+    fraction = opts.get("val_split") or 0
+    if fraction <= 0:
+        return None
+    from data.dataset import holdout_indices
+    files = opts.get("data") or []
+    files = [files] if isinstance(files, str) else files
+    per_file = [(f, load_examples(f)) for f in files]
+    owner = [(f, ex) for f, rows in per_file for ex in rows]         # the order train.py concatenates in
+    held = holdout_indices(len(owner), fraction, opts.get("seed", 0)).tolist()
+    by_file = {f: [] for f in files}
+    for i in held:
+        by_file[owner[i][0]].append(owner[i][1])
+    return f"the run's held-out rows (--val-split {fraction})", list(by_file.items())
+
+
+def validation_sets(tasks, n, run_cfg, val_data, flag, required=True):
+    """{task name: n examples (seed 0)} from heldout_files, each file's rows going to the task of its folder
+    name (every file to the one task when there is one task). required=False: None when there are none."""
+    found = heldout_files(run_cfg, val_data)
+    if found is None:
+        if required:
+            raise ValueError(f"{flag}: the run has no held-out validation rows (its config.json has no val_split "
+                             f"> 0 nor val_data), and sampling the training rows would pick K on data the adapter "
+                             f"has seen: train with --val-split 0.05, or pass --val-data FILE")
+        return None
+    what, files = found
+    sets = {}
+    for t in tasks:
+        rows = [ex for f, ex_list in files for ex in ex_list if len(tasks) == 1 or Path(f).parent.name == task_key(t)]
+        if not rows:
+            raise ValueError(f"{flag}: {what} hold no rows for task {t.name!r}: a file belongs to a task by its "
+                             f"folder name (.../{task_key(t)}/train.json); files: {', '.join(str(f) for f, _ in files)}")
+        for k, ex in enumerate(rows, 1):
+            if t.kind == "choice" and not ex["answer"]:
+                raise ValueError(f"{flag}: validation row {k} of task {t.name!r} has no 'answer'")
+        sets[t.name] = random.Random(0).sample(rows, min(n, len(rows)))
+    print(f"validation examples from {what}: " + ", ".join(f"{t} {len(v)}" for t, v in sets.items()))
+    return sets
+
+
+def train_file_examples(task, n, seed=0):
+    """n examples sampled from the task's train file (its test file when it has none): --layer-probs only,
+    when the run holds no validation rows."""
     if task.train_path is None:
-        print(f"  note: {task.name} has no train file; validation examples come from its test set")
-    examples = load_task_examples(task, source)
+        print(f"  note: {task.name} has no train file; layer-probs examples come from its test set")
+    examples = load_task_examples(task, task.train_path or task.path)
     return random.Random(seed).sample(examples, min(n, len(examples)))
 
 
 # ---------------------------------------------------------------- evaluation -----------------------------
 
+class Progress:
+    """A line per task at most every `every` seconds (and at the end): done/total, examples/s, ETA."""
+
+    def __init__(self, name, total, every=PROGRESS_EVERY_S, clock=time.monotonic, out=None):
+        self.name, self.total, self.every, self.clock, self.out = name, total, every, clock, out
+        self.start = self.last = clock()
+
+    def update(self, done):
+        now = self.clock()
+        if done < self.total and now - self.last < self.every:
+            return None
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"  {self.name}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
+                f"{rate:.1f} examples/s, ETA {_duration(eta)}")
+        print(line, file=self.out or sys.stderr, flush=True)
+        return line
+
+
+def _duration(s):
+    if not math.isfinite(s):
+        return "?"
+    s = round(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def evaluate_task(model, tokenizer, task, examples, *, template="alpaca", num_beams=4, max_new_tokens=32,
-                  batch_size=16, device=None, log_every=0):
-    """-> (accuracy, records). Prompts sorted by length for batching; records in the input order."""
+                  batch_size=16, device=None, progress=False):
+    """-> (accuracy, records), records in the input order. Prompts run sorted by length so a batch holds
+    similar lengths (little padding); rows too long for the context are skipped (counted wrong)."""
     from data import build_prompt
     from model.generate import generate
 
     prompts = [build_prompt(ex, template, for_eval=True) for ex in examples]
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    context = getattr(getattr(model, "args", None), "max_seq_len", None)
+    fits = [context is None or len(i) + max_new_tokens <= context for i in ids]
+    order = sorted((i for i in range(len(ids)) if fits[i]), key=lambda i: len(ids[i]))
     completions = [None] * len(ids)
-    t0, done = time.time(), 0
+    meter = Progress(task.name, len(order)) if progress else None
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        for i, text in zip(chunk, generate(model, tokenizer, [ids[i] for i in chunk], num_beams=num_beams,
-                                           max_new_tokens=max_new_tokens, device=device)):
+        texts = generate(model, tokenizer, [ids[i] for i in chunk], num_beams=num_beams,
+                         max_new_tokens=max_new_tokens, device=device)
+        for i, text in zip(chunk, texts):
             completions[i] = text
-        done += len(chunk)
-        if log_every and (done // log_every != (done - len(chunk)) // log_every or done == len(order)):
-            print(f"  {task.name}: {done}/{len(order)} ({time.time() - t0:.0f}s)", flush=True)
-    records = []
-    for ex, prompt, completion in zip(examples, prompts, completions):
-        response = response_of(completion)
-        pred = task.extract(response)
-        correct = is_correct(task, pred, ex["answer"])
-        if task.kind == "number" and not math.isfinite(pred):
-            pred = None                                               # no number in the response
-        records.append({**ex, "prompt": prompt, "response": response, "pred": pred, "correct": correct})
+        if meter:
+            meter.update(start + len(chunk))
+    records = [score_record(task, ex, prompt, completion)
+               for ex, prompt, completion in zip(examples, prompts, completions)]
     return accuracy([r["correct"] for r in records]), records
+
+
+def score_record(task, example, prompt, completion):
+    """One prediction record; completion None = skipped (too long for the context)."""
+    if completion is None:
+        return {**example, "prompt": prompt, "response": None, "pred": None, "correct": False, "skipped": True}
+    response = response_of(completion)
+    pred = task.extract(response)
+    correct = is_correct(task, pred, example["answer"])
+    if task.kind == "number" and not math.isfinite(pred):
+        pred = None                                                   # no number in the response
+    return {**example, "prompt": prompt, "response": response, "pred": pred, "correct": correct, "skipped": False}
+
+
+def task_result(records, seconds, max_new_tokens):
+    """The per-task entry of results.json (a reproduction script reads these keys)."""
+    correct, total = sum(bool(r["correct"]) for r in records), len(records)
+    return {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0,
+            "unextracted": sum(not r["skipped"] and r["pred"] in ("", None) for r in records),
+            "skipped": sum(r["skipped"] for r in records), "max_new_tokens": max_new_tokens,
+            "seconds": round(seconds, 2), "examples_per_s": round(total / max(seconds, 1e-9), 2)}
 
 
 def set_lora_layers(model, k):
@@ -261,22 +384,23 @@ def layer_probs(model, tokenizer, examples, *, template="alpaca", batch_size=16,
     return total / len(rows)
 
 
-def write_layer_probs(curves, out_dir):
-    """curves: {task: tensor [n_layers]} → out_dir/layer_probs.csv (+ .png when matplotlib is installed)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_layer_probs(curves, csv_path):
+    """curves: {task: tensor [n_layers]} → csv_path (+ the same name .png when matplotlib is installed)."""
+    csv_path, png_path = Path(csv_path), Path(csv_path).with_suffix(".png")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     names = list(curves)
     mean = torch.stack([curves[t] for t in names]).mean(0)
     lines = ["layer," + ",".join(names) + ",mean"]
     for l in range(len(mean)):
         lines.append(f"{l}," + ",".join(f"{curves[t][l].item():.6f}" for t in names) + f",{mean[l].item():.6f}")
-    (out_dir / "layer_probs.csv").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out_dir / 'layer_probs.csv'}")
+    csv_path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {csv_path}")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: skipped layer_probs.png")
+        print(f"matplotlib not installed: skipped {png_path}")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in names:
@@ -284,14 +408,13 @@ def write_layer_probs(curves, out_dir):
     ax.plot(range(len(mean)), mean.numpy(), "k-", lw=2, label="mean")
     ax.set_xlabel("layer"), ax.set_ylabel("p(gold answer token)"), ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "layer_probs.png", dpi=120)
-    print(f"wrote {out_dir / 'layer_probs.png'}")
+    fig.savefig(png_path, dpi=120)
+    print(f"wrote {png_path}")
 
 
-def search_boundary(model, tokenizer, tasks, n, decode_kw):
-    """Evaluate every K in 0..n_layers on n validation examples per task (decode_kw(task) -> generation
-    settings); -> (best K, {K: mean accuracy}). Ties go to the smallest K (fewest adapter layers)."""
-    val = {t.name: validation_examples(t, n) for t in tasks}
+def search_boundary(model, tokenizer, tasks, val, decode_kw):
+    """Evaluate every K in 0..n_layers on the validation examples val[task name] (decode_kw(task) ->
+    generation settings); -> (best K, {K: mean accuracy}). Ties go to the smallest K (fewest adapters)."""
     curve = {}
     for k in range(model.args.n_layers + 1):
         set_lora_layers(model, k)
@@ -301,26 +424,62 @@ def search_boundary(model, tokenizer, tasks, n, decode_kw):
     return best, curve
 
 
+# ---------------------------------------------------------------- results --------------------------------
+
+def run_echo(run_cfg):
+    """Whether the run trained with Echo (train.py config.json: opts.echo, or a non-null "echo" section);
+    None when there is no config to tell."""
+    if "echo" in run_cfg.get("opts", {}):
+        return bool(run_cfg["opts"]["echo"])
+    if "echo" in run_cfg:
+        return run_cfg["echo"] is not None
+    return None
+
+
+def method_label(adapter_cfg, run_cfg):
+    """The table's row label: base, LoRA r=16, DoRA r=16, Echo-LoRA r=16, Echo-DoRA r=16."""
+    if adapter_cfg is None:
+        return "base"
+    kind = {"lora": "LoRA", "dora": "DoRA"}.get(adapter_cfg["method"], adapter_cfg["method"])
+    return f"{'Echo-' if run_echo(run_cfg) else ''}{kind} r={adapter_cfg['rank']}"
+
+
+def results_tag(task_names, args):
+    """The settings that change the numbers, as a file-name part: tasks, decoding, then the options given."""
+    names = [re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(t).parent.name if t.endswith((".json", ".jsonl")) else t)
+             for t in task_names]
+    tasks = "commonsense" if task_names == COMMONSENSE else "+".join(names)
+    if len(tasks) > 40:
+        tasks = f"{len(names)}tasks-{hashlib.sha1(' '.join(task_names).encode()).hexdigest()[:8]}"
+    parts = [tasks, "greedy" if args.num_beams == 1 else f"beam{args.num_beams}"]
+    parts += [f"new{args.max_new_tokens}"] if args.max_new_tokens else []
+    parts += [f"limit{args.limit}"] if args.limit else []
+    parts += [f"K{args.lora_layers}"] if args.lora_layers is not None else []
+    parts += [f"searchK{args.search_boundary}"] if args.search_boundary else []
+    parts += ["merged"] if args.merge else []
+    parts += [args.template] if args.template else []
+    parts += [args.dtype] if args.dtype != "float32" else []
+    return "-".join(parts)
+
+
 def format_table(label, results):
-    """The paper's layout: one row, per-task accuracy (%) and the average."""
+    """The paper's layout: one row, per-task accuracy (%) and the average; a second row counts the
+    skipped (too long, counted wrong) examples when there are any."""
     names = [DISPLAY.get(t, t) for t in results] + ["Avg."]
+    widths = [max(len(n), 6) for n in names]
     values = [100 * r["accuracy"] for r in results.values()]
     values.append(sum(values) / len(values) if values else 0.0)
-    width = max(len(label), 6)
-    head = f"{'Method':<{width}} " + " ".join(f"{n:>{max(len(n), 6)}}" for n in names)
-    row = f"{label:<{width}} " + " ".join(f"{v:>{max(len(n), 6)}.1f}" for n, v in zip(names, values))
-    return head + "\n" + row
+    width = max(len(label), 7)
+    lines = [f"{'Method':<{width}} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths)),
+             f"{label:<{width}} " + " ".join(f"{v:>{w}.1f}" for v, w in zip(values, widths))]
+    skipped = [r.get("skipped", 0) for r in results.values()]
+    if any(skipped):
+        skipped.append(sum(skipped))
+        lines.append(f"{'skipped':<{width}} " + " ".join(f"{s:>{w}d}" for s, w in zip(skipped, widths)))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- CLI ------------------------------------
-
-def find_adapter_dir(path):
-    path = Path(path)
-    for d in (path / "adapter", path):
-        if (d / "adapter_config.json").exists():
-            return d
-    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json in {path}/adapter or {path}")
-
 
 def run_config(run_dir):
     cfg = Path(run_dir) / "config.json"
@@ -344,60 +503,117 @@ def base_model_of(run_dir, cfg):
     return model
 
 
-def parse_args(argv):
+def build_parser():
+    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="base model dir (params.json, tokenizer, weights); default: the run's")
-    p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder; default runs/default "
-                                     "when neither --model nor --adapter is given")
-    p.add_argument("--tasks", nargs="+", help=f"{' '.join(TASKS)} or test .json paths "
-                                              "(default: the run's data/test.json, else the commonsense suite)")
-    p.add_argument("--data-dir", help="folder with <task>/test.json (default ../shared/data/commonsense)")
+                                epilog="Protocol, results files, skipped rows, validation rows: see eval.py's docstring.")
+    p.add_argument("--model", help="base model dir: params.json, tokenizer, weights (default: the run's base model)")
+    p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder (default: runs/default when "
+                                     "neither --model nor --adapter is given, else none: the base model)")
+    p.add_argument("--tasks", nargs="+", help=f"{' '.join(TASKS)}, default, or test .json paths "
+                                              "(default: the run's data/test.json, else the 8 commonsense tasks)")
+    p.add_argument("--data-dir", help="folder with <task>/test.json (default: ../shared/data/commonsense)")
     p.add_argument("--template", help="prompt template (default: the run's, else alpaca)")
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (num_beams 1): fast mode")
-    p.add_argument("--max-new-tokens", type=int, help="default 32 (256 for gsm8k)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="first N test examples per task (0: skip the test evaluation)")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
-    p.add_argument("--lora-layers", type=int, help="keep adapters only in layers < K (boundary dropping)")
-    p.add_argument("--search-boundary", type=int, metavar="N", help="pick K on N validation examples per task")
-    p.add_argument("--layer-probs", type=int, metavar="N", help="per-layer gold-answer probability on N examples")
-    p.add_argument("--out", help="output folder (default: RUN/eval, or runs/eval-base without an adapter)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    return p.parse_args(argv)
+    p.add_argument("--num-beams", type=int, help="beam search width (default: 4, the published protocol)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding, i.e. 1 beam: the fast mode "
+                                                         "(default: off, 4-beam search)")
+    p.add_argument("--max-new-tokens", type=int, help="default: 32 (256 for gsm8k)")
+    p.add_argument("--batch-size", type=int, help="prompts per generate call (beam search runs beams x this rows; "
+                                                  "default: 64 on cuda, 16 on cpu)")
+    p.add_argument("--limit", type=int, help="first N test examples per task; 0: no test evaluation, only "
+                                             "--search-boundary / --layer-probs (default: all)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first (default: off)")
+    p.add_argument("--lora-layers", type=int, metavar="K", help="keep adapters only in layers < K (default: all layers)")
+    p.add_argument("--search-boundary", type=int, metavar="N", help="pick K on N held-out validation examples per "
+                                                                    "task (default: off)")
+    p.add_argument("--layer-probs", type=int, metavar="N", help="per-layer gold-answer probability on N examples "
+                                                                "per task (default: off)")
+    p.add_argument("--val-data", nargs="+", metavar="FILE", help="validation files for --search-boundary / "
+                   "--layer-probs, matched to tasks by folder name (default: the run's held-out rows)")
+    p.add_argument("--out", metavar="FILE.json", help="results file (default: RUN/eval/results-<settings>.json, "
+                                                      "runs/eval-base/... without an adapter)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="base weight / compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    return p
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
-def run(args):
-    from model.load import load_model
-
+def check_args(args):
+    """Flag errors before anything is loaded; fills in the device-dependent defaults."""
+    if args.greedy and args.num_beams not in (None, 1):
+        raise ValueError(f"--greedy means 1 beam; it contradicts --num-beams {args.num_beams}: drop one")
+    args.num_beams = 1 if args.greedy else (4 if args.num_beams is None else args.num_beams)
+    cuda = str(args.device).startswith("cuda")
+    args.batch_size = args.batch_size or (64 if cuda else 16)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    for flag, value, low in (("--num-beams", args.num_beams, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 0),
+                             ("--lora-layers", args.lora_layers, 0), ("--search-boundary", args.search_boundary, 1),
+                             ("--layer-probs", args.layer_probs, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}" + (" (omit it for all examples)"
+                                                                        if flag == "--limit" else ""))
+    if args.limit == 0 and not (args.search_boundary or args.layer_probs):
+        raise ValueError("--limit 0 skips the test evaluation: it needs --search-boundary or --layer-probs")
+    if args.merge and args.search_boundary:
+        raise ValueError("--merge and --search-boundary are exclusive (the search toggles unmerged adapters)")
+    if args.lora_layers is not None and args.search_boundary:
+        raise ValueError("--lora-layers K and --search-boundary N are exclusive (the search picks K)")
+    if args.val_data and not (args.search_boundary or args.layer_probs):
+        raise ValueError("--val-data is used by --search-boundary / --layer-probs only: add one of them")
+    if args.out and not args.out.endswith(".json"):
+        raise ValueError(f"--out {args.out}: name a .json results file (predictions and curves go beside it)")
     for name in args.tasks or []:                 # fail on a typo before loading anything
         if name not in TASKS + ["default"] and not (Path(name).suffix in (".json", ".jsonl") and Path(name).is_file()):
             resolve_task(name, None)
-    run_dir, cfg = None, {}
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything eval resolves from the flags and the run folder before loading the model."""
+    run_dir: object            # Path or None (no adapter, or a bare adapter folder)
+    run_cfg: dict              # the run's config.json ({} if none)
+    adapter_dir: object        # Path or None
+    adapter_cfg: object        # adapter_config.json or None
+    model_path: str
+    template: str
+    task_names: list
+    tasks: list
+    results_path: Path
+
+
+def find_run(adapter):
+    """--adapter RUN or RUN/adapter or a bare adapter folder -> (run folder or None, adapter folder)."""
+    from model.generate import find_adapter_dir
+    adapter_dir = find_adapter_dir(adapter)
+    if adapter_dir != Path(adapter):
+        return Path(adapter), adapter_dir
+    parent = adapter_dir.parent
+    return (parent if (parent / "config.json").exists() else None), adapter_dir
+
+
+def resolve_setup(args):
     if args.adapter is None and args.model is None:
         if not (DEFAULT_RUN / "adapter" / "adapter_config.json").exists():
             state = "has no adapter/ yet" if DEFAULT_RUN.exists() else "not found"
             raise FileNotFoundError(f"{DEFAULT_RUN} {state}: run `python train.py` first "
                                     f"(or pass --model DIR [--adapter RUN_DIR])")
         args.adapter = str(DEFAULT_RUN)
+    run_dir, adapter_dir, run_cfg, adapter_cfg = None, None, {}, None
     if args.adapter is not None:
-        adapter_dir = find_adapter_dir(args.adapter)
-        run_dir = Path(args.adapter) if adapter_dir != Path(args.adapter) else adapter_dir
-        cfg = run_config(run_dir)
-    else:
-        adapter_dir = None
-    model_path = args.model or base_model_of(run_dir, cfg)
-    template = args.template or cfg.get("opts", {}).get("template") or "alpaca"
+        run_dir, adapter_dir = find_run(args.adapter)
+        run_cfg = run_config(run_dir) if run_dir else {}
+        try:
+            adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{adapter_dir / 'adapter_config.json'}: invalid JSON ({e.msg})") from None
+    if (args.search_boundary or args.lora_layers is not None) and adapter_dir is None:
+        raise ValueError("--search-boundary / --lora-layers drop adapter layers: pass --adapter")
+    model_path = args.model or base_model_of(run_dir or adapter_dir, run_cfg)
     data_dir = args.data_dir or (str(SHARED / "data" / "commonsense") if (SHARED / "data" / "commonsense").exists()
                                  else None)
     if args.tasks:
@@ -407,81 +623,132 @@ def run(args):
     else:
         task_names = COMMONSENSE
     tasks = [resolve_task(t, data_dir, run_dir) for t in task_names]
-    if args.merge and args.search_boundary:
-        raise ValueError("--merge and --search-boundary are exclusive (the search toggles unmerged adapters)")
-    num_beams = 1 if args.greedy else args.num_beams
-    if num_beams < 1:
-        raise ValueError(f"--num-beams must be >= 1, got {num_beams}")
+    out_dir = (run_dir or adapter_dir) / "eval" if adapter_dir else Path("runs") / "eval-base"
+    results_path = Path(args.out) if args.out else out_dir / f"results-{results_tag(task_names, args)}.json"
+    template = args.template or run_cfg.get("opts", {}).get("template") or "alpaca"
+    return Setup(run_dir, run_cfg, adapter_dir, adapter_cfg, str(model_path), template, task_names, tasks,
+                 results_path)
 
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=args.device, dtype=dtype)
-    if tokenizer is None:
-        raise ValueError(f"model {model_path!r} has no tokenizer: pass a model directory")
-    model.eval()
-    # The deployable model holds base + adapter weights only (a subprocess test also checks that this
-    # file never imports the echo package nor opens echo.safetensors).
+
+def load_deployable(setup, args):
+    """Base + adapter, eval mode. The deployable model holds base + adapter weights only (a subprocess
+    test also checks that this file never imports the echo package nor opens echo.safetensors)."""
+    from model.generate import load_for_inference
+    model, tokenizer = load_for_inference(setup.model_path, setup.adapter_dir, args.device, getattr(torch, args.dtype))
     if any("echo" in name for name, _ in model.named_parameters()):
         raise RuntimeError("an Echo parameter was built: eval must measure the deployable model")
-    out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("runs") / "eval-base")
-    method = "base"
-    if adapter_dir is not None:
-        acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-        method = f"{acfg['method'].upper().replace('LORA', 'LoRA').replace('DORA', 'DoRA')} r={acfg['rank']}"
-    print(ECHO_LINE)
-    print(f"model {model_path} | adapter {adapter_dir or 'none'} | template {template} | "
-          f"{'greedy' if num_beams == 1 else f'beam search ({num_beams} beams)'} | device {args.device} {args.dtype}")
+    return model, tokenizer
 
-    def decode_kw(task):
-        return dict(template=template, num_beams=num_beams, batch_size=args.batch_size, device=args.device,
-                    max_new_tokens=args.max_new_tokens or (256 if task.kind == "number" else 32))
 
+def decode_settings(args, setup, task):
+    return dict(template=setup.template, num_beams=args.num_beams, batch_size=args.batch_size, device=args.device,
+                max_new_tokens=args.max_new_tokens or (256 if task.kind == "number" else 32))
+
+
+def side_file(setup, suffix):
+    """<results stem><suffix> beside the results file: -predictions, -boundary.json, -layer_probs.csv."""
+    return setup.results_path.with_name(setup.results_path.stem + suffix)
+
+
+def configure_adapters(model, tokenizer, setup, args, val):
+    """--search-boundary / --lora-layers / --merge -> (K or None, the table label)."""
+    label = method_label(setup.adapter_cfg, setup.run_cfg)
     lora_layers = args.lora_layers
     if args.search_boundary:
         print(f"boundary search: K = 0..{model.args.n_layers} on {args.search_boundary} validation examples/task")
-        lora_layers, curve = search_boundary(model, tokenizer, tasks, args.search_boundary, decode_kw)
+        lora_layers, curve = search_boundary(model, tokenizer, setup.tasks, val,
+                                             lambda t: decode_settings(args, setup, t))
         print(f"best K = {lora_layers} ({100 * curve[lora_layers]:.2f}); the test evaluation uses it")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "boundary_curve.json").write_text(json.dumps({"curve": curve, "best": lora_layers}, indent=1))
+        path = side_file(setup, "-boundary.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"curve": curve, "best": lora_layers,
+                                    "examples": {t: len(v) for t, v in val.items()}}, indent=1))
     if lora_layers is not None:
         set_lora_layers(model, lora_layers)
-        method += f" K={lora_layers}"
+        label += f" K={lora_layers}"
     if args.merge:
         merge_enabled_adapters(model)
-        method += " merged"
+        label += " merged"
+    return lora_layers, label
 
+
+def run_layer_probs(model, tokenizer, setup, args):
+    sets = validation_sets(setup.tasks, args.layer_probs, setup.run_cfg, args.val_data, "--layer-probs",
+                           required=False) or {t.name: train_file_examples(t, args.layer_probs) for t in setup.tasks}
+    curves = {}
+    for t in setup.tasks:
+        curves[t.name] = layer_probs(model, tokenizer, sets[t.name], template=setup.template,
+                                     batch_size=args.batch_size, device=args.device)
+        print(f"  {t.name}: " + " ".join(f"{p:.3f}" for p in curves[t.name].tolist()))
+    write_layer_probs(curves, side_file(setup, "-layer_probs.csv"))
+
+
+def evaluate_suite(model, tokenizer, setup, args):
+    """Every task's test rows -> {task: task_result}; predictions written as each task ends."""
+    results = {}
+    pred_dir = side_file(setup, "-predictions")
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    for t in setup.tasks:
+        examples = load_task_examples(t, limit=args.limit)
+        kw = decode_settings(args, setup, t)
+        started = time.time()
+        _, records = evaluate_task(model, tokenizer, t, examples, progress=True, **kw)
+        results[t.name] = r = task_result(records, time.time() - started, kw["max_new_tokens"])
+        with open(pred_dir / f"{t.name}.jsonl", "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        skipped = f", {r['skipped']} skipped (too long, counted wrong)" if r["skipped"] else ""
+        print(f"{t.name}: {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% "
+              f"({r['unextracted']} unextracted{skipped}; {r['examples_per_s']} examples/s)", flush=True)
+    return results
+
+
+def write_results(setup, args, results, lora_layers, label):
+    seconds = sum(r["seconds"] for r in results.values())
+    total = sum(r["total"] for r in results.values())
+    acfg = setup.adapter_cfg or {}
+    summary = {
+        "echo": "off", "label": label, "model": setup.model_path,
+        "adapter": str(setup.adapter_dir) if setup.adapter_dir else None,
+        "run": str(setup.run_dir) if setup.run_dir else None,
+        "method": acfg.get("method", "base"), "rank": acfg.get("rank"), "echo_trained": run_echo(setup.run_cfg),
+        "template": setup.template, "decoding": "greedy" if args.num_beams == 1 else f"beam{args.num_beams}",
+        "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens or 32, "lora_layers": lora_layers,
+        "merged": args.merge, "limit": args.limit, "device": str(args.device), "dtype": args.dtype,
+        "batch_size": args.batch_size, "seconds": round(seconds, 2),
+        "examples_per_s": round(total / max(seconds, 1e-9), 2), "skip_rule": SKIP_RULE,
+        "tasks": results, "average": sum(r["accuracy"] for r in results.values()) / len(results)}
+    setup.results_path.parent.mkdir(parents=True, exist_ok=True)
+    setup.results_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print()
+    print(format_table(label, results))
+    print(f"\nwrote {setup.results_path} and {side_file(setup, '-predictions')}/<task>.jsonl")
+
+
+def run(args):
+    check_args(args)
+    setup = resolve_setup(args)
+    val = (validation_sets(setup.tasks, args.search_boundary, setup.run_cfg, args.val_data, "--search-boundary")
+           if args.search_boundary else None)          # before loading: a refusal should come fast
+    model, tokenizer = load_deployable(setup, args)
+    print(ECHO_LINE)
+    print(f"model {setup.model_path} | adapter {setup.adapter_dir or 'none'} | template {setup.template} | "
+          f"{'greedy' if args.num_beams == 1 else f'beam search ({args.num_beams} beams)'} | "
+          f"device {args.device} {args.dtype} | batch {args.batch_size}")
+    lora_layers, label = configure_adapters(model, tokenizer, setup, args, val)
     if args.layer_probs:
-        curves = {}
-        for t in tasks:
-            curves[t.name] = layer_probs(model, tokenizer, validation_examples(t, args.layer_probs),
-                                         template=template, batch_size=args.batch_size, device=args.device)
-            print(f"  {t.name}: " + " ".join(f"{p:.3f}" for p in curves[t.name].tolist()))
-        write_layer_probs(curves, out_dir)
-
+        run_layer_probs(model, tokenizer, setup, args)
     if args.limit == 0:
         return
-    results = {}
-    for t in tasks:
-        examples = load_task_examples(t, limit=args.limit)
-        started = time.time()
-        acc, records = evaluate_task(model, tokenizer, t, examples, log_every=max(args.batch_size * 10, 1),
-                                     **decode_kw(t))
-        seconds = time.time() - started
-        results[t.name] = {"accuracy": acc, "correct": sum(r["correct"] for r in records), "total": len(records),
-                           "seconds": round(seconds, 2), "examples_per_s": round(len(records) / max(seconds, 1e-9), 2)}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / f"predictions_{t.name}.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        print(f"{t.name}: {results[t.name]['correct']}/{len(records)} = {100 * acc:.2f}%", flush=True)
-    average = sum(r["accuracy"] for r in results.values()) / len(results)
-    summary = {"echo": "off", "model": str(model_path), "adapter": str(adapter_dir) if adapter_dir else None,
-               "template": template, "num_beams": num_beams, "max_new_tokens": args.max_new_tokens,
-               "lora_layers": lora_layers, "merged": args.merge, "limit": args.limit, "dtype": args.dtype,
-               "tasks": results, "average": average}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print()
-    print(format_table(method, results))
-    print(f"\nwrote {out_dir / 'results.json'} and predictions_<task>.jsonl")
+    write_results(setup, args, evaluate_suite(model, tokenizer, setup, args), lora_layers, label)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

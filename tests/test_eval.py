@@ -50,7 +50,9 @@ def make_run(root, adapter="lora", n_layers=3, seed=0):
                 p.mul_(1.2)
     save_adapter(tuned, root / "adapter")
     write_default_task(root / "data", n_train=30, n_test=8)
-    (root / "config.json").write_text(json.dumps({"opts": {"model": "default-tiny", "template": "alpaca-short"}}))
+    opts = {"model": "default-tiny", "template": "alpaca-short", "method": adapter, "echo": True, "seed": 0,
+            "data": [str(root / "data" / "train.json")], "val_split": 0.2, "val_data": None}
+    (root / "config.json").write_text(json.dumps({"opts": opts, "echo": {"target_layers": [1]}}))
     (root / "echo.safetensors").write_bytes(b"garbage: eval must never read this")
     return root
 
@@ -153,22 +155,29 @@ def test_prompt_is_the_template_exactly_and_accuracy_arithmetic(monkeypatch, run
 
 
 def test_cli_results_json_and_table(run_dir, tmp_path, capsys):
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "my.json"
     ev.main(["--adapter", str(run_dir), "--greedy", "--max-new-tokens", "6", "--out", str(out),
              "--tasks", "default", str(run_dir / "data" / "test.json"), "--limit", "5"])
-    printed = capsys.readouterr().out
-    assert ev.ECHO_LINE in printed and "Avg." in printed and "LoRA r=4" in printed
-    results = json.loads((out / "results.json").read_text())
-    assert results["echo"] == "off"
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert ev.ECHO_LINE in printed and "Avg." in printed and "Echo-LoRA r=4" in printed   # config.json: echo
+    assert "skipped" not in printed.split("Method")[1]                   # no skipped row when none skipped
+    assert "  default: 5/5 (100%)" in captured.err and "examples/s, ETA" in captured.err
+    results = json.loads(out.read_text())
+    assert results["echo"] == "off" and results["echo_trained"] is True and results["method"] == "lora"
+    assert (results["decoding"], results["max_new_tokens"], results["device"]) == ("greedy", 6, "cpu")
+    assert results["examples_per_s"] > 0
     accs = []
     for name in ("default", "data"):
-        rows = [json.loads(line) for line in (out / f"predictions_{name}.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / "out" / "my-predictions" / f"{name}.jsonl").read_text()
+                .splitlines()]
         assert len(rows) == 5
         assert rows[0]["prompt"].startswith("### Instruction:\n")       # the run's template (alpaca-short)
         correct = sum(r["pred"] == r["answer"] for r in rows)
         task_result = results["tasks"][name]
-        assert {k: task_result[k] for k in ("accuracy", "correct", "total")} == \
-            {"accuracy": correct / 5, "correct": correct, "total": 5}
+        assert {k: task_result[k] for k in ("accuracy", "correct", "total", "unextracted", "skipped")} == \
+            {"accuracy": correct / 5, "correct": correct, "total": 5, "skipped": 0,
+             "unextracted": sum(r["pred"] == "" for r in rows)}
         assert task_result["examples_per_s"] > 0
         accs.append(correct / 5)
     assert results["average"] == pytest.approx(sum(accs) / 2)
@@ -202,10 +211,11 @@ def test_lora_layers_k_equals_full_adapter_and_zero_equals_base(run_dir):
 
 
 def test_search_boundary_curve(run_dir, tmp_path, capsys):
-    out = tmp_path / "o"
+    out = tmp_path / "o" / "r.json"
     ev.main(["--adapter", str(run_dir), "--greedy", "--max-new-tokens", "4", "--search-boundary", "3",
              "--limit", "0", "--out", str(out)])
-    saved = json.loads((out / "boundary_curve.json").read_text())
+    saved = json.loads((tmp_path / "o" / "r-boundary.json").read_text())
+    assert saved["examples"] == {"default": 3}
     curve = {int(k): v for k, v in saved["curve"].items()}
     assert sorted(curve) == [0, 1, 2, 3]
     best = min(k for k in curve if curve[k] == max(curve.values()))    # ties: fewest adapter layers
@@ -235,8 +245,8 @@ def test_layer_probs_against_plain_loop(run_dir, tmp_path):
         last = logits[0].softmax(-1)                   # the last layer's read-out is the model's output
         assert torch.allclose(last, F.linear(model.norm(hs[-1][0]), weight).softmax(-1))
     torch.testing.assert_close(got, expected / len(examples), rtol=1e-6, atol=1e-9)
-    ev.write_layer_probs({"default": got}, tmp_path)
-    lines = (tmp_path / "layer_probs.csv").read_text().splitlines()
+    ev.write_layer_probs({"default": got}, tmp_path / "x-layer_probs.csv")
+    lines = (tmp_path / "x-layer_probs.csv").read_text().splitlines()
     assert lines[0] == "layer,default,mean" and len(lines) == 1 + model.args.n_layers
     assert float(lines[-1].split(",")[1]) == pytest.approx(got[-1].item(), abs=1e-6)
 
@@ -324,5 +334,5 @@ def test_no_arguments_needs_the_default_run(tmp_path, monkeypatch, capsys):
     assert "runs/default" in msg and "python train.py" in msg
     make_run(tmp_path / "runs" / "default")
     ev.main(["--greedy", "--max-new-tokens", "4", "--limit", "2"])
-    assert (tmp_path / "runs" / "default" / "eval" / "results.json").exists()
+    assert (tmp_path / "runs" / "default" / "eval" / "results-default-greedy-new4-limit2.json").exists()
     assert "default" in capsys.readouterr().out
