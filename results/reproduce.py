@@ -380,9 +380,9 @@ def compare(treated, control, tasks):
         return out
     deltas = {}
     for t in tasks:
-        d = [(_acc(treated[s]["tasks"].get(t)) or math.nan) - (_acc(control[s]["tasks"].get(t)) or math.nan)
-             for s in seeds]
-        deltas[t] = None if any(math.isnan(x) for x in d) else sum(d) / len(d)
+        a = [_acc(treated[s]["tasks"].get(t)) for s in seeds]
+        z = [_acc(control[s]["tasks"].get(t)) for s in seeds]
+        deltas[t] = None if None in a or None in z else sum(x - y for x, y in zip(a, z)) / len(seeds)
     out["deltas"] = deltas
     paired = all(treated[s]["tasks"].get(t, {}).get("per_example") is not None
                  and control[s]["tasks"].get(t, {}).get("per_example") is not None
@@ -452,9 +452,11 @@ def build_table(results):
                        ("val_split", "validation hold-out")):
         if rec.get(key) is not None:
             parts.append(f"{label} {_num(rec[key])}")
+    decoding = ("Greedy decoding on the full test sets" if not results.get("limit") else
+                f"Greedy decoding on the first {results['limit']} test examples per task")
     L.append(f"Fine-tuned on the 5 train sets available here — {', '.join(TRAIN_TASKS)}{rows}"
              + (f" — {', '.join(parts)}" if parts else "") + ". "
-             f"Greedy decoding on the full test sets; accuracy (%) as mean ± sample sd over seeds "
+             f"{decoding}; accuracy (%) as mean ± sample sd over seeds "
              f"(the seeds column counts them; no ± with one seed). "
              f"**In-format** tasks ({', '.join(DISPLAY[t] for t in IN_FORMAT)}) have their train set in the "
              f"mix; the **format-transfer** tasks ({', '.join(DISPLAY[t] for t in TRANSFER)}) have none, so "
@@ -757,13 +759,23 @@ def check_eval_limit(path, wanted, what):
                          f"delete it or use another --runs-dir")
 
 
+def _newest(folder):
+    """Latest modification time of the files in folder (0 if none)."""
+    times = [f.stat().st_mtime for f in Path(folder).glob("*") if f.is_file()] if Path(folder).is_dir() else []
+    return max(times, default=0.0)
+
+
 def ensure_eval(args, adapter, decoding, what):
     out = eval_file(adapter if adapter is not None else Path(args.runs_dir) / "base", decoding)
     wanted = args.limit if decoding == "greedy" else beam_limit(args)
-    if eval_results_path(out) is not None:
+    res = eval_results_path(out)
+    if res is not None:
         check_eval_limit(out, wanted, what)
-        print(f"[{what}] kept {out}")
-        return
+        if adapter is not None and _newest(Path(adapter) / "adapter") > res.stat().st_mtime:
+            print(f"[{what}] {out} is older than {Path(adapter) / 'adapter'}: evaluating again")
+        else:
+            print(f"[{what}] kept {out}")
+            return
     run_logged(eval_command(args, adapter, decoding, out), out.with_suffix(".log"), what, args.dry_run)
 
 

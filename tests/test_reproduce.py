@@ -3,6 +3,7 @@ skip/resume decisions, --dry-run command lines, one-line failures. No training, 
 import importlib.util
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -208,6 +209,31 @@ def test_table_deltas_and_paired_test(tmp_path, partial_runs):
     lo, hi = c["ci"]
     assert lo < d8 < hi
     assert "unpaired" not in table
+
+
+def test_zero_accuracy_deltas_are_numbers(tmp_path):
+    runs = tmp_path / "runs"
+    zero = {t: 0 for t in TASKS}
+    make_finished(runs, "lora", 0, accs_run(zero, 0))
+    make_finished(runs, "echo-lora", 0, accs_run({**zero, "boolq": 4}, 0))
+    _, table = build(tmp_path, runs)
+    row = next(l for l in table.splitlines() if l.startswith("| Echo-LoRA − LoRA |"))
+    assert "| +10.0 | +0.0 |" in row and "—" not in row
+
+
+def test_eval_older_than_adapter_is_redone(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rp.subprocess, "call", fake_call(calls))
+    rd = make_finished(tmp_path / "runs", "lora", 0, accs_run(BASE_ACC, 0))
+    (rd / "adapter").mkdir()
+    (rd / "adapter" / "adapter_config.json").write_text("{}")
+    args = rp.parse_args(["--model", "M", "--runs-dir", str(tmp_path / "runs")])
+    past = rp.eval_file(rd, "greedy").stat().st_mtime - 100
+    os.utime(rp.eval_file(rd, "greedy"), (past, past))
+    rp.ensure_eval(args, rd, "greedy", "eval lora-s0 greedy")
+    assert len(calls) == 1
+    rp.ensure_eval(args, rd, "greedy", "eval lora-s0 greedy")            # now newer: kept
+    assert len(calls) == 1
 
 
 def test_complete_sweep_not_partial(tmp_path):
