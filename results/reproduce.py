@@ -179,22 +179,22 @@ def eval_limit(raw):
     return "unrecorded"
 
 
-def _predictions(folder, task):
-    p = Path(folder) / f"predictions_{task}.jsonl"
-    if not p.is_file():
-        return None
-    rows = []
-    for line in p.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+def _predictions(results_file, task):
+    """eval.py's per-example records for a task: <stem>-predictions/<task>.jsonl beside the results file
+    (today's eval.py), or predictions_<task>.jsonl in the results file's folder (older layout)."""
+    res = Path(results_file)
+    for p in (res.with_name(res.stem + "-predictions") / f"{task}.jsonl", res.parent / f"predictions_{task}.jsonl"):
+        if p.is_file():
+            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return None
 
 
 def load_eval(path):
     """-> {"tasks": {task: {"correct", "total", "unextracted", "per_example"}}, "settings": {...}} or None.
     per_example is a string of '0'/'1' (one per evaluated example, test-file order) or None: from the
-    task's "per_example" list in the results JSON, else from predictions_<task>.jsonl next to it (the
-    "correct" field). unextracted: the task's "unextracted", else the count of empty predictions."""
+    task's "per_example" list in the results JSON, else from eval.py's prediction records beside it
+    (<stem>-predictions/<task>.jsonl, field "correct"). unextracted: the task's "unextracted", else the
+    count of records with an empty prediction that were not skipped."""
     res = eval_results_path(path)
     if res is None:
         return None
@@ -208,7 +208,7 @@ def load_eval(path):
         per = t.get("per_example")
         preds = None
         if per is None or t.get("unextracted") is None:
-            preds = _predictions(res.parent, name)
+            preds = _predictions(res, name)
         if per is None and preds is not None:
             per = [r.get("correct") for r in preds]
         if isinstance(per, str):
@@ -218,13 +218,14 @@ def load_eval(path):
             per_str = None                                    # cannot be trusted to line up
         unex = t.get("unextracted")
         if unex is None and preds is not None:
-            unex = sum(1 for r in preds if r.get("pred") in ("", None))
+            unex = sum(1 for r in preds if r.get("pred") in ("", None) and not r.get("skipped"))
         tasks[name] = {"correct": int(t["correct"]), "total": int(t["total"]),
                        "unextracted": None if unex is None else int(unex), "per_example": per_str}
         if t.get("skipped") is not None:
             tasks[name]["skipped"] = int(t["skipped"])
     settings = dict(raw.get("settings") or {})
-    for k in ("num_beams", "max_new_tokens", "limit", "template", "dtype"):
+    for k in ("decoding", "num_beams", "max_new_tokens", "limit", "template", "dtype", "device", "batch_size",
+              "seconds", "examples_per_s"):
         if k in raw and k not in settings:
             settings[k] = raw[k]
     return {"tasks": tasks, "settings": settings}
@@ -780,9 +781,12 @@ def ensure_eval(args, adapter, decoding, what):
 
 
 def find_layer_csv(out):
+    """eval.py --layer-probs --out RUN/layer-probs.json writes RUN/layer-probs-layer_probs.csv (beside the
+    would-be results file); an older eval.py wrote <out folder>/layer_probs.csv."""
     out = Path(out)
-    for cand in ([out / "layer_probs.csv"] + sorted(out.glob("*layer*prob*.csv")) if out.is_dir() else []) + \
-            sorted(out.parent.glob(f"{out.name}*layer*prob*.csv")):
+    cands = [out.with_name(out.stem + "-layer_probs.csv"), out / "layer_probs.csv"]
+    cands += sorted(out.parent.glob(f"{out.stem}*layer_probs*.csv"))
+    for cand in cands:
         if cand.is_file():
             return cand
     return None
@@ -798,7 +802,7 @@ def layer_probs_outputs(args, names):
     """Merge the seed-0 layer curves of lora and echo-lora -> PNG (matplotlib) or merged CSV."""
     curves, per_task = {}, {}
     for n in names:
-        csv_path = find_layer_csv(run_dir(args.runs_dir, n, 0) / "layer-probs")
+        csv_path = find_layer_csv(run_dir(args.runs_dir, n, 0) / "layer-probs.json")
         if csv_path is None:
             continue
         rows = read_layer_csv(csv_path)
@@ -885,7 +889,7 @@ def parse_args(argv=None):
     g.add_argument("--template", default=None)
     g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-batch-size", type=int, default=32)
+    e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (default: eval.py's)")
     e.add_argument("--eval-extra", default=None, help="more eval.py flags, one quoted string")
     o = p.add_argument_group("outputs")
     o.add_argument("--json", default=str(DEFAULT_JSON))
@@ -962,7 +966,7 @@ def main(argv=None):
             if not args.only_table:
                 for n in lp_names:
                     rd = run_dir(args.runs_dir, n, 0)
-                    out = rd / "layer-probs"
+                    out = rd / "layer-probs.json"
                     if find_layer_csv(out) is not None:
                         print(f"[layer-probs {n}-s0] kept {find_layer_csv(out)}")
                         continue

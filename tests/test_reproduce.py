@@ -34,30 +34,36 @@ def flags(n, k, seed):
     return out
 
 
-def write_eval(path, per_task, *, per_example=True, unextracted=None, limit=None, layout="file"):
-    """per_task: {task: list of 0/1}. layout 'file': the results JSON at path (per-task correct/total/
-    accuracy/unextracted/skipped + optional per_example list, settings); 'folder': today's eval.py, a folder
-    path/ with results.json and predictions_<task>.jsonl."""
+def write_eval(path, per_task, *, per_example=False, unextracted=None, limit=None, layout="file"):
+    """per_task: {task: list of 0/1}. layout 'file': today's eval.py — the results JSON at path (per task
+    correct/total/accuracy/unextracted/skipped, top-level settings) and <stem>-predictions/<task>.jsonl
+    beside it; with per_example=True the per-task "per_example" list instead of the predictions. layout
+    'folder': an older eval.py whose --out was a folder: path/results.json + path/predictions_<task>.jsonl."""
     path = Path(path)
     tasks = {}
     for t, f in per_task.items():
         tasks[t] = {"correct": sum(f), "total": len(f), "accuracy": sum(f) / len(f),
                     "unextracted": (unextracted or {}).get(t, 0), "skipped": 0}
-        if per_example and layout == "file":
+        if per_example:
             tasks[t]["per_example"] = list(f)
     if layout == "file":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": {"num_beams": 1, "limit": limit}, "tasks": tasks}))
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    for t, f in per_task.items():
-        del tasks[t]["unextracted"]
-        n_unex = (unextracted or {}).get(t, 0)
-        with open(path / f"predictions_{t}.jsonl", "w") as fh:
-            for i, c in enumerate(f):
-                pred = "" if i >= len(f) - n_unex else ("x" if not c else "gold")
-                fh.write(json.dumps({"correct": bool(c), "pred": pred}) + "\n")
-    (path / "results.json").write_text(json.dumps({"limit": limit, "num_beams": 1, "tasks": tasks}))
+        res, preds = path, path.with_name(path.stem + "-predictions")
+    else:
+        res, preds = path / "results.json", path
+        for t in tasks:
+            del tasks[t]["unextracted"]
+    res.parent.mkdir(parents=True, exist_ok=True)
+    if per_example is not None and not per_example:
+        preds.mkdir(parents=True, exist_ok=True)
+        for t, f in per_task.items():
+            n_unex = (unextracted or {}).get(t, 0)
+            name = f"{t}.jsonl" if layout == "file" else f"predictions_{t}.jsonl"
+            with open(preds / name, "w") as fh:
+                for i, c in enumerate(f):
+                    pred = "" if i >= len(f) - n_unex else ("gold" if c else "x")
+                    fh.write(json.dumps({"correct": bool(c), "pred": pred, "skipped": False}) + "\n")
+    res.write_text(json.dumps({"decoding": "greedy", "num_beams": 1, "limit": limit, "device": "cpu",
+                               "tasks": tasks}))
 
 
 def accs_run(accs, seed, **kw):
@@ -249,7 +255,7 @@ def test_complete_sweep_not_partial(tmp_path):
 def test_unpaired_fallback_without_per_example(tmp_path):
     runs = tmp_path / "runs"
     for name, d in (("lora", 0), ("echo-lora", 5)):
-        make_finished(runs, name, 0, accs_run(shifted(d), 0), per_example=False)
+        make_finished(runs, name, 0, accs_run(shifted(d), 0), per_example=None)   # neither field nor files
     res, table = build(tmp_path, runs)
     assert all(t["per_example"] is None for r in res["runs"] for t in r["tasks"].values())
     assert "*unpaired*" in table and "paired test needs" in table and "two-proportion z-test" in table
@@ -259,24 +265,27 @@ def test_unpaired_fallback_without_per_example(tmp_path):
     assert not c["paired"] and c["p"] == pytest.approx(ref[1])
 
 
-def test_todays_eval_folder_layout(tmp_path):
-    """eval.py's --out as a folder (results.json + predictions_<task>.jsonl): per-example correctness and
-    unextracted counts come from the predictions."""
+@pytest.mark.parametrize("layout,per_example", [("file", False), ("file", True), ("folder", False)])
+def test_eval_layouts(tmp_path, layout, per_example):
+    """Per-example correctness from eval.py's <stem>-predictions/<task>.jsonl, from a per-task
+    "per_example" list, or from an older eval.py's folder layout; unextracted from the task entry or
+    counted from the predictions."""
     per = accs_run(BASE_ACC, 3)
     out = tmp_path / "run" / "eval-greedy.json"
-    write_eval(out, per, layout="folder", unextracted={"piqa": 4})
+    write_eval(out, per, layout=layout, per_example=per_example, unextracted={"piqa": 4})
     ev = rp.load_eval(out)
     assert ev["tasks"]["piqa"]["unextracted"] == 4
     assert ev["tasks"]["boolq"]["per_example"] == "".join(map(str, per["boolq"]))
     assert ev["tasks"]["boolq"]["correct"] == BASE_ACC["boolq"]
+    assert ev["settings"]["decoding"] == "greedy" and ev["settings"]["device"] == "cpu"
 
 
 def test_layer_probs_merge(tmp_path):
     runs = tmp_path / "runs"
     for n, scale in (("lora", 1.0), ("echo-lora", 2.0)):
-        d = rp.run_dir(runs, n, 0) / "layer-probs"
+        d = rp.run_dir(runs, n, 0)
         d.mkdir(parents=True)
-        (d / "layer_probs.csv").write_text("layer,boolq,mean\n" + "".join(
+        (d / "layer-probs-layer_probs.csv").write_text("layer,boolq,mean\n" + "".join(
             f"{l},{0.01 * l * scale:.6f},{0.02 * l * scale:.6f}\n" for l in range(4)))
     args = rp.parse_args(["--model", "m", "--runs-dir", str(runs), "--layer-probs", "5",
                           "--layer-png", str(tmp_path / "lp.png"), "--layer-csv", str(tmp_path / "lp.csv")])
