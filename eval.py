@@ -548,7 +548,7 @@ def check_args(args):
         raise ValueError(f"--greedy means 1 beam; it contradicts --num-beams {args.num_beams}: drop one")
     args.num_beams = 1 if args.greedy else (4 if args.num_beams is None else args.num_beams)
     cuda = str(args.device).startswith("cuda")
-    args.batch_size = args.batch_size or (64 if cuda else 16)
+    args.batch_size = (64 if cuda else 16) if args.batch_size is None else args.batch_size
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     for flag, value, low in (("--num-beams", args.num_beams, 1), ("--batch-size", args.batch_size, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 0),

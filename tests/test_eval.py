@@ -3,6 +3,7 @@ merged == unmerged, Echo off by construction, clear errors. Tiny random models; 
 import base64
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -336,3 +337,169 @@ def test_no_arguments_needs_the_default_run(tmp_path, monkeypatch, capsys):
     ev.main(["--greedy", "--max-new-tokens", "4", "--limit", "2"])
     assert (tmp_path / "runs" / "default" / "eval" / "results-default-greedy-new4-limit2.json").exists()
     assert "default" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- CLI flags, progress, naming ----------------
+
+def test_flag_errors_are_one_line(run_dir, tmp_path):
+    base = ["--adapter", str(run_dir), "--limit", "2"]
+    assert "--greedy means 1 beam" in run_main_error(base + ["--greedy", "--num-beams", "4"])
+    assert "--limit must be >= 0, got -1" in run_main_error(["--adapter", str(run_dir), "--limit", "-1"])
+    assert "needs --search-boundary or --layer-probs" in run_main_error(["--adapter", str(run_dir), "--limit", "0"])
+    assert "--batch-size must be >= 1" in run_main_error(base + ["--batch-size", "0"])
+    assert "name a .json results file" in run_main_error(base + ["--out", str(tmp_path)])
+    assert "--val-data is used by" in run_main_error(base + ["--val-data", "x.json"])
+
+
+def test_help_shows_every_default(capsys):
+    for action in ev.build_parser()._actions:
+        if action.dest != "help":
+            assert "default" in action.help, action.dest
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4, the published protocol)" in text and "(default: off, 4-beam search)" in text
+
+
+def test_progress_lines_are_rate_limited_and_give_rate_and_eta():
+    now = [0.0]
+    lines = []
+    meter = ev.Progress("boolq", 100, every=10, clock=lambda: now[0])
+    meter.out = type("Sink", (), {"write": lambda self, s: lines.append(s), "flush": lambda self: None})()
+    now[0] = 5.0
+    assert meter.update(20) is None                                    # < 10 s since the last line
+    now[0] = 10.0
+    assert meter.update(40) == "  boolq: 40/100 (40%) 4.0 examples/s, ETA 0m15s"
+    now[0] = 12.0
+    assert meter.update(48) is None
+    now[0] = 25.0
+    assert meter.update(100) == "  boolq: 100/100 (100%) 4.0 examples/s, ETA 0m00s"   # the end always prints
+    assert len([s for s in lines if s.strip()]) == 2
+
+
+def test_results_are_named_after_their_settings(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "evaluate_suite", lambda *a: {"default": ev.task_result([], 1.0, 32)})
+    args = ev.parse_args(["--adapter", str(run_dir), "--greedy", "--limit", "3"])
+    ev.check_args(args)
+    assert ev.resolve_setup(args).results_path == run_dir / "eval" / "results-default-greedy-limit3.json"
+    args = ev.parse_args(["--adapter", str(run_dir), "--tasks", *ev.COMMONSENSE, "--lora-layers", "2",
+                          "--data-dir", str(tmp_path)])
+    ev.check_args(args)
+    assert ev.results_tag(args.tasks, args) == "commonsense-beam4-K2"
+    many = [f"task{i}" for i in range(12)]
+    assert re.fullmatch(r"12tasks-[0-9a-f]{8}-beam4-K2", ev.results_tag(many, args))
+
+
+def test_method_label_reads_the_run_config():
+    lora, dora = {"method": "lora", "rank": 16}, {"method": "dora", "rank": 8}
+    assert ev.method_label(lora, {"opts": {"echo": True}}) == "Echo-LoRA r=16"
+    assert ev.method_label(dora, {"opts": {"echo": False}, "echo": None}) == "DoRA r=8"
+    assert ev.method_label(dora, {"echo": {"target_layers": [4]}}) == "Echo-DoRA r=8"
+    assert ev.method_label(lora, {}) == "LoRA r=16" and ev.method_label(None, {}) == "base"
+
+
+# ------------------------------------------------------------- skipped rows, batching ---------------------
+
+def test_too_long_prompts_are_skipped_and_counted_wrong(run_dir, tmp_path, capsys):
+    rows = json.loads((run_dir / "data" / "test.json").read_text())[:4]
+    rows[1] = {**rows[1], "instruction": "x" * 300}                    # > max_seq_len 256 bytes
+    path = tmp_path / "long" / "test.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "r.json"
+    ev.main(["--adapter", str(run_dir), "--tasks", str(path), "--greedy", "--max-new-tokens", "4",
+             "--out", str(out)])
+    result = json.loads(out.read_text())["tasks"]["long"]
+    preds = [json.loads(line) for line in (tmp_path / "r-predictions" / "long.jsonl").read_text().splitlines()]
+    assert [p["skipped"] for p in preds] == [False, True, False, False]
+    assert preds[1]["response"] is None and preds[1]["correct"] is False
+    assert result["skipped"] == 1 and result["total"] == 4
+    assert result["correct"] == sum(p["correct"] for p in preds) and result["accuracy"] == result["correct"] / 4
+    table = capsys.readouterr().out.split("Method")[1].splitlines()
+    assert table[2].split() == ["skipped", "1", "1"]
+
+
+def test_batched_sorted_evaluation_equals_one_by_one(run_dir):
+    model, tok = load_model(run_dir / "base", adapter_dir=run_dir / "adapter", dtype=torch.float64)
+    task = ev.resolve_task("default", None, run_dir)
+    examples = ev.load_task_examples(task)
+    examples[2] = {**examples[2], "instruction": examples[2]["instruction"] + " with a much longer tail"}
+    kw = dict(template="alpaca-short", num_beams=1, max_new_tokens=8)
+    _, batched = ev.evaluate_task(model.eval(), tok, task, examples, batch_size=3, **kw)
+    alone = [ev.evaluate_task(model, tok, task, [ex], batch_size=1, **kw)[1][0] for ex in examples]
+    assert [r["response"] for r in batched] == [r["response"] for r in alone]
+    assert [r["instruction"] for r in batched] == [ex["instruction"] for ex in examples]
+    assert len({r["response"] for r in batched}) > 1                   # responses differ, so order matters
+
+
+# ------------------------------------------------------------- validation rows ----------------------------
+
+def test_validation_rows_are_the_runs_held_out_rows(run_dir):
+    from data import load_examples, split_holdout
+    cfg = json.loads((run_dir / "config.json").read_text())
+    task = ev.resolve_task("default", None, run_dir)
+    val = ev.validation_sets([task], 100, cfg, None, "--search-boundary")["default"]
+    train_rows, held = split_holdout(load_examples(run_dir / "data" / "train.json"), 0.2, 0)
+    assert len(val) == len(held) == 6
+    assert sorted(map(json.dumps, val)) == sorted(map(json.dumps, held))
+    assert not {json.dumps(ex) for ex in val} & {json.dumps(ex) for ex in train_rows}
+    assert len(ev.validation_sets([task], 4, cfg, None, "--search-boundary")["default"]) == 4
+
+
+def test_held_out_rows_go_to_the_task_of_their_file(tmp_path):
+    from data import holdout_indices
+    files = []
+    for name, n in (("boolq", 30), ("piqa", 20)):
+        f = tmp_path / name / "train.json"
+        f.parent.mkdir()
+        f.write_text(json.dumps([{"instruction": f"{name} {i}", "input": "", "output": "x",
+                                  "answer": "true" if name == "boolq" else "solution1"} for i in range(n)]))
+        (tmp_path / name / "test.json").write_text(f.read_text())
+        files.append(str(f))
+    cfg = {"opts": {"data": files, "val_split": 0.1, "seed": 3}}
+    tasks = [ev.resolve_task(t, tmp_path) for t in ("boolq", "piqa")]
+    sets = ev.validation_sets(tasks, 100, cfg, None, "--search-boundary")
+    held = holdout_indices(50, 0.1, 3).tolist()
+    assert sorted(int(ex["instruction"].split()[1]) for ex in sets["boolq"]) == [i for i in held if i < 30]
+    assert sorted(int(ex["instruction"].split()[1]) for ex in sets["piqa"]) == [i - 30 for i in held if i >= 30]
+    only_boolq = {"opts": {"data": files[:1], "val_split": 0.1, "seed": 3}}
+    with pytest.raises(ValueError, match=r"no rows for task 'piqa'.*folder name \(\.\.\./piqa/train\.json\)"):
+        ev.validation_sets(tasks, 5, only_boolq, None, "--search-boundary")
+    sets = ev.validation_sets(tasks[1:], 100, {}, [files[1]], "--search-boundary")      # --val-data
+    assert len(sets["piqa"]) == 20
+
+
+def test_search_boundary_refuses_training_rows(run_dir, tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["opts"]["val_split"] = 0.0
+    (run / "config.json").write_text(json.dumps(cfg))
+    msg = run_main_error(["--adapter", str(run), "--greedy", "--search-boundary", "3", "--limit", "0"])
+    assert "no held-out validation rows" in msg and "--val-split" in msg and "--val-data" in msg
+    out = tmp_path / "r.json"                      # an explicit --val-data file is accepted
+    ev.main(["--adapter", str(run), "--greedy", "--max-new-tokens", "2", "--search-boundary", "2", "--limit", "0",
+             "--val-data", str(run / "data" / "test.json"), "--out", str(out)])
+    assert json.loads((tmp_path / "r-boundary.json").read_text())["examples"] == {"default": 2}
+
+
+# ------------------------------------------------------------- damaged files ------------------------------
+
+def test_damaged_or_non_finite_adapter_is_a_one_line_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+    run = make_run(tmp_path / "run")
+    weights = next((run / "adapter").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    msg = run_main_error(["--adapter", str(run), "--greedy", "--limit", "1"])
+    assert "adapter" in msg and ("finite" in msg or "nan" in msg.lower())
+    weights.write_bytes(weights.read_bytes()[:100])
+    msg = run_main_error(["--adapter", str(run), "--greedy", "--limit", "1"])
+    assert str(weights.parent) in msg
+    model_file = run / "base" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    msg = run_main_error(["--model", str(run / "base"), "--greedy", "--limit", "1",
+                          "--tasks", str(run / "data" / "test.json")])
+    assert str(run / "base") in msg
