@@ -574,10 +574,18 @@ def hf_tokenizer_json(tok):
         unk = sp.id_to_piece(sp.unk_id())
         bpe.update(unk_token=unk, fuse_unk=True, byte_fallback=True, vocab=pieces,
                    merges=[f"{a} {b}" for a, b in merges])
+        # SentencePiece's normalizer options (in the model proto) probed by behaviour: whether it adds a
+        # dummy '▁' prefix (LLaMA) and whether it removes extra spaces (llama2.c's stories260K does; onig's
+        # ^ and $ match at every line, hence \A and \z)
+        normalizers = []
+        if sp.encode(" a  b ") == sp.encode("a b"):
+            normalizers += [{"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+                            {"type": "Replace", "pattern": {"Regex": r"\A | \z"}, "content": ""}]
+        if sp.id_to_piece(sp.encode("a")[0]).startswith("▁"):
+            normalizers.append({"type": "Prepend", "prepend": "▁"})
+        normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
         return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": [
-                    {"type": "Prepend", "prepend": "▁"},
-                    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+                "normalizer": {"type": "Sequence", "normalizers": normalizers},
                 "pre_tokenizer": None, "post_processor": _bos_template(tok, strings),
                 "decoder": {"type": "Sequence", "decoders": [
                     {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
@@ -588,7 +596,11 @@ def hf_tokenizer_json(tok):
     u = _bytes_to_unicode()
     spell = lambda t: "".join(u[b] for b in t)  # noqa: E731
     merges = _bpe_merges(ranks, {r: r for r in ranks.values()})
-    bpe.update(ignore_merges=True, vocab={spell(t): r for t, r in ranks.items()},
+    # special tokens are in the vocab too: `tokenizers` gives an added token that is not in the vocab the
+    # next free id, whatever id tokenizer.json says (SmolLM2's specials are ids 0..16, below the ranks)
+    vocab = {spell(t): r for t, r in ranks.items()}
+    vocab.update(tok.special_tokens)
+    bpe.update(ignore_merges=True, vocab=dict(sorted(vocab.items(), key=lambda kv: kv[1])),
                merges=[f"{spell(a)} {spell(b)}" for a, b in merges])
     pattern = getattr(tok, "pattern", None) or _WHOLE_TEXT_PATTERN
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,

@@ -368,20 +368,34 @@ def test_peft_export_follows_peft_layout(tmp_path):
         assert sorted(ours_cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
 
 
-def test_peft_export_of_our_adapter(tmp_path):
-    """An adapter trained here: PEFT keys/shapes as peft names them; B and magnitudes of q/k in HF row order,
-    A unchanged; importing it back gives the same adapter."""
+@pytest.fixture(scope="module")
+def peft_export(tmp_path_factory):
+    """A DoRA adapter trained here (attention modules) and its PEFT export."""
+    tmp_path = tmp_path_factory.mktemp("peft_export")
     m = tiny_model("dora", modules=("wq", "wk", "wv", "wo"))
     save_ours(m, tmp_path / "model")
     assert run_cli("--export", "peft", "--model", tmp_path / "model", "--adapter", tmp_path / "model" / "adapter",
                    tmp_path / "peft") is None
+    return m, tmp_path
+
+
+@pytest.mark.parametrize("module,n_heads", [("wq", 4), ("wk", 2), ("wv", None), ("wo", None)])
+@pytest.mark.parametrize("part", ["lora_a", "lora_b", "magnitude"])
+def test_peft_export_tensor(peft_export, module, n_heads, part):
+    """Each PEFT tensor is ours under peft's name: B and magnitudes of q/k in HF row order, A unchanged."""
+    m, tmp_path = peft_export
     got = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    att = m.layers[1].attention
-    p = "base_model.model.model.layers.1.self_attn."
-    assert torch.equal(got[p + "k_proj.lora_A.weight"], att.wk.lora_a.detach())
-    assert torch.equal(got[p + "k_proj.lora_B.weight"], cw.permute_rotate_half(att.wk.lora_b.detach(), 2))
-    assert torch.equal(got[p + "q_proj.lora_magnitude_vector"], cw.permute_rotate_half(att.wq.magnitude.detach(), 4))
-    assert torch.equal(got[p + "v_proj.lora_B.weight"], att.wv.lora_b.detach())
+    for layer in range(2):
+        ours = getattr(getattr(m.layers[layer].attention, module), part).detach()
+        want = cw.permute_rotate_half(ours, n_heads) if n_heads and part != "lora_a" else ours
+        key = f"base_model.model.model.layers.{layer}.self_attn.{cw.HF_MODULES[module]}.{cw._PEFT_PARTS[part]}"
+        assert torch.equal(got[key], want), key
+
+
+def test_peft_export_of_our_adapter(peft_export):
+    """An adapter trained here: PEFT keys/shapes as peft names them; importing it back gives the same adapter."""
+    m, tmp_path = peft_export
+    got = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert len(got) == 2 * 4 * 3
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and cfg["use_dora"] is True
