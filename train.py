@@ -4,94 +4,106 @@
     torchrun --nproc_per_node 4 train.py --model DIR --data commonsense_170k.json --echo
     python train.py --model llama3-8b --data x.json   # preset = random weights (benchmarks)
 
+Read it in order: options → setup (processes, run folder, model, data) → the step → validation →
+checkpoints → log → main, which is the loop.
+
 One optimizer step = one global batch (default 16) = world_size × grad_accum micro-batches. On an
 Echo step (router eq. 9 says r = 1) each micro-batch runs the Echo-off and the Echo-on pass inside
-one forward of the DDP-wrapped `EchoStep` module (eqs. 2–12, see echo/). Losses are summed over
+one forward of the DDP-wrapped `EchoStep` module (eqs. 2-12: echo.echo_loss). Losses are summed over
 answer tokens and divided by the answer-token count of the whole global batch, so the objective is
 a token mean over the global batch whatever the number of GPUs or micro-batches.
+
+A run folder holds config.json, metrics.jsonl (one line per step), adapter/ (the deployable
+adapter), echo.safetensors + echo_config.json (analysis only), checkpoint/state.pt (one file: every
+tensor and RNG state --resume needs, replaced atomically) and, when the run finished, summary.json.
 """
 import argparse
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
-from echo import EchoConfig, EchoModule, echo_loss, make_router, save_echo
+from echo import EchoConfig, EchoModule, Router, echo_loss, echo_objective, save_echo, supervision
 from model import load_model
 from model.lora import ADAPTER_KEYS, save_adapter
 from model.tokenizer import ByteTokenizer
 
 IGNORE = -100
 DEFAULT_RUN = "runs/default"
+P_BUCKET = 16                # supervised positions per row are padded to a multiple of this (few shapes)
+
+
+# ------------------------------------------------------------------ options
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", default=None, help="model directory (params.json, tokenizer, weights) or a preset name; "
                                     "omitted: the built-in default run")
     a("--data", nargs="+", default=None, help="LLM-Adapters JSON / JSONL files, mixed")
-    a("--template", default=None, help="alpaca (default) | llm-adapters | alpaca-short")
-    a("--out", default=None, help="run folder (default runs/<name>)")
+    a("--template", default=None, help="alpaca | llm-adapters | alpaca-short (None: alpaca)")
+    a("--out", default=None, help="run folder (None: runs/<model>-<method>[-echo])")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--force", action="store_true", help="replace the run (or other files) already in --out")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     a("--method", default="lora", choices=["lora", "dora"])
     a("--rank", type=int, default=16)
     a("--alpha", type=float, default=32.0)
     a("--dropout", type=float, default=0.05)
     a("--modules", nargs="+", default=["wq", "wk", "wv", "wo"], help="adapted modules (wq..w3 or q_proj..)")
     a("--epochs", type=float, default=3)
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (None: --epochs)")
     a("--lr", type=float, default=2e-4)
-    a("--warmup-steps", type=int, default=100)
+    a("--warmup-steps", type=int, default=100, help="linear warm-up, capped at 10%% of the steps")
     a("--weight-decay", type=float, default=0.0)
-    a("--grad-clip", type=float, default=1.0)
-    a("--global-batch", type=int, default=16)
-    a("--micro-batch", type=int, default=4)
-    a("--max-len", type=int, default=256)
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--global-batch", type=int, default=16, help="rows per optimizer step, over all processes")
+    a("--micro-batch", type=int, default=None,
+      help="rows per forward (None: 4 on CPU; on GPU the largest that fits, up to the global batch)")
+    a("--max-len", type=int, default=256, help="rows longer than this (tokens) are dropped")
+    a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+      help="batch rows of similar length together (less padding; see data.length_grouped_order)")
     a("--seed", type=int, default=42)
-    a("--dtype", default="bf16", choices=["bf16", "fp32"])
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)")
+    a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
       help="with --compile on GPU: replay each compiled block as a CUDA graph (removes launch overhead)")
-    a("--save-every", type=int, default=200)
+    a("--val-split", type=float, default=0.0, help="hold out this fraction of the --data rows for validation")
+    a("--val-data", nargs="+", default=None, help="validation files (instead of --val-split)")
+    a("--val-rows", type=int, default=1000, help="validate on at most this many held-out rows")
+    a("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
+    a("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     a("--log-every", type=int, default=10)
-    a("--resume", action="store_true", help="continue from OUT/checkpoint")
-    # Echo (eqs. 2–12) and the ablation switches of the paper's Tables 4/7
     a("--echo", action=argparse.BooleanOptionalAction, default=False, help="train with the Echo path")
-    a("--echo-targets", nargs="+", type=int, default=[4, 5, 6, 7])
-    a("--echo-modules", nargs="+", default=["wq", "wv"])
-    a("--echo-sources", nargs="+", type=int, default=[-8, -7, -6, -5])
-    a("--echo-bottleneck", type=int, default=64)
-    a("--echo-gate-bias", type=float, default=-2.0)
-    a("--echo-lambda-init", type=float, default=0.1)
-    a("--echo-norm", default="layernorm", choices=["layernorm", "rms"])
-    a("--echo-p-start", type=float, default=1.0)
-    a("--echo-p-end", type=float, default=0.2)
-    a("--echo-tau", type=float, default=2.0)
-    a("--echo-lambda-kd", type=float, default=1.0)
-    a("--echo-all-positions", action="store_true", help="ablation: inject on every position (no eq. 8 mask)")
-    a("--echo-any-depth", action="store_true", help="ablation: allow sources not deeper than targets")
-    a("--echo-separate-passes", action="store_true",
-      help="run both passes from the embedding (default: share the layers below the first target)")
+    EchoConfig.add_flags(p)                              # --echo-*: declared once, in EchoConfig
     opts = p.parse_args(argv)
     if opts.model is None:             # the built-in default run has its own defaults; given flags still win
+        if opts.data:
+            p.error("--data needs --model (the built-in default run, without --model, trains on its own task)")
         p.set_defaults(**DEFAULT_RUN_SETTINGS)
         opts = p.parse_args(argv)
     return opts
 
 
-DEFAULT_RUN_SETTINGS = dict(            # `python train.py` (no --model): ~40 s on 2 CPU cores
+DEFAULT_RUN_SETTINGS = dict(            # `python train.py` (no --model): ~1-2 min on 2 CPU cores
     echo=True, modules=["wq", "wk", "wv", "wo", "w1", "w2", "w3"], rank=32, alpha=32.0, dropout=0.0,
-    lr=3e-3, warmup_steps=10, epochs=3, micro_batch=16, echo_targets=[1], echo_sources=[2, 3])
+    lr=3e-3, warmup_steps=10, epochs=3, micro_batch=16, echo_target_layers=[1], echo_source_layers=[2, 3])
 
 
 def apply_default_run(opts):
@@ -105,16 +117,44 @@ def apply_default_run(opts):
     return opts
 
 
-# ------------------------------------------------------------------ distributed
+def check_options(opts):
+    """Flags that cannot work, caught before anything is built; each error names its flag."""
+    def need(ok, flag, what):
+        if not ok:
+            raise ValueError(f"{flag} {what}")
+    for flag, v in (("--global-batch", opts.global_batch), ("--rank", opts.rank), ("--max-len", opts.max_len),
+                    ("--save-every", opts.save_every), ("--log-every", opts.log_every),
+                    ("--val-rows", opts.val_rows)):
+        need(v >= 1, flag, f"must be >= 1, got {v}")
+    need(opts.micro_batch is None or opts.micro_batch >= 1, "--micro-batch", f"must be >= 1, got {opts.micro_batch}")
+    need(opts.max_steps is None or opts.max_steps >= 1, "--max-steps", f"must be >= 1, got {opts.max_steps}")
+    need(opts.epochs > 0, "--epochs", f"must be > 0, got {opts.epochs}")
+    need(opts.lr > 0, "--lr", f"must be > 0 (with {opts.lr} nothing would train), got {opts.lr}")
+    need(0 <= opts.dropout < 1, "--dropout", f"must be in [0, 1), got {opts.dropout}")
+    need(opts.warmup_steps >= 0 and opts.eval_every >= 0 and opts.grad_clip >= 0 and opts.weight_decay >= 0,
+         "--warmup-steps / --eval-every / --grad-clip / --weight-decay", "must be >= 0")
+    need(0 <= opts.val_split < 1, "--val-split", f"must be in [0, 1), got {opts.val_split}")
+    need(not (opts.val_split and opts.val_data), "--val-split", "and --val-data exclude each other")
+    need(not (opts.resume and opts.force), "--resume", "and --force exclude each other")
 
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
+# ------------------------------------------------------------------ setup
+
+
+def setup_distributed(opts):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process.
+    --device cpu uses gloo even on a GPU machine (multi-process tests, or CPU-only runs)."""
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return 0, 1, device
+        return 0, 1, "cuda" if cuda else "cpu"
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    if cuda:
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
+        if per_node > gpus:
+            raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s) visible: "
+                             f"use torchrun --nproc_per_node {gpus}, or --device cpu")
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
         return rank, world, f"cuda:{local}"
@@ -122,123 +162,48 @@ def setup_distributed():
     return rank, world, "cpu"
 
 
-# ------------------------------------------------------------------ the step
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint", "adapter", "echo.safetensors",
+             "echo_config.json", "base", "data")
 
 
-class EchoStep(nn.Module):
-    """What DDP wraps: the adapted model plus (optionally) the Echo module. One forward computes the
-    whole micro-batch loss — both passes on a routed step — so DDP sees one forward per backward."""
-
-    def __init__(self, model, echo=None, separate_passes=False):
-        super().__init__()
-        self.model, self.echo, self.separate_passes = model, echo, separate_passes
-
-    def forward(self, tokens, labels, index, targets, boundary, routed, normalizer):
-        if self.echo is None:
-            h = self.model.run_layers(self.model.embed(tokens), 0, self.model.args.n_layers,
-                                      positions=self.model.positions_for(tokens))
-            logits = self.model.head(h, logits_index=index)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                 reduction="sum")
-            return ce / normalizer, {"sum_off": ce.detach()}
-        return echo_loss(self.model, self.echo, tokens, labels, routed=routed, normalizer=normalizer,
-                         index=index, targets=targets, boundary=boundary,
-                         share_lower_layers=not self.separate_passes)
+def check_run_dir(opts, out):
+    """Never overwrite work: an --out that holds anything needs --resume (to continue) or --force."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    if opts.resume:
+        if not (out / "checkpoint" / "state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint' / 'state.pt'}")
+    elif out.exists() and any(out.iterdir()) and not opts.force:
+        what = "an earlier run" if any((out / f).exists() for f in RUN_FILES[:4]) else "files"
+        raise ValueError(f"--out {out} already holds {what}: --resume continues it, --force replaces it, "
+                         f"or choose another --out")
 
 
-def supervision(labels, bucket=16):
-    """On CPU, before the step: the supervised logit positions {t : y[t+1] ≠ −100} of each row, padded
-    to a multiple of `bucket` (a few shapes for torch.compile), their targets, and the answer
-    boundary t* = first answer position − 1 (eq. 2). Doing this here keeps the GPU step sync-free."""
-    B, T = labels.shape
-    supervised = labels[:, 1:] != IGNORE
-    counts = supervised.sum(1)
-    if (counts == 0).any():
-        raise ValueError("a training row has no answer token")
-    if (labels[:, 0] != IGNORE).any():
-        raise ValueError("a training row is supervised from position 0: no prompt, so no answer boundary t*")
-    P = int(math.ceil(counts.max().item() / bucket) * bucket)
-    index = torch.zeros(B, P, dtype=torch.long)
-    targets = torch.full((B, P), IGNORE, dtype=torch.long)
-    for b in range(B):
-        pos = supervised[b].nonzero()[:, 0]
-        index[b, :len(pos)] = pos
-        targets[b, :len(pos)] = labels[b, pos + 1]
-    boundary = supervised.int().argmax(1)              # first t with y[t+1] supervised = t*
-    return index, targets, boundary
+def make_run_dir(opts, out, master, world):
+    """Create (or, with --force, clear) the run folder; recover from a crash between two renames."""
+    if master:
+        if opts.force and out.exists():
+            for name in RUN_FILES:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {out} is not writable ({e.strerror}): choose another --out") from None
+        for name in ("adapter",):                        # atomic_dir's rename pair was cut short
+            old = out / f"{name}.old"
+            if old.exists() and not (out / name).exists():
+                os.replace(old, out / name)
+        for stale in [*out.glob("*.tmp"), out / "adapter.old", *(out / "checkpoint").glob("*.tmp")]:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
-def trainable_state(model, echo):
-    state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
-    if echo is not None:
-        state.update({f"echo.{k}": v for k, v in echo.state_dict().items()})
-    return state
-
-
-def save_checkpoint(out, step_module, optimizer, scheduler, router, step, epoch, epoch_step, opts):
-    """Everything --resume needs, written to a temporary file and renamed (atomic)."""
-    model, echo = step_module.model, step_module.echo
-    save_adapter(model, out / "adapter")
-    if echo is not None:
-        save_echo(echo, out)
-    state = {"trainable": trainable_state(model, echo), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "router": router.state_dict() if router else None,
-             "step": step, "epoch": epoch, "epoch_step": epoch_step,
-             "opts": vars(opts)}
-    (out / "checkpoint").mkdir(exist_ok=True)
-    tmp = out / "checkpoint" / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "checkpoint" / "state.pt")
-
-
-def load_checkpoint(out, step_module, optimizer, scheduler, router, rank=0):
-    path = out / "checkpoint" / "state.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    trainable = state["trainable"]
-    step_module.model.load_state_dict({k: v for k, v in trainable.items() if not k.startswith("echo.")},
-                                      strict=False)
-    if step_module.echo is not None:
-        step_module.echo.load_state_dict({k[5:]: v for k, v in trainable.items() if k.startswith("echo.")})
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if router is not None:
-        router.load_state_dict(state["router"])
-    rng = torch.load(out / "checkpoint" / f"rng_rank{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"], state["epoch"], state["epoch_step"]
-
-
-def save_rng(out, rank):
-    """Every rank's own RNG state (dropout draws differ per rank), so a resumed run repeats them."""
-    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
-    tmp = out / "checkpoint" / f"rng_rank{rank}.pt.tmp"
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp)
-    os.replace(tmp, out / "checkpoint" / f"rng_rank{rank}.pt")
-
-
-# ------------------------------------------------------------------ setup
-
-
-def peak_flops(device):
-    """Dense bf16 peak of the GPU (for MFU); None on CPU or unknown GPUs."""
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("L40", 181), ("4090", 165)):
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-def build(opts, device):
+def build_model(opts, device):
     overrides = dict(adapter=opts.method, lora_rank=opts.rank, lora_alpha=opts.alpha,
                      lora_dropout=opts.dropout, lora_modules=tuple(opts.modules))
     dtype = torch.bfloat16 if opts.dtype == "bf16" and str(device).startswith("cuda") else torch.float32
@@ -254,45 +219,90 @@ def build(opts, device):
         model, tokenizer = load_model(opts.model, device=device, dtype=dtype, **overrides)
         if tokenizer is None:          # a preset with random weights: a byte tokenizer is enough for benchmarks
             tokenizer = ByteTokenizer()
+    if opts.max_len > model.args.max_seq_len:
+        raise ValueError(f"--max-len {opts.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     return model, tokenizer
 
 
-def main(argv=None):
-    opts = apply_default_run(parse_args(argv))
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    torch.manual_seed(opts.seed)                        # identical adapter init on every rank
-    name = Path(opts.model).name if opts.model else "default"
-    out = Path(opts.out or f"runs/{name}-{opts.method}{'-echo' if opts.echo else ''}")
-
-    model, tokenizer = build(opts, device)
-    out.mkdir(parents=True, exist_ok=True)      # only now: a bad --model leaves no empty run folder
+def load_data(opts, tokenizer, out, master, world, base_model=None):
+    """The training rows and the validation rows (--val-split: held out of --data, seeded)."""
     if opts.model == "default-tiny":
         if master:
             data.write_default_task(out / "data")
-            save_base(model, tokenizer, out / "base")
+            save_base(base_model, tokenizer, out / "base")
         if world > 1:
             dist.barrier()
         opts.data = [str(out / "data" / "train.json")]
     if not opts.data:
         raise ValueError("--data: give at least one LLM-Adapters JSON/JSONL file")
-    dataset = data.load_dataset(opts.data, tokenizer, template=opts.template or "alpaca", max_len=opts.max_len)
+    template = opts.template or "alpaca"
+    rows = data.load_examples(opts.data)
+    val_rows = data.load_examples(opts.val_data) if opts.val_data else []
+    if opts.val_split:
+        rows, val_rows = data.split_holdout(rows, opts.val_split, opts.seed)
+    train_set = data.TokenizedDataset(rows, tokenizer, template, opts.max_len)
+    dropped = train_set.n_dropped / len(rows)
+    if master and dropped > 0.02:
+        print(f"warning: {train_set.n_dropped} of {len(rows)} training rows ({dropped:.0%}) are longer than "
+              f"--max-len {opts.max_len} tokens and are dropped", file=sys.stderr)
+    val_set = data.TokenizedDataset(val_rows[:opts.val_rows], tokenizer, template, opts.max_len) if val_rows else None
+    return train_set, val_set
 
+
+@dataclass
+class Run:
+    """What the loop works with, built once by `setup`."""
+    opts: argparse.Namespace
+    out: Path
+    rank: int
+    world: int
+    device: str
+    model: nn.Module
+    echo: nn.Module
+    step_module: nn.Module        # EchoStep: model + Echo module, one forward per micro-batch
+    ddp: nn.Module                # step_module, DDP-wrapped when world > 1
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    router: Router
+    train_set: object
+    val_set: object
+    total_steps: int
+    grad_accum: int
+    cuda_graphs: bool
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def cuda(self):
+        return str(self.device).startswith("cuda")
+
+
+def setup(opts):
+    """Processes, run folder, model, Echo module, data, optimizer, schedule, router."""
+    check_options(opts)
+    rank, world, device = setup_distributed(opts)
+    master = rank == 0
+    torch.manual_seed(opts.seed)                        # identical adapter init on every rank
+    name = Path(opts.model).name if opts.model else "default"
+    out = Path(opts.out or f"runs/{name}-{opts.method}{'-echo' if opts.echo else ''}")
+    check_run_dir(opts, out)
+
+    model, tokenizer = build_model(opts, device)
+    make_run_dir(opts, out, master, world)      # only now: a bad --model leaves no empty run folder
+    train_set, val_set = load_data(opts, tokenizer, out, master, world, base_model=model)
     echo = None
     if opts.echo:
-        cfg = EchoConfig(target_layers=tuple(opts.echo_targets), target_modules=tuple(opts.echo_modules),
-                         source_layers=tuple(opts.echo_sources), bottleneck=opts.echo_bottleneck,
-                         gate_bias_init=opts.echo_gate_bias, lambda_init=opts.echo_lambda_init,
-                         norm=opts.echo_norm, answer_only=not opts.echo_all_positions,
-                         p_start=opts.echo_p_start, p_end=opts.echo_p_end, tau=opts.echo_tau,
-                         lambda_kd=opts.echo_lambda_kd, allow_any_depth=opts.echo_any_depth, seed=opts.seed)
-        echo = EchoModule(cfg, model.args).to(device)   # fp32, like the adapter weights
-
-    step_module = EchoStep(model, echo, opts.echo_separate_passes)
+        echo = EchoModule(EchoConfig.from_flags(opts, seed=opts.seed), model.args).to(device)   # fp32
+    step_module = EchoStep(model, echo)
+    if opts.micro_batch is None:
+        opts.micro_batch = pick_micro_batch(step_module, opts, world, device)
     use_compile = str(device).startswith("cuda") if opts.compile is None else opts.compile
     cuda_graphs = use_compile and opts.cuda_graphs and str(device).startswith("cuda")
-    if use_compile:     # regional compilation: one block graph serves every layer and both Echo passes
-        compile_step(step_module, "blocks-cg" if cuda_graphs else "blocks")
+    if use_compile:
+        compile_blocks(step_module, cuda_graphs)
     ddp = step_module
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -301,9 +311,9 @@ def main(argv=None):
             broadcast_buffers=False)
 
     accum = data.grad_accum_steps(opts.global_batch, opts.micro_batch, world)
-    per_epoch = data.steps_per_epoch(dataset, opts.global_batch)
+    per_epoch = data.steps_per_epoch(train_set, opts.global_batch)
     if per_epoch == 0:
-        raise ValueError(f"dataset has {len(dataset)} rows, fewer than one global batch of {opts.global_batch}")
+        raise ValueError(f"dataset has {len(train_set)} rows, fewer than one global batch of {opts.global_batch}")
     total = int(math.ceil(opts.epochs * per_epoch)) if opts.max_steps is None else opts.max_steps
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.999),
@@ -311,145 +321,286 @@ def main(argv=None):
     warmup = max(1, min(opts.warmup_steps, total // 10 or 1))   # short runs: cap warmup at 10%
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min((k + 1) / warmup, max(0.0, (total - k) / max(1, total - warmup))))
-    router = make_router(echo.cfg, total) if echo is not None else None
+    router = Router(echo.cfg, total) if echo is not None else None
+    return Run(opts, out, rank, world, device, model, echo, step_module, ddp, params, optimizer, scheduler,
+               router, train_set, val_set, total, accum, cuda_graphs)
 
-    step, epoch, epoch_step = 0, 0, 0
-    if opts.resume:
-        step, epoch, epoch_step = load_checkpoint(out, step_module, optimizer, scheduler, router, rank)
-    if master:
-        (out / "config.json").write_text(json.dumps({"opts": vars(opts), "model": model.args.to_params_json(),
-                                                     "echo": asdict(echo.cfg) if echo else None,
-                                                     "world_size": world, "grad_accum": accum,
-                                                     "train_rows": len(dataset), "dropped_rows": dataset.n_dropped,
-                                                     "total_steps": total}, indent=2))
-        print(f"{len(dataset)} rows ({dataset.n_dropped} longer than {opts.max_len} tokens dropped), "
-              f"{total} steps of {opts.global_batch} on {world} × {device}, grad_accum {accum}, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable, Echo {'on' if echo else 'off'}")
-    metrics = None
-    if master:         # a new run starts the log afresh; a resumed one keeps the steps up to its checkpoint
-        path = out / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if opts.resume and path.exists() else []
-        metrics = open(path, "w")
-        metrics.writelines(line + "\n" for line in kept)
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_peak = peak_flops(device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if opts.dtype == "bf16" and "cuda" in str(device) \
-        else nullcontext()
-    routing = []              # this run's r_k, compared across ranks at the end
-    pending = None            # the previous step's device-side stats, read one step late (no sync per step)
-    read_late = "cuda" in str(device)       # a CPU step is synchronous: read at once, so tok/s is per step
-    t_start = time.perf_counter()
-    window = {"since": t_start, "tokens": 0, "flops": 0.0}     # throughput over the current log window
-    step_at_start = step
 
-    def finish_step(record):
-        """Read one step's losses (finished on the device by now), stop on a non-finite loss, log."""
-        sums, n = record.pop("sums").tolist(), record["answer_tokens"]
-        record["tokens"] = int(sums[3])
-        record["loss_off"] = sums[0] / n
-        record["loss_on"] = sums[1] / n if record["routed"] else None
-        record["loss_kd"] = sums[2] / n if record["routed"] else None
-        record["loss"] = record["loss_off"] + (record["loss_on"] + opts.echo_lambda_kd * record["loss_kd"]
-                                               if record["routed"] else 0.0)           # eq. 11
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']}; "
-                                     f"the last good checkpoint is in {out / 'checkpoint'}")
-        if not master:
-            return
-        # Rates are averaged over the log window: steps are read one step late, so a single step's
-        # wall time is not its own. MFU counts 4·N FLOPs per token and pass (forward 2N, activation
-        # gradients 2N; the frozen weights get no weight gradient), two passes on a routed step.
-        now = time.perf_counter()
-        window["tokens"] += record["tokens"]
-        window["flops"] += 4 * n_params * record["tokens"] * (2 if record["routed"] else 1)
-        elapsed = max(now - window["since"], 1e-9)
-        record["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
-        if flops_peak:
-            record["mfu"] = round(window["flops"] / elapsed / (flops_peak * world), 4)   # per GPU
-        if "cuda" in str(device):
-            record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        if record["step"] % opts.log_every == 0 or record["step"] in (1, total):
-            eta = (now - t_start) / max(record["step"] - step_at_start, 1) * (total - record["step"])
-            echo_part = (f" on {record['loss_on']:.4f} kd {record['loss_kd']:.4f}" if record["routed"] else "")
-            print(f"step {record['step']}/{total} eta {eta / 60:.1f}m loss {record['loss']:.4f} "
-                  f"off {record['loss_off']:.4f}{echo_part} p {record['p']:.2f} routed {int(record['routed'])} "
-                  f"lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}"
-                  + (f" mfu {record['mfu']:.1%}" if "mfu" in record else "")
-                  + (f" mem {record['peak_gib']:.1f}G" if "peak_gib" in record else ""), flush=True)
-            window.update(since=now, tokens=0, flops=0.0)
+# ------------------------------------------------------------------ the step
 
-    while step < total:
-        for epoch_step_now, micro_batches in data.batches(
-                dataset, global_batch=opts.global_batch, micro_batch=opts.micro_batch, rank=rank,
-                world_size=world, seed=opts.seed, epoch=epoch, start_step=epoch_step):
-            if step >= total:
-                break
-            routed = router(step) if router is not None else False     # eq. 9, same draw on every rank
-            routing.append(routed)
-            answer_tokens = micro_batches[0]["global_n_targets"]       # over all micro-batches and ranks
-            normalizer = torch.tensor(answer_tokens / world)            # DDP then averages over ranks
-            sums = torch.zeros(4, device=device)             # Σ CE_off, Σ CE_on, τ²Σ KL, tokens (all ranks)
-            for i, mb in enumerate(micro_batches):
-                index, targets, boundary = supervision(mb["labels"])
-                batch = [t.to(device, non_blocking=True) for t in (mb["input_ids"], mb["labels"], index,
-                                                                    targets, boundary)]
-                last = i == len(micro_batches) - 1
-                with ddp.no_sync() if world > 1 and not last else nullcontext():
-                    with autocast:
-                        loss, stats = ddp(*batch, routed, normalizer)
-                    loss.backward()
-                if cuda_graphs:
-                    keep_grads(params)
-                sums[0] += stats["sum_off"]
-                if routed:
-                    sums[1] += stats["sum_on"]
-                    sums[2] += stats["sum_kd"]
-                sums[3] += int(mb["attention_mask"].sum())
-            if world > 1:
-                dist.all_reduce(sums)               # for the log only; queued, no host sync
-            if opts.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)   # None grads: Echo weights untouched on unrouted steps
-            scheduler.step()
-            step += 1
-            epoch_step = epoch_step_now + 1
-            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                      "p": router.p(step - 1) if router else 0.0, "routed": routed, "sums": sums,
-                      "answer_tokens": answer_tokens}
-            if pending is not None:
-                finish_step(pending)
-            pending = record
-            if step % opts.save_every == 0 or step == total or not read_late:
-                finish_step(pending)         # never checkpoint a step whose loss was not checked
-                pending = None
-            if step % opts.save_every == 0 or step == total:
-                save_rng(out, rank)
-                if master:
-                    save_checkpoint(out, step_module, optimizer, scheduler, router, step, epoch, epoch_step, opts)
-                if world > 1:
-                    dist.barrier()
-        else:
-            epoch, epoch_step = epoch + 1, 0
-    if pending is not None:
-        finish_step(pending)
-    if world > 1 and router is not None:      # the router must agree on every rank: check it, once
-        every_rank = [None] * world
-        dist.all_gather_object(every_rank, routing)
-        if any(r != routing for r in every_rank):
-            raise RuntimeError("Echo routing differed between ranks")
-        if master:
-            print(f"routing identical on all {world} ranks: {sum(routing)} of {len(routing)} steps routed")
-    if master:
-        metrics.close()
-        print(f"done: adapter in {out / 'adapter'}" + (f", Echo weights (analysis only) in {out}" if echo else ""))
-    if world > 1:
-        dist.barrier()                 # leave together: a rank tearing down gloo early can abort its peer
-        dist.destroy_process_group()
-    return out
+
+class EchoStep(nn.Module):
+    """What DDP wraps: the adapted model plus (optionally) the Echo module. One forward computes the
+    whole micro-batch loss — both passes on a routed step — so DDP sees one forward per backward."""
+
+    def __init__(self, model, echo=None):
+        super().__init__()
+        self.model, self.echo = model, echo
+
+    def forward(self, tokens, labels, index, targets, boundary, routed, normalizer):
+        return echo_loss(self.model, self.echo, tokens, labels, routed=routed, normalizer=normalizer,
+                         supervised=(index, targets, boundary))
+
+
+STATS = ("sum_off", "sum_on", "sum_kd", "tokens", "padded_tokens", "stop")   # one step's device-side stats
+
+
+def micro_batches(run, epoch, start_step):
+    """This rank's micro-batches, step by step, with the supervision (answer positions, their targets,
+    t*) computed here on the host, so the step itself never waits for the device."""
+    for step, mbs in data.batches(run.train_set, global_batch=run.opts.global_batch,
+                                  micro_batch=run.opts.micro_batch, rank=run.rank, world_size=run.world,
+                                  seed=run.opts.seed, epoch=epoch, start_step=start_step,
+                                  group_by_length=run.opts.group_by_length):
+        for mb in mbs:
+            mb["supervised"] = supervision(mb["labels"], bucket=P_BUCKET)
+        yield step, mbs
+
+
+def train_step(run, mbs, routed, stop):
+    """One optimizer step: forward + backward of each micro-batch (both passes when routed), gradient
+    clipping, AdamW, LR schedule. Returns the step's STATS as a device tensor, summed over ranks but
+    not read here (reading it would wait for the GPU; the log reads it one step late)."""
+    normalizer = torch.tensor(mbs[0]["global_n_targets"] / run.world)      # DDP averages over ranks
+    stats = torch.zeros(len(STATS), device=run.device)
+    for i, mb in enumerate(mbs):
+        last = i == len(mbs) - 1
+        pin = (lambda t: t.pin_memory()) if run.cuda else (lambda t: t)
+        batch = [pin(t).to(run.device, non_blocking=True) for t in (mb["input_ids"], mb["labels"], *mb["supervised"])]
+        with run.ddp.no_sync() if run.world > 1 and not last else nullcontext():
+            with autocast(run):
+                loss, sums = run.ddp(*batch, routed, normalizer)
+            loss.backward()
+        if run.cuda_graphs and not last:
+            keep_grads(run.params)
+        stats[:3] += sums
+    host = [sum(int(mb["attention_mask"].sum()) for mb in mbs), sum(mb["input_ids"].numel() for mb in mbs), stop]
+    stats[3:] = torch.tensor(host, dtype=torch.float32).to(run.device, non_blocking=True)
+    if run.world > 1:
+        dist.all_reduce(stats)             # queued, no host sync; every rank sees the same numbers
+    if run.opts.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.params, run.opts.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)   # None grads: Echo weights untouched on unrouted steps
+    run.scheduler.step()
+    return stats
+
+
+def autocast(run):
+    bf16 = run.opts.dtype == "bf16" and run.cuda
+    return torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
+
+
+def keep_grads(params):
+    """A CUDA graph writes its outputs, gradients included, into memory that its next replay reuses:
+    move gradients accumulated so far out of that pool before the next micro-batch runs (not needed
+    after the last one: the optimizer consumes them before any replay)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+
+
+def compile_blocks(step_module, cuda_graphs):
+    """Regional compilation: each transformer block is compiled (one graph serves every layer and both
+    Echo passes; fast to compile), and so is the Echo module (eqs. 2-8: dozens of tiny kernels, one
+    graph). cuda_graphs replays them as CUDA graphs, which removes the CPU's kernel-launch overhead."""
+    mode = "reduce-overhead" if cuda_graphs else None
+    for block in step_module.model.layers:
+        block.compile(mode=mode)
+    if step_module.echo is not None:
+        step_module.echo.compile(mode=mode)
+    return step_module
+
+
+def pick_micro_batch(step_module, opts, world, device):
+    """Rows per forward when --micro-batch is not given: 4 on CPU; on GPU the largest divisor of the
+    per-process batch whose routed (both passes) step at --max-len fits in memory."""
+    per_rank = opts.global_batch // world
+    if not str(device).startswith("cuda") or per_rank < 1:
+        return min(4, max(per_rank, 1))
+    model = step_module.model
+    for mb in [d for d in range(per_rank, 0, -1) if per_rank % d == 0]:
+        try:
+            tokens = torch.randint(0, model.args.vocab_size, (mb, opts.max_len))
+            labels = torch.full_like(tokens, IGNORE)
+            labels[:, opts.max_len // 2:] = tokens[:, opts.max_len // 2:]
+            batch = [t.to(device) for t in (tokens, labels, *supervision(labels, P_BUCKET))]
+            with torch.autocast("cuda", torch.bfloat16, enabled=opts.dtype == "bf16"):
+                loss, _ = step_module(*batch, step_module.echo is not None, torch.tensor(1.0))
+            loss.backward()
+            step_module.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(device)
+            del loss, batch
+            torch.cuda.empty_cache()
+            print(f"micro-batch {mb}: the largest that fits at --max-len {opts.max_len} "
+                  f"(of {per_rank} rows per process; --micro-batch overrides)", flush=True)
+            return mb
+        except torch.OutOfMemoryError:
+            step_module.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    raise ValueError(f"not even a micro-batch of 1 row of {opts.max_len} tokens fits in GPU memory: lower --max-len")
+
+
+# ------------------------------------------------------------------ validation
+
+
+@torch.no_grad()
+def validate(run):
+    """Validation loss (token mean over answer tokens) and exact-match accuracy — the share of rows
+    whose every answer token is the argmax under teacher forcing, i.e. whose answer greedy decoding
+    would reproduce — on the held-out rows, Echo off (the deployable model), dropout off."""
+    model, val = run.model, run.val_set
+    model.eval()
+    sums = torch.zeros(4, device=run.device)             # Σ CE, answer tokens, exact rows, rows
+    size = run.opts.micro_batch
+    for start in range(run.rank * size, len(val), run.world * size):
+        rows = [val[i] for i in range(start, min(start + size, len(val)))]
+        mb = data.collate(rows, val.pad_id, 32, val.max_len)
+        index, targets, _ = (t.to(run.device) for t in supervision(mb["labels"], P_BUCKET))
+        tokens = mb["input_ids"].to(run.device)
+        with autocast(run):
+            h = model.run_layers(model.embed(tokens), 0, model.args.n_layers, positions=model.positions_for(tokens))
+            logits = model.head(h, logits_index=index).float()
+        valid = targets != IGNORE
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        exact = ((logits.argmax(-1) == targets) | ~valid).all(dim=1)
+        sums += torch.stack([ce, valid.sum(), exact.sum(), torch.tensor(len(rows), device=run.device)]).float()
+    if run.world > 1:
+        dist.all_reduce(sums)
+    model.train()
+    ce, n, exact, rows = sums.tolist()
+    return {"val_loss": ce / max(n, 1), "val_exact": exact / max(rows, 1), "val_rows": int(rows)}
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def trainable_state(model, echo):
+    state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+    if echo is not None:
+        state.update({f"echo.{k}": v for k, v in echo.state_dict().items()})
+    return state
+
+
+def atomic_file(path, write):
+    """write(tmp), flush it to disk, then rename it over `path`: a reader (or a resume after kill -9,
+    power loss or a full disk) finds the complete old file or the complete new one, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"writing {path} failed ({e.strerror}); the previous version is intact — "
+                               f"free space or fix the folder, then --resume") from None
+
+
+def atomic_dir(path, write):
+    """The same for a folder: write into path.tmp, then swap it in with two renames (make_run_dir
+    recovers the old folder if a crash falls between them)."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"writing {path} failed ({e.strerror}); the previous version is intact") from None
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_finite(run, step):
+    """A non-finite weight or optimizer moment must never be saved: it would poison every resume."""
+    tensors = [p for p in run.params] + [v for s in run.optimizer.state.values() for v in s.values()
+                                         if torch.is_tensor(v) and v.is_floating_point()]
+    if not bool(torch.stack([t.detach().float().isfinite().all() for t in tensors]).all()):
+        raise FloatingPointError(f"non-finite weights after step {step} (try a lower --lr); nothing was saved "
+                                 f"for this step — {last_checkpoint(run)}")
+
+
+def last_checkpoint(run):
+    path = run.out / "checkpoint" / "state.pt"
+    if not path.exists():
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint is in {path.parent} (step {torch.load(path, weights_only=False)['step']})"
+
+
+def save_checkpoint(run, step, epoch, epoch_step):
+    """checkpoint/state.pt — one file, so one atomic unit: adapter + Echo weights, AdamW, LR schedule,
+    router, every rank's RNG (dropout draws differ per rank), the data position and the options.
+    Then the deployable outputs adapter/ and echo.safetensors, each replaced atomically as well."""
+    check_finite(run, step)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.device) if run.cuda else None}
+    rngs = [rng]
+    if run.world > 1:
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng)
+    if run.master:
+        state = {"trainable": {k: v.detach().cpu() for k, v in trainable_state(run.model, run.echo).items()},
+                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "router": run.router.state_dict() if run.router else None, "rng": rngs,
+                 "step": step, "epoch": epoch, "epoch_step": epoch_step, "opts": vars(run.opts)}
+        (run.out / "checkpoint").mkdir(exist_ok=True)
+        atomic_file(run.out / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
+        write_outputs(run)
+    if run.world > 1:
+        dist.barrier()
+
+
+def write_outputs(run):
+    atomic_dir(run.out / "adapter", lambda tmp: save_adapter(run.model, tmp))
+    if run.echo is not None:
+        save_echo(run.echo, run.out)
+
+
+# Options a resume may change: where and how it runs, not what it computes.
+RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs", "micro_batch",
+                     "save_every", "log_every", "eval_every"}
+
+
+def check_resume_options(saved, opts):
+    for key in sorted(set(saved) | set(vars(opts))):
+        if key in RESUME_MAY_CHANGE or saved.get(key) == getattr(opts, key, None):
+            continue
+        raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(opts, key, None)!r} but the checkpoint "
+                         f"was trained with {saved.get(key)!r}; it fixes shapes, the data order or the schedule — "
+                         f"resume with the checkpoint's value, or start a new run in another --out")
+
+
+def load_checkpoint(run):
+    """Restore everything save_checkpoint wrote; returns (step, epoch, epoch_step)."""
+    path = run.out / "checkpoint" / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        trainable, rngs = state["trainable"], state["rng"]
+    except Exception as e:       # truncated or foreign file: name it, say what to do
+        raise ValueError(f"{path} is damaged ({type(e).__name__}); restore it, or start again with --force") from None
+    check_resume_options(state["opts"], run.opts)
+    expected = trainable_state(run.model, run.echo)
+    if set(trainable) != set(expected):
+        raise ValueError(f"{path} does not match this model's adapter (e.g. {sorted(set(trainable) ^ set(expected))[0]})")
+    run.model.load_state_dict({k: v for k, v in trainable.items() if not k.startswith("echo.")}, strict=False)
+    if run.echo is not None:
+        run.echo.load_state_dict({k[5:]: v for k, v in trainable.items() if k.startswith("echo.")})
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.router is not None:
+        run.router.load_state_dict(state["router"])
+    if len(rngs) != run.world and run.master:
+        print(f"warning: the checkpoint has {len(rngs)} rank(s), this run {run.world}: "
+              f"dropout draws will differ from an uninterrupted run", file=sys.stderr)
+    rng = rngs[run.rank % len(rngs)]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and run.cuda:
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    if run.master:
+        print(f"resumed from step {state['step']} of {run.total_steps} ({path})", flush=True)
+    return state["step"], state["epoch"], state["epoch_step"]
 
 
 def save_base(model, tokenizer, out_dir):
@@ -463,62 +614,272 @@ def save_base(model, tokenizer, out_dir):
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
 
 
-def keep_grads(params):
-    """A CUDA graph writes its outputs, gradients included, into memory that its next replay reuses:
-    move accumulated gradients out of that pool before the next micro-batch runs."""
-    for p in params:
-        if p.grad is not None:
-            p.grad = p.grad.clone()
+# ------------------------------------------------------------------ log
 
 
-def compile_step(step_module, how):
-    """how: "blocks" compiles each transformer block (one graph serves all layers and both Echo
-    passes; fast to compile); "layers" compiles run_layers (one graph per layer range);
-    "step" compiles the whole micro-step. "-cg" adds CUDA graphs."""
-    mode = "reduce-overhead" if how.endswith("-cg") else None
-    if how.startswith("blocks"):
-        for block in step_module.model.layers:
-            block.compile(mode=mode)
-        if step_module.echo is not None:      # eqs. 3–6: dozens of tiny kernels, one graph
-            step_module.echo.compile(mode=mode)
-        return step_module
-    if how.startswith("layers"):
-        step_module.model.run_layers = torch.compile(step_module.model.run_layers, mode=mode)
-        return step_module
-    return torch.compile(step_module, mode=mode)
+class Log:
+    """metrics.jsonl (one line per step) and the progress line. On GPU a step's stats are read one
+    step late, so the loop never waits for the device; on CPU a step is synchronous and read at once.
+    Also where a non-finite loss and a stop request (Ctrl-C / SIGTERM on any rank) are noticed — from
+    stats summed over ranks, so every rank notices them at the same step.
+
+    tokens_per_s counts real (non-padding) tokens over the log window; padded_tokens_per_s counts
+    every position the GPU computed. Steps that met a new batch shape (compile / CUDA-graph capture)
+    are warm-up: their time is reported apart and left out of the steady rate and the ETA."""
+
+    def __init__(self, run, start_step):
+        self.run, self.pending, self.start_step = run, None, start_step
+        self.file = None
+        if run.master:
+            path = run.out / "metrics.jsonl"     # a resumed run keeps the lines up to its checkpoint
+            kept = [l for l in path.read_text().splitlines() if parsed_step(l) <= start_step] \
+                if run.opts.resume and path.exists() else []
+            atomic_file(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
+            self.file = open(path, "a")
+        n_params = sum(p.numel() for p in run.model.parameters())
+        on_share = 0.0 if run.echo is None else (
+            1.0 if run.echo.cfg.separate_passes else 1 - run.echo.cfg.target_layers[0] / run.model.args.n_layers)
+        # MFU: 4·N FLOPs per token and pass (forward 2N, activation gradients 2N; the frozen weights get no
+        # weight gradient); a routed step's Echo-on pass runs only the layers from the first target up.
+        self.flops_per_token = {False: 4 * n_params, True: 4 * n_params * (1 + on_share)}
+        self.peak = peak_flops(run.device)
+        self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
+        self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
+        self.last_end = time.perf_counter()
+        self.stop_signal = 0
+        self.routing = []                    # this run's r_k, compared across ranks at the end
+
+    def step(self, record, stats, shape):
+        """Called after each optimizer step with its record, device stats and batch shape."""
+        now = time.perf_counter()
+        record["seconds"], self.last_end = now - self.last_end, now
+        self.routing.append(record["routed"])
+        record["warmup"] = shape not in self.shapes
+        self.shapes.add(shape)
+        record["stats"] = stats
+        if self.pending is not None:
+            self.finish(self.pending)
+        self.pending = record
+        if not self.run.cuda:
+            self.flush()
+
+    def flush(self):
+        if self.pending is not None:
+            self.finish(self.pending)
+            self.pending = None
+
+    def finish(self, record):
+        stats = dict(zip(STATS, record.pop("stats").tolist()))
+        n, routed = record["answer_tokens"], record["routed"]
+        record["loss_off"] = stats["sum_off"] / n
+        if self.run.echo is not None:
+            record["loss_on"] = stats["sum_on"] / n if routed else None
+            record["loss_kd"] = stats["sum_kd"] / n if routed else None
+        record["loss"] = echo_objective(record["loss_off"], record.get("loss_on"), record.get("loss_kd"), routed,
+                                        self.run.echo.cfg.lambda_kd if self.run.echo else 1.0)     # eq. 11
+        record["tokens"], record["padded_tokens"] = int(stats["tokens"]), int(stats["padded_tokens"])
+        self.stop_signal = max(self.stop_signal, int(stats["stop"]))
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']} (try a lower --lr); "
+                                     f"{last_checkpoint(self.run)}")
+        if record["warmup"]:
+            self.warmup_s += record["seconds"]
+        else:
+            self.steady.update(s=self.steady["s"] + record["seconds"], steps=self.steady["steps"] + 1,
+                               tokens=self.steady["tokens"] + record["tokens"],
+                               padded=self.steady["padded"] + record["padded_tokens"])
+        if self.run.master:
+            self.write(record)
+
+    def write(self, record):
+        run, w, now = self.run, self.window, time.perf_counter()
+        w["tokens"] += record["tokens"]
+        w["padded"] += record["padded_tokens"]
+        w["flops"] += self.flops_per_token[record["routed"]] * record["padded_tokens"]
+        elapsed = max(now - w["since"], 1e-9)
+        record["tokens_per_s"] = round(w["tokens"] / elapsed, 1)
+        record["padded_tokens_per_s"] = round(w["padded"] / elapsed, 1)
+        record["padding"] = round(1 - record["tokens"] / max(record["padded_tokens"], 1), 4)
+        if self.peak:
+            record["mfu"] = round(w["flops"] / elapsed / (self.peak * run.world), 4)     # per GPU
+        if run.cuda:
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if record["step"] % run.opts.log_every == 0 or record["step"] in (1, run.total_steps) or "val_loss" in record:
+            print(self.line(record), flush=True)
+            w.update(since=now, tokens=0, padded=0, flops=0.0)
+
+    def line(self, r):
+        run = self.run
+        left = run.total_steps - r["step"]
+        per_step = self.steady["s"] / self.steady["steps"] if self.steady["steps"] else r["seconds"]
+        parts = [f"step {r['step']}/{run.total_steps}", f"loss {r['loss']:.4f}"]
+        if run.echo is not None:
+            parts.append(f"(off {r['loss_off']:.4f}" + (f" on {r['loss_on']:.4f} kd {r['loss_kd']:.4f}" if r["routed"]
+                         else "") + f", p {r['p']:.2f}{' routed' if r['routed'] else ''})")
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.4f} exact {r['val_exact']:.1%}")
+        parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s (pad {r['padding']:.0%})"]
+        parts += [f"mfu {r['mfu']:.1%}"] if "mfu" in r else []
+        parts += [f"mem {r['peak_gib']:.1f}G"] if "peak_gib" in r else []
+        parts.append(f"eta {left * per_step / 60:.1f}m")
+        return " | ".join(parts)
+
+    def summary(self, wall):
+        s, run = self.steady, self.run
+        return {"steps": run.total_steps, "train_seconds": round(wall, 1), "warmup_seconds": round(self.warmup_s, 1),
+                "tokens_per_s": round(s["tokens"] / s["s"], 1) if s["s"] else None,
+                "padded_tokens_per_s": round(s["padded"] / s["s"], 1) if s["s"] else None,
+                "batch_shapes": len(self.shapes), "micro_batch": run.opts.micro_batch, "world_size": run.world,
+                "peak_gib": round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.cuda else None,
+                "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu"}
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
-def make_benchmark_step(model, echo_mode, compiled, batch, seq, answer):
-    """For tests/benchmark.py: a closure running one optimizer step of this file's training step on
-    random tokens (answers on the last `answer` positions). echo_mode: off | routed | unrouted.
-    compiled: False or a compile_step() mode."""
-    device = model.tok_embeddings.weight.device
-    echo = None
-    if echo_mode != "off":
-        echo = EchoModule(EchoConfig(), model.args).to(device)
-    step_module = EchoStep(model, echo)
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    runner = compile_step(step_module, compiled) if compiled else step_module
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    tokens = torch.randint(0, model.args.vocab_size, (batch, seq))
-    labels = torch.full_like(tokens, IGNORE)
-    labels[:, -answer:] = tokens[:, -answer:]
-    index, targets, boundary = supervision(labels)
-    args = [t.to(device) for t in (tokens, labels, index, targets, boundary)]
-    normalizer = (targets != IGNORE).sum().float()      # 0-d CPU tensor: no recompile when it changes
+def parsed_step(line):
+    """The step of a metrics.jsonl line; a line torn by a crash mid-write counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
-    def run():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss, _ = runner(*args, echo_mode == "routed", normalizer)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return run
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU (for MFU); None on CPU or unknown GPUs."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("L40", 181), ("4090", 165)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM (cluster schedulers send it before they kill): finish the current step, write a
+    checkpoint, say where, exit with 128 + signal (130 / 143). A second signal exits at once."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[s] = signal.signal(s, self.handle)
+            except ValueError:             # not the main thread (e.g. an embedding application)
+                pass
+
+    def handle(self, signum, frame):
+        if self.signum:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------ main
+
+
+def write_config(run):
+    atomic_file(run.out / "config.json", lambda tmp: tmp.write_text(json.dumps({
+        "opts": vars(run.opts), "model": run.model.args.to_params_json(),
+        "echo": asdict(run.echo.cfg) if run.echo else None, "world_size": run.world, "grad_accum": run.grad_accum,
+        "train_rows": len(run.train_set), "dropped_rows": run.train_set.n_dropped,
+        "val_rows": len(run.val_set) if run.val_set else 0, "total_steps": run.total_steps}, indent=2)))
+    print(f"{len(run.train_set)} rows ({run.train_set.n_dropped} longer than {run.opts.max_len} tokens dropped"
+          f"{f', {len(run.val_set)} for validation' if run.val_set else ''}), {run.total_steps} steps of "
+          f"{run.opts.global_batch} on {run.world} × {run.device}, micro-batch {run.opts.micro_batch} × grad_accum "
+          f"{run.grad_accum}, {sum(p.numel() for p in run.params) / 1e6:.2f}M trainable, "
+          f"Echo {'on' if run.echo else 'off'}", flush=True)
+
+
+def main(argv=None):
+    opts = apply_default_run(parse_args(argv))
+    run = setup(opts)
+    position = load_checkpoint(run) if opts.resume else (0, 0, 0)      # (step, epoch, step in epoch)
+    if run.master:
+        write_config(run)
+    log, stop = Log(run, position[0]), StopRequest()
+    t_start = time.perf_counter()
+    try:
+        step = train(run, log, stop, *position)
+    finally:
+        stop.restore()
+        log.close()
+    finish(run, log, stop, step, time.perf_counter() - t_start)
+    return run.out
+
+
+def train(run, log, stop, step, epoch, epoch_step):
+    """The loop: one optimizer step per global batch, until total_steps or a stop request."""
+    while step < run.total_steps:
+        for epoch_step_now, mbs in micro_batches(run, epoch, epoch_step):
+            routed = run.router(step) if run.router else False      # eq. 9, the same draw on every rank
+            try:
+                stats = train_step(run, mbs, routed, stop.signum)
+            except torch.OutOfMemoryError:
+                raise ValueError(f"out of GPU memory at step {step + 1} with --micro-batch {run.opts.micro_batch}: "
+                                 f"pass a smaller one; {last_checkpoint(run)}") from None
+            step, epoch_step = step + 1, epoch_step_now + 1
+            record = {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "routed": routed,
+                      "answer_tokens": mbs[0]["global_n_targets"]}
+            if run.router:
+                record["p"] = run.router.p(step - 1)
+            last = step == run.total_steps
+            if run.val_set is not None and (last or run.opts.eval_every and step % run.opts.eval_every == 0):
+                record.update(validate(run))          # into this step's own metrics line
+            log.step(record, stats, batch_shape(mbs, routed))
+            if last or step % run.opts.save_every == 0 or log.stop_signal:
+                log.flush()                           # never checkpoint a step whose loss was not checked
+                save_checkpoint(run, step, epoch, epoch_step)
+            if last or log.stop_signal:
+                log.flush()
+                return step
+        epoch, epoch_step = epoch + 1, 0
+    return step
+
+
+def batch_shape(mbs, routed):
+    """What a compiled step is specialised on: routing and each micro-batch's [B, T] and P."""
+    return (routed, *((*mb["input_ids"].shape, mb["supervised"][0].shape[1]) for mb in mbs))
+
+
+def finish(run, log, stop, step, wall):
+    """After a stop request: exit 130 / 143 (its checkpoint is written). Otherwise check that routing
+    agreed on every rank and write summary.json."""
+    if log.stop_signal:
+        signum = stop.signum or signal.SIGTERM
+        if run.master:
+            print(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint in "
+                  f"{run.out / 'checkpoint'}; continue with --resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    if run.world > 1 and run.router is not None:      # the router must agree on every rank: check it, once
+        every_rank = [None] * run.world
+        dist.all_gather_object(every_rank, log.routing)
+        if any(r != log.routing for r in every_rank):
+            raise RuntimeError("Echo routing differed between ranks")
+        if run.master:
+            print(f"routing identical on all {run.world} ranks: {sum(log.routing)} of {len(log.routing)} steps routed")
+    if run.master:
+        summary = log.summary(wall)
+        atomic_file(run.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        steady = f", {summary['tokens_per_s'] / 1e3:.1f}k tok/s steady" if summary["tokens_per_s"] else ""
+        print(f"done in {wall:.0f}s (warm-up {summary['warmup_seconds']:.0f}s, {summary['batch_shapes']} batch "
+              f"shapes{steady}): adapter in {run.out / 'adapter'}"
+              + (f", Echo weights (analysis only) in {run.out}" if run.echo else ""), flush=True)
+    if run.world > 1:
+        dist.barrier()                 # leave together: a rank tearing down gloo early can abort its peer
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -34,7 +34,8 @@ global_n_targets gives the exact token-mean over the global batch, independent o
 
 Padding: right padding with tok.pad_id, labels -100, attention_mask False; a micro-batch is padded to its
 longest row rounded up to a multiple of pad_multiple (default 32, capped at the dataset's max_len) so
-torch.compile sees only a few shapes.
+torch.compile sees only a few shapes. `group_by_length` (train.py's default) puts rows of similar
+length into the same global batch (length_grouped_order), which cuts most of the padding.
 """
 import json
 import math
@@ -147,6 +148,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.RandomState([seed, epoch]).permutation(n)
 
 
+def holdout_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows held out for validation (--val-split): a sorted, seed-fixed sample of round(n·fraction)
+    of range(n). train.py trains on the others; eval.py --search-boundary draws from these, so the
+    boundary is never picked on rows the adapter trained on. Independent of the epoch shuffles."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--val-split must be in [0, 1), got {fraction}")
+    n_val = int(round(n * fraction))
+    return np.sort(np.random.RandomState([seed, 7919]).permutation(n)[:n_val])
+
+
+def split_holdout(examples: list, fraction: float, seed: int):
+    """-> (train rows, validation rows) of `examples` (see holdout_indices)."""
+    held = set(holdout_indices(len(examples), fraction, seed).tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
 def steps_per_epoch(dataset, global_batch: int) -> int:
     return len(dataset) // global_batch
 
@@ -175,8 +193,31 @@ def collate(rows, pad_id: int, pad_multiple: int = 32, max_len=None) -> dict:
             "n_targets": int((labels != IGNORE_INDEX).sum())}
 
 
+def length_grouped_order(order: np.ndarray, lengths, global_batch: int, seed: int, epoch: int,
+                         window: int = 64) -> np.ndarray:
+    """--group-by-length: within each window of `window` global batches of the shuffled order, sort
+    the rows by length and re-cut them into global batches, then shuffle those batches (seeded by
+    seed, epoch, window). Every row is still seen once per epoch and batches still come in random
+    order, but a batch holds rows of similar length, so little of it is padding. The price: rows of
+    a batch are correlated in length (as with Hugging Face's group_by_length)."""
+    out = []
+    span = window * global_batch
+    for w, start in enumerate(range(0, len(order), span)):
+        chunk = order[start:start + span]
+        chunk = chunk[np.argsort([-lengths[i] for i in chunk], kind="stable")]
+        n_full = len(chunk) // global_batch
+        groups = [chunk[b * global_batch:(b + 1) * global_batch] for b in range(n_full)]
+        rest = chunk[n_full * global_batch:]
+        perm = np.random.RandomState([seed, epoch, w]).permutation(len(groups))
+        out.extend(groups[i] for i in perm)
+        if len(rest):
+            out.append(rest)
+    return np.concatenate(out) if out else order
+
+
 def batches(dataset, *, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
-            seed: int = 0, epoch: int = 0, start_step: int = 0, pad_multiple: int = 32):
+            seed: int = 0, epoch: int = 0, start_step: int = 0, pad_multiple: int = 32,
+            group_by_length: bool = False):
     """Yields (step, [micro-batch dicts of this rank]) for steps start_step .. steps_per_epoch-1 of `epoch`."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
@@ -185,6 +226,8 @@ def batches(dataset, *, global_batch: int, micro_batch: int, rank: int = 0, worl
     if n_steps == 0:
         raise ValueError(f"dataset of {len(dataset)} examples is smaller than one global batch ({global_batch})")
     order = epoch_order(len(dataset), seed, epoch)
+    if group_by_length:
+        order = length_grouped_order(order, [len(ids) for ids in dataset.ids], global_batch, seed, epoch)
     shard = global_batch // world_size
     for step in range(start_step, n_steps):
         idx = order[step * global_batch:(step + 1) * global_batch]

@@ -4,7 +4,7 @@ Notation: B batch, T sequence, V vocabulary, D model dim. Labels are "unshifted"
 input ids, prompt and padding = -100), so the logit at position t predicts token t+1 and the
 supervised logit positions are A = {t : y[t+1] != -100}.
 
-One training step (train.py, or `echo_loss` below, which does all of it):
+One training step (`echo_loss` below does all of it for one micro-batch; train.py calls it):
     Echo-off pass → L_off, source hidden states h_l at the answer boundary t*   (no injection)
     z   = mean_l sg(h_l[b, t*_b])                                                eq. 2
     z̄   = Norm(z)                                                                eq. 3
@@ -18,10 +18,11 @@ One training step (train.py, or `echo_loss` below, which does all of it):
     L   = L_off + r_k (L_on + λ_kd L_kd)      (r_k = 0: the Echo-on pass is skipped)  eq. 11
     L_kd = τ²/|A| Σ_{t∈A} KL(q_on ‖ q_off),  q = softmax(logits/τ), q_on detached   eq. 12
 """
+import argparse
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -34,9 +35,17 @@ IGNORE = -100
 MODULES = ATTENTION_MODULES + FFN_MODULES
 
 
+def option(default, help, flag=None, **argparse_kw):
+    """An EchoConfig field that is also a train.py flag: `flag` (default --echo-<name>) with `help`."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kw})
+
+
 @dataclass(frozen=True)
 class EchoConfig:
-    """Echo hyper-parameters (defaults = the paper's main setting).
+    """Echo hyper-parameters (defaults = the paper's main setting) — the one place they are declared.
+
+    Every field is also a train.py flag (`add_flags` derives flag, default and help from here;
+    `from_flags` reads them back), so an ablation switch is one new field here.
 
     Layer indices are 0-based block indices and may be negative (Python style, -1 = last block);
     `resolve(n_layers)` turns them non-negative and validates. A source layer l means "the residual
@@ -52,85 +61,159 @@ class EchoConfig:
     since residual streams of LLMs carry large per-token offsets/outlier dimensions and centring
     removes the shared offset. "rms": z / rms(z) (no centring, as in the model's RMSNorm).
     """
-    target_layers: tuple = (4, 5, 6, 7)
-    target_modules: tuple = ("wq", "wv")
-    source_layers: tuple = (-8, -7, -6, -5)
-    bottleneck: int = 64
-    gate_bias_init: float = -2.0        # b in eq. 5: the gate starts mostly closed (σ(-2) ≈ 0.12)
-    lambda_init: float = 0.1            # λ in eq. 6 (see above: must be ≠ 0)
-    norm: str = "layernorm"             # eq. 3: "layernorm" | "rms"
-    norm_eps: float = 1e-5
-    answer_only: bool = True            # eq. 8; False = "w/o answer-only masking" ablation
-    p_start: float = 1.0                # eq. 10; p_start = p_end = 1 = routing off (always Echo-on)
-    p_end: float = 0.2
-    tau: float = 2.0                    # eq. 12
-    lambda_kd: float = 1.0              # eq. 11
-    allow_any_depth: bool = False       # True allows deep→deep / shallow→shallow ablations
-    seed: int = 0                       # router seed; must be identical on every rank
+    target_layers: tuple = option((4, 5, 6, 7), "shallow target layers receiving δ (eq. 7); "
+                                  "negative = from the end", "--echo-targets")
+    target_modules: tuple = option(("wq", "wv"), "target modules (eq. 7): wq wk wv wo w1 w2 w3 "
+                                   "or q_proj … down_proj", "--echo-modules")
+    source_layers: tuple = option((-8, -7, -6, -5), "deep source layers averaged into z at t* (eq. 2)",
+                                  "--echo-sources")
+    bottleneck: int = option(64, "width of W1 / U1 (eqs. 4-5)")
+    gate_bias_init: float = option(-2.0, "initial gate bias b (eq. 5); the gate starts mostly closed, "
+                                   "σ(-2) ≈ 0.12", "--echo-gate-bias")
+    lambda_init: float = option(0.1, "initial scale λ (eq. 6); must be ≠ 0 (see EchoConfig)")
+    norm: str = option("layernorm", "eq. 3: parameter-free layernorm or rms", choices=("layernorm", "rms"))
+    norm_eps: float = option(1e-5, "eps of eq. 3")
+    all_positions: bool = option(False, "ablation 'w/o answer-only masking': inject on every real "
+                                 "position (M of eq. 8 = attention mask)")
+    p_start: float = option(1.0, "routing probability at the first step (eqs. 9-10)")
+    p_end: float = option(0.2, "routing probability at the last step (eq. 10); "
+                          "--echo-p-start 1 --echo-p-end 1 = routing off")
+    tau: float = option(2.0, "KD temperature τ (eq. 12)")
+    lambda_kd: float = option(1.0, "weight λ_kd of L_kd (eq. 11)")
+    any_depth: bool = option(False, "ablation: allow sources that are not deeper than every target "
+                             "(deep→deep, shallow→shallow)")
+    separate_passes: bool = option(False, "run both passes from the embedding, with separate dropout "
+                                   "draws (default: share the layers below the first target)")
+    seed: int = field(default=0, metadata={"flag": False})   # the router's seed: train.py's --seed
 
     def resolve(self, n_layers):
-        """Validated copy with non-negative, sorted layers and canonical module names."""
+        """Validated copy with non-negative, sorted layers and canonical module names. Messages name
+        the flag (and the field) at fault."""
         def layers(name, values):
             values = tuple(values)
             if not values:
-                raise ValueError(f"Echo {name} is empty")
+                raise ValueError(f"{where(name)} is empty")
             out = []
             for l in values:
                 if not isinstance(l, int) or isinstance(l, bool):
-                    raise ValueError(f"Echo {name}: layer {l!r} is not an int")
+                    raise ValueError(f"{where(name)}: layer {l!r} is not an int")
                 if not -n_layers <= l < n_layers:
-                    raise ValueError(f"Echo {name}: layer {l} out of range for a {n_layers}-layer model")
+                    raise ValueError(f"{where(name)}: layer {l} out of range for a {n_layers}-layer model")
                 out.append(l % n_layers)
             if len(set(out)) != len(out):
-                raise ValueError(f"Echo {name} {values} has duplicates (after resolving negatives)")
+                raise ValueError(f"{where(name)} {values} has duplicates (after resolving negatives)")
             return tuple(sorted(out))
 
         targets = layers("target_layers", self.target_layers)
         sources = layers("source_layers", self.source_layers)
         if isinstance(self.target_modules, str):
-            raise ValueError(f"Echo target_modules must be a sequence of names, got the string {self.target_modules!r}")
+            raise ValueError(f"{where('target_modules')} must be a sequence of names, got the string "
+                             f"{self.target_modules!r}")
         if not self.target_modules:
-            raise ValueError("Echo target_modules is empty")
+            raise ValueError(f"{where('target_modules')} is empty")
         try:
             modules = tuple(dict.fromkeys(canonical_module(m) for m in self.target_modules))
         except ValueError as e:
-            raise ValueError(f"Echo target_modules: {e}") from None
-        if not self.allow_any_depth and min(sources) <= max(targets):
-            raise ValueError(f"Echo source layers {sources} must all be deeper than every target layer "
-                             f"{targets} (set allow_any_depth=True for the deep→deep / shallow→shallow ablations)")
+            raise ValueError(f"{where('target_modules')}: {e}") from None
+        if not self.any_depth and min(sources) <= max(targets):
+            raise ValueError(f"{where('source_layers')} {sources} must all be deeper than every target layer "
+                             f"{targets} ({where('any_depth')} allows the deep→deep / shallow→shallow ablations)")
         if self.norm not in ("layernorm", "rms"):
-            raise ValueError(f"Echo norm must be 'layernorm' or 'rms', got {self.norm!r}")
+            raise ValueError(f"{where('norm')} must be 'layernorm' or 'rms', got {self.norm!r}")
         if self.bottleneck < 1:
-            raise ValueError(f"Echo bottleneck must be >= 1, got {self.bottleneck}")
+            raise ValueError(f"{where('bottleneck')} must be >= 1, got {self.bottleneck}")
         for name in ("p_start", "p_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"Echo {name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"{where(name)} must be in [0, 1], got {getattr(self, name)}")
         if self.tau <= 0:
-            raise ValueError(f"Echo tau must be > 0, got {self.tau}")
+            raise ValueError(f"{where('tau')} must be > 0, got {self.tau}")
+        if self.lambda_kd < 0:
+            raise ValueError(f"{where('lambda_kd')} must be >= 0, got {self.lambda_kd}")
         return replace(self, target_layers=targets, source_layers=sources, target_modules=modules)
 
+    # -- the flags, derived from the fields above --
 
-# ----------------------------------------------------------------------------- eq. 2
+    @staticmethod
+    def flag(name):
+        """The train.py flag of field `name` (None: not a flag)."""
+        f = {f.name: f for f in fields(EchoConfig)}[name]
+        if f.metadata.get("flag") is False:
+            return None
+        return f.metadata.get("flag") or "--echo-" + name.replace("_", "-")
 
-def answer_boundary(labels):
-    """t*_b = last prompt position = first answer position - 1, for labels [B, T] → LongTensor [B].
+    @classmethod
+    def add_flags(cls, parser):
+        """Add one flag per field to an argparse parser (dest = echo_<field>)."""
+        group = parser.add_argument_group("Echo (eqs. 2-12, train-time only) and the ablations of the paper's Tables 4/7")
+        for f in fields(cls):
+            flag = cls.flag(f.name)
+            if flag is None:
+                continue
+            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kw = dict(dest="echo_" + f.name, default=f.default, help=f"{f.metadata['help']} (default: {shown})", **extra)
+            if isinstance(f.default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif isinstance(f.default, tuple):
+                kw.update(nargs="+", type=type(f.default[0]))
+            else:
+                kw["type"] = type(f.default)
+            group.add_argument(flag, **kw)
 
-    Raises if a sample has no answer token, or its first token is already supervised (no prompt,
-    t* would be -1): both would otherwise silently read the wrong hidden state.
+    @classmethod
+    def from_flags(cls, opts, **fixed):
+        """The config the parsed flags describe; `fixed` supplies the non-flag fields (seed)."""
+        values = {f.name: getattr(opts, "echo_" + f.name) for f in fields(cls) if cls.flag(f.name)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, **fixed)
+
+
+def where(name):
+    """'--echo-targets (target_layers)': how a config error names its culprit."""
+    flag = EchoConfig.flag(name)
+    return f"{flag} ({name})" if flag else name
+
+
+# ----------------------------------------------------------------------------- supervision (eqs. 2, 8, 12)
+
+def supervision(labels, bucket=1):
+    """Where a micro-batch is supervised, from unshifted labels [B, T] (training computes this once
+    per micro-batch on the host, so the GPU step needs no host-device sync):
+
+      index    [B, P]  the supervised logit positions A_b = {t : y[b, t+1] ≠ −100}, in order,
+      targets  [B, P]  the tokens they predict (−100 in the padding slots),
+      boundary [B]     t*_b = first answer position − 1 = the last prompt position (eq. 2).
+
+    P = max_b |A_b| rounded up to a multiple of `bucket` (a few shapes for torch.compile); padding
+    slots point at position 0 with target −100 (ignored by cross_entropy and masked_kl's `valid`).
+    Raises, naming the row, if a row has no answer token or is supervised from position 0 (no prompt,
+    so t* would be −1): both would otherwise silently read the wrong hidden state.
     """
+    B, T = labels.shape
     answer = labels != IGNORE
-    has_answer = answer.any(dim=1)
+    has_answer = answer[:, 1:].any(dim=1)
     if not bool(has_answer.all()):
         bad = (~has_answer).nonzero()[0].item()
         raise ValueError(f"sample {bad} of the batch has no answer token (all labels are {IGNORE}); "
                          f"Echo needs an answer boundary — drop such samples before training")
-    first = answer.int().argmax(dim=1)          # index of the first True
-    if not bool((first > 0).all()):
-        bad = (first == 0).nonzero()[0].item()
+    if bool(answer[:, 0].any()):
+        bad = answer[:, 0].nonzero()[0].item()
         raise ValueError(f"sample {bad} of the batch is supervised from position 0: no prompt token, "
                          f"so there is no answer boundary t* (eq. 2)")
-    return first - 1
+    supervised = answer[:, 1:]                                       # logit t predicts y[t+1]
+    counts = supervised.sum(dim=1)
+    P = -(-int(counts.max()) // bucket) * bucket
+    pos = torch.arange(T - 1, device=labels.device).expand(B, -1)
+    order = torch.where(supervised, pos, pos + T).argsort(dim=1, stable=True)[:, :P]   # supervised first
+    if order.shape[1] < P:                                           # bucket rounding beyond T - 1
+        order = F.pad(order, (0, P - order.shape[1]))
+    valid = torch.arange(P, device=labels.device)[None, :] < counts[:, None]
+    index = torch.where(valid, order, torch.zeros_like(order))
+    targets = torch.where(valid, labels.gather(1, index + 1), torch.full_like(index, IGNORE))
+    boundary = supervised.int().argmax(dim=1)                        # first t with y[t+1] supervised
+    return index, targets, boundary
 
+
+# ----------------------------------------------------------------------------- eq. 2
 
 def aggregate_sources(hiddens, t_star):
     """eq. 2: z_b = mean_l sg(h_l[b, t*_b]) over the source layers. hiddens: list of [B, T, D]."""
@@ -181,16 +264,16 @@ class EchoInjector(nn.Module):
 
 # ----------------------------------------------------------------------------- eq. 8
 
-def answer_mask(labels, answer_only=True, attention_mask=None):
+def answer_mask(labels, all_positions=False, attention_mask=None):
     """eq. 8: M_{b,t} = [y_{b,t} != -100] → bool [B, T].
 
-    answer_only=False (ablation): every real token (attention_mask True; all positions when no
+    all_positions=True (ablation): every real token (attention_mask True; all positions when no
     attention_mask is given). Padding is excluded whenever an attention_mask is given (train.py gives
     none: with right padding, padded positions cannot influence real tokens under causal attention).
     Note: eq. 8 marks the answer *tokens*; the boundary position t* (whose logit predicts the first
     answer token) is a prompt position and is not injected.
     """
-    if answer_only:
+    if not all_positions:
         return labels != IGNORE
     if attention_mask is None:
         return torch.ones_like(labels, dtype=torch.bool)
@@ -209,10 +292,15 @@ def module_out_dim(args, module):
 
 
 class EchoModule(nn.Module):
-    """All injectors of a run: `EchoModule(cfg, model.args)`; `echo(z, labels, attention_mask)` → EchoInject.
+    """All of a run's Echo computation after the Echo-off pass: source hidden states → EchoInject.
 
-    Training-time only: it is never needed for inference and is saved apart from the adapter.
-    Keep it in fp32 even with a bf16 model (z is cast to the Echo weights' dtype).
+        echo = EchoModule(cfg, model.args)
+        inject = echo(source_hiddens, boundary, labels)      # eqs. 2-8, for model(echo_inject=inject)
+
+    One EchoInjector per (target layer, module). Training-time only: never needed for inference,
+    saved apart from the adapter. Keep it in fp32 even with a bf16 model (z is cast to the Echo
+    weights' dtype); train.py compiles it as one graph, so a learnable aggregation added here is
+    compiled with it.
     """
 
     def __init__(self, cfg, args=None, *, n_layers=None, dim=None, out_dims=None):
@@ -240,14 +328,18 @@ class EchoModule(nn.Module):
         return {(l, m): self.injectors[self.key(l, m)](z)
                 for l in self.cfg.target_layers for m in self.cfg.target_modules}
 
-    def forward(self, z, labels, attention_mask=None):
-        """z [B, D] (eq. 2) → EchoInject(deltas=fp32 δ per (layer, module), mask=bool M (eq. 8)).
-
-        The model casts δ and M to each module's output dtype when it adds them (eq. 7).
-        """
+    def inject(self, z, labels, attention_mask=None):
+        """z [B, D] → EchoInject(deltas = fp32 δ per (layer, module) (eqs. 3-6), mask = bool M (eq. 8)).
+        The model casts δ and M to each module's output dtype when it adds them (eq. 7)."""
         if tuple(z.shape) != (labels.shape[0], self.dim):
             raise ValueError(f"Echo z has shape {list(z.shape)}, expected [{labels.shape[0]}, {self.dim}]")
-        return EchoInject(deltas=self.deltas(z), mask=answer_mask(labels, self.cfg.answer_only, attention_mask))
+        return EchoInject(deltas=self.deltas(z), mask=answer_mask(labels, self.cfg.all_positions, attention_mask))
+
+    def forward(self, source_hiddens, boundary, labels, attention_mask=None):
+        """source_hiddens: the Echo-off pass's residual streams [B, T, D] of cfg.source_layers, in
+        that order; boundary: t* [B] (from `supervision`)."""
+        z = aggregate_sources(source_hiddens, boundary)                      # eq. 2
+        return self.inject(z, labels, attention_mask)                        # eqs. 3-8
 
     def config_dict(self):
         return {"echo": asdict(self.cfg), "n_layers": self.n_layers, "dim": self.dim,
@@ -256,71 +348,46 @@ class EchoModule(nn.Module):
 
 # ----------------------------------------------------------------------------- eqs. 9-10
 
+def routing_probability(k, total_steps, cfg):
+    """eq. 10: p_k = p_start + k/(K-1) (p_end - p_start) for optimizer step k = 0 … K-1
+    (K = 1 → p_start; k is clamped to [0, K-1])."""
+    if total_steps <= 1:
+        return cfg.p_start
+    k = min(max(int(k), 0), total_steps - 1)
+    return cfg.p_start + k / (total_steps - 1) * (cfg.p_end - cfg.p_start)
+
+
 class Router:
-    """Per-optimizer-step Bernoulli router (eqs. 9-10) on a CPU torch.Generator.
+    """Per-optimizer-step Bernoulli router (eq. 9) on a CPU torch.Generator seeded with cfg.seed.
 
     Call `router(k)` exactly once per optimizer step k = 0 … K-1 (the same on every micro-batch
     of that step: cache the result). Every rank builds it with the same seed, so all ranks draw the
-    same r_k and skip (or run) the Echo-on pass together. No GPU sync: the draw is on CPU.
+    same r_k and skip (or run) the Echo-on pass together. No GPU sync: the draw is on CPU. Its only
+    state is the generator's; the schedule comes from cfg (train.py checks cfg on --resume).
     """
 
-    def __init__(self, p_start=1.0, p_end=0.2, total_steps=1, seed=0):
+    def __init__(self, cfg, total_steps):
         if total_steps < 1:
             raise ValueError(f"Router total_steps must be >= 1, got {total_steps}")
-        for name, p in (("p_start", p_start), ("p_end", p_end)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"Router {name} must be in [0, 1], got {p}")
-        self.p_start, self.p_end, self.total_steps = float(p_start), float(p_end), int(total_steps)
+        self.cfg, self.total_steps = cfg, int(total_steps)
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
-        self.draws = 0
+        self.generator.manual_seed(cfg.seed)
 
     def p(self, k):
-        """eq. 10: p_k = p_start + k/(K-1) (p_end - p_start); K = 1 → p_start; k clamped to [0, K-1]."""
-        if self.total_steps == 1:
-            return self.p_start
-        k = min(max(int(k), 0), self.total_steps - 1)
-        return self.p_start + k / (self.total_steps - 1) * (self.p_end - self.p_start)
+        return routing_probability(k, self.total_steps, self.cfg)        # eq. 10
 
     def __call__(self, k):
         """eq. 9: r_k ~ Bernoulli(p_k) → bool. u ∈ [0, 1), so p = 1 always routes and p = 0 never."""
-        self.draws += 1
         return bool(torch.rand((), generator=self.generator).item() < self.p(k))
 
     def state_dict(self):
-        return {"p_start": self.p_start, "p_end": self.p_end, "total_steps": self.total_steps,
-                "draws": self.draws, "generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.p_start, self.p_end = state["p_start"], state["p_end"]
-        self.total_steps, self.draws = state["total_steps"], state["draws"]
         self.generator.set_state(state["generator"])
 
 
-def make_router(cfg, total_steps):
-    return Router(cfg.p_start, cfg.p_end, total_steps, cfg.seed)
-
-
 # ----------------------------------------------------------------------------- eq. 12
-
-def supervised_index(labels):
-    """Supervised logit positions of unshifted labels [B, T]: A_b = {t : y[b, t+1] != -100}.
-
-    Returns (index [B, P], targets [B, P]) with P = max_b |A_b|: index holds the positions (pass it
-    as the model's logits_index), targets the tokens they predict; rows shorter than P are padded
-    with index 0 and target -100 (ignored by cross_entropy and by masked_kl's `valid`).
-    """
-    B, T = labels.shape
-    sup = labels[:, 1:] != IGNORE                                   # [B, T-1]
-    counts = sup.sum(dim=1)
-    P = int(counts.max()) if B and T > 1 else 0
-    pos = torch.arange(T - 1, device=labels.device).expand(B, -1)
-    order = torch.where(sup, pos, pos + T).argsort(dim=1)[:, :P]    # supervised positions first, in order
-    valid = torch.arange(P, device=labels.device)[None, :] < counts[:, None]
-    index = torch.where(valid, order, torch.zeros_like(order))
-    targets = torch.where(valid, labels.gather(1, index + 1), torch.full_like(index, IGNORE))
-    return index, targets
-
 
 def masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau=2.0, reduction="mean"):
     """eq. 12: L_kd = τ²/|A| Σ_{t∈A} KL(q_on ‖ q_off),  q = softmax(logits / τ), q_on detached.
@@ -359,72 +426,63 @@ def masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau=2.0, reduct
 # ----------------------------------------------------------------------------- eq. 11
 
 def echo_objective(loss_off, loss_on, loss_kd, routed, lambda_kd=1.0):
-    """eq. 11: L = L_off + r (L_on + λ_kd L_kd). When r = 0 loss_on / loss_kd may be None (pass skipped)."""
+    """eq. 11: L = L_off + r (L_on + λ_kd L_kd). When r = 0 loss_on / loss_kd may be None (pass skipped).
+    The one place the terms are combined: echo_loss (for the gradient) and train.py's log call it."""
     if not routed:
         return loss_off
     return loss_off + loss_on + lambda_kd * loss_kd
 
 
-def echo_loss(model, echo, tokens, labels, attention_mask=None, *, routed, normalizer=None,
-              index=None, targets=None, boundary=None, share_lower_layers=True):
-    """One micro-batch of Echo-LoRA training (eqs. 2-12), sharing the layers below the first target.
+def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, attention_mask=None):
+    """One micro-batch of training, LoRA / DoRA (echo=None) or Echo-LoRA / Echo-DoRA (eqs. 2-12).
 
-    Both passes are identical below min(target layers) (no injection there), so those layers run
-    once and the Echo-off / Echo-on passes branch from their output (with LoRA dropout this means
-    both passes share one dropout draw in the lower layers). Logits are computed only at the
-    supervised positions. Losses are summed over answer tokens and divided by `normalizer`
-    (default: this micro-batch's answer-token count; pass the count over all micro-batches and
-    ranks of the optimizer step for exact token-level averaging).
+    Echo-off pass → CE_off (and the source hidden states); if routed, Echo-on pass → CE_on and
+    τ²ΣKL (eq. 12). Both passes are identical below min(target layers) (no injection there), so those
+    layers run once and the passes branch from their output (with LoRA dropout they share its draw
+    there; cfg.separate_passes runs both from the embedding). Logits are computed only at the
+    supervised positions. Every term is a sum over answer tokens divided by `normalizer` (default:
+    this micro-batch's answer-token count; train.py passes the count of the whole global batch, so
+    the objective is a token mean over it whatever the number of micro-batches and ranks).
 
-    index / targets / boundary: the supervised positions [B,P], their targets [B,P] (-100 padded)
-    and t* [B], precomputed on the host (train.py does, with P bucketed, so the step has no
-    host-device sync and few shapes); computed and validated here when omitted.
-    share_lower_layers=False runs both passes from the embedding (separate dropout draws).
+    supervised: (index, targets, boundary) from `supervision(labels)`, precomputed on the host by
+    train.py; computed (and validated) here when omitted.
 
-    Returns (loss, stats) with stats = {"loss_off", "loss_on", "loss_kd": per-token means (detached,
-    on device; loss_on / loss_kd are None when not routed), "sum_off", "sum_on", "sum_kd": the same
-    as sums over answer tokens, "n_answer": token count (tensor)}.
+    Returns (loss, sums): loss = eq. 11 / normalizer (for backward); sums = detached [3] tensor
+    (Σ CE_off, Σ CE_on, τ² Σ KL) over this micro-batch's answer tokens (zeros for a skipped pass).
     """
-    cfg = echo.cfg
-    if echo.n_layers != model.args.n_layers or echo.dim != model.args.dim:
+    if echo is not None and (echo.n_layers != model.args.n_layers or echo.dim != model.args.dim):
         raise ValueError(f"EchoModule was built for n_layers={echo.n_layers}, dim={echo.dim}; the model has "
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
-    if index is None:
-        t_star = answer_boundary(labels)    # validate every micro-batch, routed or not
-        index, targets = supervised_index(labels)
-    else:
-        t_star = boundary
-    valid = targets != IGNORE
-    n = valid.sum()
-    norm = n.clamp_min(1) if normalizer is None else normalizer
+    index, targets, boundary = supervision(labels) if supervised is None else supervised
+    normalizer = (targets != IGNORE).sum().clamp_min(1) if normalizer is None else normalizer
     kw = dict(positions=model.positions_for(tokens, attention_mask), attention_mask=attention_mask)
-    split = cfg.target_layers[0] if share_lower_layers else 0
-    sources = cfg.source_layers
+    n_layers = model.args.n_layers
+    split = 0 if echo is None or echo.cfg.separate_passes else echo.cfg.target_layers[0]
+    sources = echo.cfg.source_layers if echo is not None else ()
     hiddens = {}
 
-    def ce_sum(logits):
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    def ce_sum(h):
+        logits = model.head(h, logits_index=index)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return ce, logits
 
-    h = model.run_layers(model.embed(tokens), 0, split, hidden_layers=sources, hiddens=hiddens, **kw)
-    h_off = model.run_layers(h, split, model.args.n_layers, hidden_layers=sources, hiddens=hiddens, **kw)
-    logits_off = model.head(h_off, logits_index=index)
-    off_sum = ce_sum(logits_off)
-    stats = {"loss_off": off_sum.detach() / n.clamp_min(1), "loss_on": None, "loss_kd": None, "n_answer": n,
-             "sum_off": off_sum.detach(), "sum_on": None, "sum_kd": None}
+    h_split = model.embed(tokens)
+    if split > 0:
+        h_split = model.run_layers(h_split, 0, split, hidden_layers=sources, hiddens=hiddens, **kw)
+    h_off = model.run_layers(h_split, split, n_layers, hidden_layers=sources, hiddens=hiddens, **kw)
+    off_sum, logits_off = ce_sum(h_off)
     if not routed:
-        return echo_objective(off_sum, None, None, False) / norm, stats
+        zero = torch.zeros((), device=off_sum.device)
+        return echo_objective(off_sum, None, None, False) / normalizer, torch.stack([off_sum.detach(), zero, zero])
 
-    z = aggregate_sources([hiddens[l] for l in sources], t_star)                       # eq. 2
-    with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 3-6)
-        inject = echo(z, labels, attention_mask)                                      # eqs. 3-8
-    h_start = h if share_lower_layers else model.embed(tokens)
-    h_on = model.run_layers(h_start, split, model.args.n_layers, echo_inject=inject, **kw)
-    logits_on = model.head(h_on, logits_index=index)
-    on_sum = ce_sum(logits_on)
-    kd_sum, _ = masked_kl(logits_on, logits_off, valid=valid, tau=cfg.tau, reduction="sum")   # eq. 12
-    stats.update(loss_on=on_sum.detach() / n.clamp_min(1), loss_kd=kd_sum.detach() / n.clamp_min(1),
-                 sum_on=on_sum.detach(), sum_kd=kd_sum.detach())
-    return echo_objective(off_sum, on_sum, kd_sum, True, cfg.lambda_kd) / norm, stats         # eq. 11
+    with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 2-8)
+        inject = echo([hiddens[l] for l in sources], boundary, labels, attention_mask)
+    h_start = h_split if split > 0 else model.embed(tokens)
+    h_on = model.run_layers(h_start, split, n_layers, echo_inject=inject, **kw)
+    on_sum, logits_on = ce_sum(h_on)
+    kd_sum, _ = masked_kl(logits_on, logits_off, valid=targets != IGNORE, tau=echo.cfg.tau, reduction="sum")
+    loss = echo_objective(off_sum, on_sum, kd_sum, True, echo.cfg.lambda_kd) / normalizer     # eq. 11
+    return loss, torch.stack([off_sum.detach(), on_sum.detach(), kd_sum.detach()])
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -452,6 +510,10 @@ def load_echo(in_dir, device="cpu"):
             raise FileNotFoundError(f"no {name} in {in_dir}")
     meta = json.loads((in_dir / "echo_config.json").read_text())
     c = meta["echo"]
+    known = {f.name for f in fields(EchoConfig)}
+    unknown = sorted(set(c) - known)
+    if unknown:
+        raise ValueError(f"{in_dir / 'echo_config.json'}: unknown Echo option(s) {unknown} (written by another version?)")
     cfg = EchoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
     echo = EchoModule(cfg, n_layers=meta["n_layers"], dim=meta["dim"], out_dims=meta["out_dims"])
     tensors = load_file(str(in_dir / "echo.safetensors"))

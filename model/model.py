@@ -132,7 +132,6 @@ PRESETS = {
                         max_seq_len=8192),
     # tiny shapes for tests and the built-in default run (random weights)
     "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=512),
-    "tiny-deep": dict(dim=64, n_layers=12, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=512),
 }
 
 
@@ -196,8 +195,8 @@ def add_echo(out, layer_echo, module):   # eq. 7
 def make_linear(args, layer_id, module, d_in, d_out):
     adapted = (args.adapter is not None and module in args.lora_modules
                and (args.lora_layers is None or layer_id in args.lora_layers))
-    if not adapted:
-        return LoRALinear(d_in, d_out)
+    if not adapted:        # a layer without an adapter is the plain layer, in the model that is built
+        return nn.Linear(d_in, d_out, bias=False)
     return LoRALinear(d_in, d_out, rank=args.lora_rank, alpha=args.lora_alpha,
                       dropout=args.lora_dropout, dora=args.adapter == "dora")
 
@@ -328,14 +327,6 @@ class Transformer(nn.Module):
         for m in self.adapter_linears():
             if m.dora:
                 m.init_magnitude()
-
-    @torch.no_grad()
-    def cast_base_(self, dtype):
-        """Cast frozen base weights (not adapters, not the fp32 RoPE tables) to `dtype`."""
-        for name, p in self.named_parameters():
-            if name.rsplit(".", 1)[-1] not in ADAPTER_KEYS:
-                p.data = p.data.to(dtype)
-        return self
 
     @torch.no_grad()
     def load_base_weights(self, state_dict):

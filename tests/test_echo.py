@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echo import (EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources, answer_boundary,
-                  answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl, save_echo,
-                  supervised_index)
+from echo import (EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources, answer_mask, echo_loss,
+                  echo_norm, echo_objective, load_echo, masked_kl, routing_probability, save_echo, supervision)
 from model.model import ModelArgs, Transformer
 
 N_LAYERS = 4
@@ -47,22 +46,22 @@ def test_config_resolve_and_validation():
     c = EchoConfig(target_modules=("q_proj", "v_proj")).resolve(32)
     assert c.target_modules == ("wq", "wv")
     assert c.source_layers == (24, 25, 26, 27) and c.target_layers == (4, 5, 6, 7)
-    with pytest.raises(ValueError, match="target_layers: layer 8 out of range"):
+    with pytest.raises(ValueError, match=r"--echo-targets \(target_layers\): layer 8 out of range"):
         EchoConfig(target_layers=(7, 8), source_layers=(-1,)).resolve(8)
-    with pytest.raises(ValueError, match="source_layers: layer -9 out of range"):
+    with pytest.raises(ValueError, match=r"--echo-sources \(source_layers\): layer -9 out of range"):
         EchoConfig(target_layers=(0,), source_layers=(-9,)).resolve(8)
     with pytest.raises(ValueError, match="unknown module 'qq_proj'"):
         EchoConfig(target_modules=("qq_proj",)).resolve(32)
-    with pytest.raises(ValueError, match="source_layers is empty"):
+    with pytest.raises(ValueError, match=r"source_layers\) is empty"):
         EchoConfig(source_layers=()).resolve(32)
-    with pytest.raises(ValueError, match="target_modules is empty"):
+    with pytest.raises(ValueError, match=r"target_modules\) is empty"):
         EchoConfig(target_modules=()).resolve(32)
     with pytest.raises(ValueError, match="duplicates"):
         EchoConfig(source_layers=(31, -1)).resolve(32)
     # default sources (-8..-5 = 4..7 of 12 layers) overlap the targets: rejected unless allowed
     with pytest.raises(ValueError, match="deeper than every target"):
         EchoConfig().resolve(12)
-    shallow = EchoConfig(source_layers=(0, 1, 2, 3), allow_any_depth=True).resolve(12)   # shallow→shallow
+    shallow = EchoConfig(source_layers=(0, 1, 2, 3), any_depth=True).resolve(12)   # shallow→shallow
     assert shallow.source_layers == (0, 1, 2, 3)
     with pytest.raises(ValueError, match="p_end"):
         EchoConfig(p_end=1.5).resolve(32)
@@ -73,9 +72,9 @@ def test_config_resolve_and_validation():
 def test_bad_labels_raise():
     labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]])
     with pytest.raises(ValueError, match="sample 1 .* no answer token"):
-        answer_boundary(labels)
+        supervision(labels)
     with pytest.raises(ValueError, match="sample 0 .* position 0"):
-        answer_boundary(torch.tensor([[4, 5, -100, -100]]))
+        supervision(torch.tensor([[4, 5, -100, -100]]))
     # echo_loss validates on every micro-batch, routed or not (no silent t* = -1)
     model = tiny_model()
     tokens, labels, attn = batch()
@@ -83,16 +82,16 @@ def test_bad_labels_raise():
     echo = EchoModule(CFG, model.args)
     for routed in (True, False):
         with pytest.raises(ValueError, match="sample 1 .* no answer token"):
-            echo_loss(model, echo, tokens, labels, attn, routed=routed)
+            echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=routed)
     with pytest.raises(ValueError, match="n_layers=4"):
-        echo_loss(tiny_model(n_layers=5), echo, tokens, labels, attn, routed=True)
+        echo_loss(tiny_model(n_layers=5), echo, tokens, labels, attention_mask=attn, routed=True)
 
 
 # ----------------------------------------------------------------------------- eq. 2
 
 def test_eq2_boundary_and_aggregation():
     tokens, labels, attn = batch()
-    t_star = answer_boundary(labels)
+    t_star = supervision(labels)[2]
     expected = []
     for row in labels.tolist():
         first = next(t for t, y in enumerate(row) if y != -100)
@@ -160,7 +159,7 @@ def test_module_shapes_and_aliases():
     assert {k: v.shape[1] for (_, k), v in d.items()} == expect
     # every one of them is accepted by the model's forward
     tokens, labels, attn = batch()
-    model(tokens, attn, echo_inject=echo(torch.randn(3, a.dim), labels, attn))
+    model(tokens, attn, echo_inject=echo.inject(torch.randn(3, a.dim), labels, attn))
 
 
 # ----------------------------------------------------------------------------- eq. 7
@@ -177,7 +176,7 @@ def test_eq7_injection_through_model():
     torch.manual_seed(3)
     z = torch.randn(3, model.args.dim)
     with torch.no_grad():
-        on = model(tokens, attn, echo_inject=echo(z, labels, attn))
+        on = model(tokens, attn, echo_inject=echo.inject(z, labels, attn))
 
     checked = []
 
@@ -205,13 +204,87 @@ def test_eq7_injection_through_model():
         assert not torch.allclose(on, model(tokens, attn), atol=1e-3)     # the injection is not a no-op
 
 
+ALL_MODULES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def test_eq7_every_injectable_module_gets_its_own_delta():
+    """All seven projections targeted at once: each module's output gains exactly M·δ of its own
+    injector (w1 and w3 have the same width, so a mix-up between them only shows here)."""
+    model = tiny_model(lora_modules=ALL_MODULES)
+    tokens, labels, attn = batch()
+    echo = EchoModule(EchoConfig(target_layers=(0, 1), source_layers=(-2, -1), bottleneck=8,
+                                 target_modules=ALL_MODULES), model.args)
+    torch.manual_seed(4)
+    z = torch.randn(3, model.args.dim)
+    with torch.no_grad():
+        on = model(tokens, attn, echo_inject=echo.inject(z, labels, attn))
+    M = (labels != -100).double()[..., None]
+    checked = []
+
+    def hook(mod, inp, out, key):
+        checked.append(key)
+        return (out.double() + M * echo.injectors[f"{key[0]}_{key[1]}"](z).double()[:, None, :]).to(out.dtype)
+    handles = []
+    for l in (0, 1):
+        block = model.layers[l]
+        for m in ALL_MODULES:
+            parent = block.attention if m in ("wq", "wk", "wv", "wo") else block.feed_forward
+            handles.append(getattr(parent, m).register_forward_hook(
+                lambda mod, i, o, key=(l, m): hook(mod, i, o, key)))
+    with torch.no_grad():
+        ref = model(tokens, attn)
+    for h in handles:
+        h.remove()
+    assert sorted(checked) == sorted((l, m) for l in (0, 1) for m in ALL_MODULES)
+    torch.testing.assert_close(on, ref, atol=1e-5, rtol=0)
+
+
+def test_every_flag_reaches_its_config_field():
+    """Flags are derived from EchoConfig: give every one a non-default value and read the config back."""
+    import argparse
+    from dataclasses import fields
+    parser = argparse.ArgumentParser()
+    EchoConfig.add_flags(parser)
+    argv, expected = [], {}
+    for f in fields(EchoConfig):
+        flag = EchoConfig.flag(f.name)
+        if flag is None:
+            continue
+        d = f.default
+        if isinstance(d, bool):
+            value, args = (not d), [flag if not d else "--no-" + flag[2:]]
+        elif isinstance(d, tuple) and isinstance(d[0], int):
+            value = tuple(x + 100 for x in d)
+            args = [flag, *map(str, value)]
+        elif isinstance(d, tuple):
+            value = ("w1", "w3")
+            args = [flag, *value]
+        elif isinstance(d, str):
+            value = "rms" if d == "layernorm" else "layernorm"
+            args = [flag, value]
+        else:
+            value = type(d)(d + 3)
+            args = [flag, str(value)]
+        argv += args
+        expected[f.name] = value
+    cfg = EchoConfig.from_flags(parser.parse_args(argv), seed=5)
+    assert {k: getattr(cfg, k) for k in expected} == expected and cfg.seed == 5
+    assert EchoConfig.from_flags(parser.parse_args([])) == EchoConfig()        # defaults come from the dataclass
+    help_text = parser.format_help()
+    for f in fields(EchoConfig):
+        if EchoConfig.flag(f.name):
+            assert EchoConfig.flag(f.name) in help_text and f.metadata["help"].split()[0] in help_text
+
+
 def test_lambda_zero_gives_identical_logits_and_prompt_positions_untouched():
     model = tiny_model()
     tokens, labels, attn = batch()
     echo = EchoModule(CFG, model.args)
     off, hid = model(tokens, attn, hidden_layers=echo.cfg.source_layers)
-    z = aggregate_sources(hid, answer_boundary(labels))
-    on = model(tokens, attn, echo_inject=echo(z, labels, attn))
+    z = aggregate_sources(hid, supervision(labels)[2])
+    on = model(tokens, attn, echo_inject=echo.inject(z, labels, attn))
+    # the module's own forward (eq. 2 inside) gives the same injection
+    assert torch.equal(model(tokens, attn, echo_inject=echo(hid, supervision(labels)[2], labels, attn)), on)
     # masking on: every position before the first answer token is bit-identical (causal + M = 0)
     first = (labels != -100).int().argmax(1)
     for b in range(3):
@@ -220,7 +293,7 @@ def test_lambda_zero_gives_identical_logits_and_prompt_positions_untouched():
     with torch.no_grad():
         for inj in echo.injectors.values():
             inj.lam.zero_()
-    on0 = model(tokens, attn, echo_inject=echo(z, labels, attn))
+    on0 = model(tokens, attn, echo_inject=echo.inject(z, labels, attn))
     assert torch.equal(on0, off)
 
 
@@ -228,10 +301,10 @@ def test_answer_only_off_reaches_prompt_positions():
     """Ablation "w/o answer-only masking": prompt positions change too, padding rows are not injected."""
     model = tiny_model()
     tokens, labels, attn = batch()
-    echo = EchoModule(EchoConfig(target_layers=(0, 1), source_layers=(-2, -1), bottleneck=8, answer_only=False),
+    echo = EchoModule(EchoConfig(target_layers=(0, 1), source_layers=(-2, -1), bottleneck=8, all_positions=True),
                       model.args)
     z = torch.randn(3, model.args.dim)
-    inject = echo(z, labels, attn)
+    inject = echo.inject(z, labels, attn)
     assert torch.equal(inject.mask, attn)
     with torch.no_grad():
         off, on = model(tokens, attn), model(tokens, attn, echo_inject=inject)
@@ -244,33 +317,35 @@ def test_answer_only_off_reaches_prompt_positions():
 def test_eq8_mask():
     tokens, labels, attn = batch()
     M = answer_mask(labels)
-    M_all = answer_mask(labels, answer_only=False, attention_mask=attn)
+    M_all = answer_mask(labels, all_positions=True, attention_mask=attn)
     for b in range(3):
         for t in range(10):
             assert M[b, t].item() == (labels[b, t].item() != -100)
             assert M_all[b, t].item() == bool(attn[b, t])
-    assert answer_mask(labels, answer_only=False).all()
+    assert answer_mask(labels, all_positions=True).all()
     # the EchoModule passes the same mask to the model
-    echo = EchoModule(EchoConfig(target_layers=(0,), source_layers=(-1,), answer_only=False), n_layers=4, dim=64,
+    echo = EchoModule(EchoConfig(target_layers=(0,), source_layers=(-1,), all_positions=True), n_layers=4, dim=64,
                       out_dims={"wq": 64, "wv": 32})
-    assert torch.equal(echo(torch.randn(3, 64), labels, attn).mask.bool(), M_all)
+    assert torch.equal(echo.inject(torch.randn(3, 64), labels, attn).mask.bool(), M_all)
 
 
 # ----------------------------------------------------------------------------- eqs. 9-10
 
 def test_eq10_schedule():
-    r = Router(1.0, 0.2, total_steps=5)
+    r = Router(EchoConfig(p_start=1.0, p_end=0.2), total_steps=5)
     assert [r.p(k) for k in range(5)] == pytest.approx([1.0 + k / 4 * (0.2 - 1.0) for k in range(5)])
     assert r.p(0) == 1.0 and r.p(4) == pytest.approx(0.2)
-    assert Router(0.7, 0.2, total_steps=1).p(0) == 0.7     # K = 1
-    always = Router(1.0, 1.0, total_steps=50)                # routing off (ablation)
+    assert [routing_probability(k, 3, EchoConfig(p_start=0.9, p_end=0.3)) for k in (-1, 0, 1, 2, 7)] == \
+        pytest.approx([0.9, 0.9, 0.6, 0.3, 0.3])                       # clamped outside 0 … K-1
+    assert Router(EchoConfig(p_start=0.7), total_steps=1).p(0) == 0.7     # K = 1
+    always = Router(EchoConfig(p_start=1.0, p_end=1.0), total_steps=50)   # routing off (ablation)
     assert all(always(k) for k in range(50))
-    assert not any(Router(0.0, 0.0, total_steps=50)(k) for k in range(50))
+    assert not any(Router(EchoConfig(p_start=0.0, p_end=0.0), total_steps=50)(k) for k in range(50))
 
 
 def test_eq9_router_frequency_seeding_and_resume():
     K = 4000
-    r = Router(1.0, 0.2, total_steps=K, seed=123)
+    r = Router(EchoConfig(p_start=1.0, p_end=0.2, seed=123), total_steps=K)
     draws = [r(k) for k in range(K)]
     ps = [1.0 + k / (K - 1) * (0.2 - 1.0) for k in range(K)]
     sigma = math.sqrt(sum(p * (1 - p) for p in ps)) / K
@@ -278,13 +353,13 @@ def test_eq9_router_frequency_seeding_and_resume():
     # late steps route less often than early ones (the decay is real)
     assert sum(draws[:K // 4]) > sum(draws[-K // 4:])
 
-    a, b = Router(1.0, 0.2, K, seed=7), Router(1.0, 0.2, K, seed=7)
+    a, b = Router(EchoConfig(seed=7), K), Router(EchoConfig(seed=7), K)
     assert [a(k) for k in range(200)] == [b(k) for k in range(200)]
-    assert [a(k) for k in range(200)] != [Router(1.0, 0.2, K, seed=8)(k) for k in range(200)]
+    assert [a(k) for k in range(200)] != [Router(EchoConfig(seed=8), K)(k) for k in range(200)]
 
     state = a.state_dict()
     cont = [a(k) for k in range(200, 400)]
-    resumed = Router(1.0, 0.2, K, seed=999)
+    resumed = Router(EchoConfig(seed=999), K)
     resumed.load_state_dict(state)
     assert [resumed(k) for k in range(200, 400)] == cont
 
@@ -300,14 +375,19 @@ def test_eq11_objective():
 
 # ----------------------------------------------------------------------------- eq. 12
 
-def test_supervised_index():
+@pytest.mark.parametrize("bucket", [1, 4, 16])
+def test_supervision_positions_targets_and_boundary(bucket):
+    """The one function training uses for A (eq. 12's positions), their targets and t* (eq. 2)."""
     _, labels, _ = batch()
-    index, targets = supervised_index(labels)
+    index, targets, boundary = supervision(labels, bucket=bucket)
+    longest = max(sum(labels[b, t + 1] != -100 for t in range(9)) for b in range(3))
+    assert index.shape[1] == -(-longest // bucket) * bucket
     for b in range(3):
         pos = [t for t in range(9) if labels[b, t + 1] != -100]
         assert index[b, :len(pos)].tolist() == pos
         assert targets[b, :len(pos)].tolist() == [labels[b, t + 1].item() for t in pos]
-        assert (targets[b, len(pos):] == -100).all()
+        assert (targets[b, len(pos):] == -100).all() and (index[b, len(pos):] == 0).all()
+        assert boundary[b].item() == pos[0] == next(t for t in range(10) if labels[b, t] != -100) - 1
 
 
 def test_eq12_masked_kl_values_and_gradients():
@@ -327,7 +407,7 @@ def test_eq12_masked_kl_values_and_gradients():
     kd = masked_kl(on, off, labels, tau=tau)
     assert kd.item() == pytest.approx(expected, rel=1e-5)
     # gathered form (what train.py feeds): same value; "sum" mode returns τ²ΣKL and |A|
-    index, targets = supervised_index(labels)
+    index, targets, _ = supervision(labels)
     g_on = on.gather(1, index[..., None].expand(-1, -1, V))
     g_off = off.gather(1, index[..., None].expand(-1, -1, V))
     valid = targets != -100
@@ -353,41 +433,43 @@ def test_echo_loss_equals_two_full_passes():
     model = tiny_model()
     tokens, labels, attn = batch()
     echo = EchoModule(CFG, model.args)
-    loss, stats = echo_loss(model, echo, tokens, labels, attn, routed=True)
+    loss, sums = echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=True)
+    n = (labels[:, 1:] != -100).sum().item()
 
     off, hid = model(tokens, attn, hidden_layers=(2, 3))
-    z = sum(h[torch.arange(3), answer_boundary(labels)] for h in hid).detach() / 2
-    on = model(tokens, attn, echo_inject=echo(z, labels, attn))
+    z = sum(h[torch.arange(3), supervision(labels)[2]] for h in hid).detach() / 2
+    on = model(tokens, attn, echo_inject=echo.inject(z, labels, attn))
     shift_labels = labels[:, 1:].reshape(-1)
     l_off = F.cross_entropy(off[:, :-1].reshape(-1, 97).double(), shift_labels, ignore_index=-100)
     l_on = F.cross_entropy(on[:, :-1].reshape(-1, 97).double(), shift_labels, ignore_index=-100)
     l_kd = masked_kl(on.double(), off.double(), labels, tau=2.0)
     assert loss.item() == pytest.approx((l_off + l_on + l_kd).item(), rel=1e-5)
-    assert stats["loss_off"].item() == pytest.approx(l_off.item(), rel=1e-5)
-    assert stats["loss_kd"].item() == pytest.approx(l_kd.item(), rel=1e-4)
-    assert stats["n_answer"].item() == (labels[:, 1:] != -100).sum().item()
+    assert (sums / n).tolist() == pytest.approx([l_off.item(), l_on.item(), l_kd.item()], rel=1e-4)
+    assert echo_objective(*(sums / n), True, echo.cfg.lambda_kd).item() == pytest.approx(loss.item(), rel=1e-6)
 
-    loss_skip, stats_skip = echo_loss(model, echo, tokens, labels, attn, routed=False, normalizer=5)
-    n = stats["n_answer"].item()
+    loss_skip, sums_skip = echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=False, normalizer=5)
     assert loss_skip.item() == pytest.approx(l_off.item() * n / 5, rel=1e-5)
-    assert stats_skip["loss_on"] is None
+    assert sums_skip[1:].tolist() == [0.0, 0.0]
+    # plain LoRA (no Echo module): the same Echo-off term
+    loss_lora, sums_lora = echo_loss(model, None, tokens, labels, attention_mask=attn, routed=False)
+    assert loss_lora.item() == pytest.approx(l_off.item(), rel=1e-5) and sums_lora[0] == sums_skip[0]
 
 
 def test_gradients_reach_echo_only_on_routed_steps():
     model = tiny_model()
     tokens, labels, attn = batch()
     echo = EchoModule(CFG, model.args)
-    echo_loss(model, echo, tokens, labels, attn, routed=False)[0].backward()
+    echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=False)[0].backward()
     assert all(p.grad is None for p in echo.parameters())
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    echo_loss(model, echo, tokens, labels, attn, routed=True)[0].backward()
+    echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=True)[0].backward()
     for name, p in echo.named_parameters():   # every Echo weight moves on the first routed step
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # Echo-DoRA: same machinery
     dora = tiny_model(adapter="dora")
     dora.init_dora_magnitudes()
     echo_d = EchoModule(CFG, dora.args)
-    echo_loss(dora, echo_d, tokens, labels, attn, routed=True)[0].backward()
+    echo_loss(dora, echo_d, tokens, labels, attention_mask=attn, routed=True)[0].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in echo_d.parameters())
 
 
@@ -398,7 +480,7 @@ def test_no_gradient_into_source_hiddens_or_echo_on_teacher():
     off, hid = model(tokens, attn, hidden_layers=(2, 3))
     for h in hid:
         h.retain_grad()
-    on = model(tokens, attn, echo_inject=echo(aggregate_sources(hid, answer_boundary(labels)), labels, attn))
+    on = model(tokens, attn, echo_inject=echo(hid, supervision(labels)[2], labels, attn))
     on.retain_grad()
     # the injection branch (Echo-on logits) sends nothing into the Echo-off source hidden states
     on.sum().backward(retain_graph=True)

@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 import data
 import train
 from conftest import ROOT
-from echo import EchoConfig, EchoModule
+from echo import EchoConfig, EchoModule, supervision
 from model import ModelArgs, Transformer
 from model.tokenizer import ByteTokenizer
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+WALL_CLOCK = ("tokens_per_s", "padded_tokens_per_s", "mfu", "peak_gib", "seconds", "warmup")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def args(setup, out, *extra):
     """6 steps of global batch 4 (4 steps per epoch, so epoch 1 is entered) with Echo; the router
     probability falls from 1 to 0, so the run has routed and unrouted steps."""
     return ["--model", str(setup / "base"), "--data", str(setup / "ds.json"), "--out", str(out),
-            "--template", "alpaca-short", "--max-len", "64", "--dtype", "fp32", "--no-compile",
+            "--template", "alpaca-short", "--max-len", "64", "--dtype", "fp32", "--no-compile", "--device", "cpu",
             "--dropout", "0", "--global-batch", "4", "--max-steps", "6", "--lr", "1e-2", "--warmup-steps", "1",
             "--seed", "3", "--echo", "--echo-targets", "1", "--echo-sources", "2", "3",
             "--echo-p-start", "1", "--echo-p-end", "0", *extra]
@@ -46,7 +47,7 @@ def args(setup, out, *extra):
 def metrics(out):
     """metrics.jsonl without the wall-clock fields."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "peak_gib")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
 
 
 def trained(out):
@@ -140,6 +141,7 @@ def test_loss_is_token_mean_over_the_global_batch(setup):
     echo = EchoModule(EchoConfig(target_layers=(1,), source_layers=(2, 3), gate_bias_init=0.0), model.args)
     model, echo = model.double(), echo.double()
     step = train.EchoStep(model, echo)
+    assert step.echo is echo
     ds = data.load_dataset(setup / "ds.json", ByteTokenizer(), "alpaca-short", 64)
     _, mbs = next(iter(data.batches(ds, global_batch=8, micro_batch=2, seed=1)))
     n_global = mbs[0]["global_n_targets"]
@@ -148,7 +150,7 @@ def test_loss_is_token_mean_over_the_global_batch(setup):
     def grads(micro_batches, routed, normalizer):
         step.zero_grad(set_to_none=True)
         for mb in micro_batches:
-            index, targets, boundary = train.supervision(mb["labels"])
+            index, targets, boundary = supervision(mb["labels"], bucket=train.P_BUCKET)
             loss, _ = step(mb["input_ids"], mb["labels"], index, targets, boundary, routed, normalizer(mb))
             loss.backward()
         return {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
@@ -248,6 +250,7 @@ def test_compiled_step_matches_eager(setup, tmp_path):
     """The torch.compile path (each block and the Echo module compiled, as on GPU) trains like eager."""
     eager = train.main(args(setup, tmp_path / "eager", "--max-steps", "3"))
     compiled = train.main(args(setup, tmp_path / "compiled", "--max-steps", "3", "--compile"))
+    assert json.loads((compiled / "config.json").read_text())["opts"]["compile"] is True
     for x, y in zip(metrics(eager), metrics(compiled)):
         assert x["routed"] == y["routed"]
         for key in ("loss_off", "loss_on", "loss_kd"):
@@ -257,16 +260,21 @@ def test_compiled_step_matches_eager(setup, tmp_path):
         torch.testing.assert_close(trained(compiled)[k], v, atol=1e-4, rtol=1e-3, msg=k)   # Adam amplifies ulps
 
 
-def test_every_rank_restores_its_own_rng(tmp_path):
-    """Dropout draws differ per rank, so each rank saves and restores its own RNG stream."""
+def test_every_rank_restores_its_own_rng(setup, tmp_path):
+    """Dropout draws differ per rank: the checkpoint holds every rank's RNG state and a resumed rank
+    restores its own (here: rank 1 of 2, from a checkpoint whose two entries differ)."""
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "2", "--save-every", "2"))
+    path = out / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    assert len(state["rng"]) == 1
+    streams = {}
     for rank, seed in ((0, 10), (1, 11)):
         torch.manual_seed(seed)
-        train.save_rng(tmp_path, rank)
-    expected = {}
-    for rank, seed in ((0, 10), (1, 11)):
-        torch.manual_seed(seed)
-        expected[rank] = torch.rand(3)
-    for rank in (1, 0):
-        state = torch.load(tmp_path / "checkpoint" / f"rng_rank{rank}.pt", weights_only=False)
-        torch.set_rng_state(state["cpu"])
-        torch.testing.assert_close(torch.rand(3), expected[rank], rtol=0, atol=0)
+        streams[rank] = ({"cpu": torch.get_rng_state(), "cuda": None}, torch.rand(3))
+    state["rng"] = [streams[0][0], streams[1][0]]
+    torch.save(state, path)
+    run = train.setup(train.apply_default_run(train.parse_args(args(setup, out, "--max-steps", "2", "--resume"))))
+    run.rank, run.world = 1, 2
+    train.load_checkpoint(run)
+    torch.testing.assert_close(torch.rand(3), streams[1][1], rtol=0, atol=0)
