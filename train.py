@@ -174,7 +174,7 @@ def check_run_dir(opts, out):
         if not (out / "checkpoint" / "state.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint' / 'state.pt'}")
     elif out.exists() and any(out.iterdir()) and not opts.force:
-        what = "an earlier run" if any((out / f).exists() for f in RUN_FILES[:4]) else "files"
+        what = "an earlier run" if any((out / f).exists() for f in RUN_FILES[1:4]) else "files"
         raise ValueError(f"--out {out} already holds {what}: --resume continues it, --force replaces it, "
                          f"or choose another --out")
 

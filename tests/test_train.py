@@ -278,3 +278,240 @@ def test_every_rank_restores_its_own_rng(setup, tmp_path):
     run.rank, run.world = 1, 2
     train.load_checkpoint(run)
     torch.testing.assert_close(torch.rand(3), streams[1][1], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ crash safety
+
+
+class Killed(BaseException):
+    """Stands for kill -9: a BaseException, so no `except Exception` / `except OSError` handler runs."""
+
+
+# Every filesystem operation of one checkpoint write, in order (save_checkpoint → atomic_file(state.pt),
+# then write_outputs → atomic_dir(adapter/) and save_echo). test_checkpoint_ops_are_all_covered checks it.
+CHECKPOINT_OPS = ["torch.save state.pt.tmp", "fsync state.pt.tmp", "replace state.pt", "rmtree adapter.tmp",
+                  "replace adapter.safetensors", "replace adapter_config.json", "replace adapter->adapter.old",
+                  "replace adapter.tmp->adapter", "rmtree adapter.old", "replace echo.safetensors",
+                  "replace echo_config.json"]
+
+
+def instrument(monkeypatch, kill_at=None):
+    """Count (and name) the filesystem operations train.py's checkpoint writer makes; with kill_at=k,
+    die at the k-th one of the run's second checkpoint (a torch.save dies half-way through its file)."""
+    ops, saves = [], []
+    real = {"save": torch.save, "fsync": os.fsync, "replace": os.replace, "rmtree": train.shutil.rmtree}
+
+    def hit(name):
+        if saves and len(saves) == 2:
+            ops.append(name)
+            if kill_at is not None and len(ops) == kill_at:
+                return True
+        return False
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("state.pt.tmp"):
+            saves.append(1)
+            if hit("torch.save"):
+                real["save"](obj, f, *a, **k)
+                size = os.path.getsize(f)
+                with open(f, "r+b") as fh:
+                    fh.truncate(size // 2)
+                raise Killed
+        return real["save"](obj, f, *a, **k)
+
+    def wrap(name):
+        def op(*a, **k):
+            if hit(name):
+                raise Killed
+            return real[name](*a, **k)
+        return op
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "fsync", wrap("fsync"))
+    monkeypatch.setattr(os, "replace", wrap("replace"))
+    monkeypatch.setattr(train.shutil, "rmtree", wrap("rmtree"))
+    return ops
+
+
+KILL_ARGS = ("--dropout", "0.1", "--save-every", "2", "--max-steps", "6")
+
+
+def test_checkpoint_ops_are_all_covered(setup, tmp_path, monkeypatch):
+    ops = instrument(monkeypatch)
+    train.main(args(setup, tmp_path / "run", *KILL_ARGS))
+    assert [o.split()[0] for o in CHECKPOINT_OPS] == ops
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    train.main(args(setup, out, *KILL_ARGS))
+    return out
+
+
+@pytest.mark.parametrize("stage", range(1, len(CHECKPOINT_OPS) + 1), ids=CHECKPOINT_OPS)
+def test_kill_during_checkpoint_write_then_resume_is_exact(setup, uninterrupted, tmp_path, monkeypatch, stage):
+    """kill -9 at each operation of the step-4 checkpoint write: the run folder keeps a complete
+    checkpoint (step 2's or step 4's) and a complete adapter/, and --resume ends bit-identical to
+    the uninterrupted run (weights, AdamW moments, metrics — with LoRA dropout, so RNG states too)."""
+    out = tmp_path / "run"
+    instrument(monkeypatch, kill_at=stage)
+    with pytest.raises(Killed):
+        train.main(args(setup, out, *KILL_ARGS))
+    monkeypatch.undo()
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"]
+    assert step == (4 if stage > CHECKPOINT_OPS.index("replace state.pt") + 1 else 2)   # stages count from 1
+    adapter = out / "adapter" if (out / "adapter").exists() else out / "adapter.old"   # mid-swap: the old one
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    train.main(args(setup, out, *KILL_ARGS, "--resume"))
+    assert not any(p.name.endswith((".tmp", ".old")) for p in out.rglob("*"))
+    assert_same_run(out, uninterrupted, atol=0)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    """ENOSPC on the second checkpoint: a one-line error naming the file; step 2's checkpoint is intact."""
+    out, real_save, calls = tmp_path / "run", torch.save, []
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith("state.pt.tmp"):
+            calls.append(1)
+            if len(calls) == 2:
+                with open(f, "wb") as fh:
+                    fh.write(b"partial")
+                raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as e:
+        train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
+    monkeypatch.undo()
+    assert "No space left" in one_line(e) and "state.pt" in str(e.value) and "intact" in str(e.value)
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    assert not list((out / "checkpoint").glob("*.tmp"))
+
+
+def test_non_finite_weights_are_never_saved(setup, tmp_path, monkeypatch):
+    """An update that leaves a weight non-finite while the step's loss (computed before it) is finite:
+    the step-1 checkpoint must not be written, and the error says that none exists."""
+    out, real_step = tmp_path / "run", torch.optim.AdamW.step
+
+    def poisoning_step(self, *a, **k):
+        result = real_step(self, *a, **k)
+        self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    with pytest.raises(FloatingPointError) as e:
+        train.main(args(setup, out, "--save-every", "1"))
+    assert "non-finite weights after step 1" in one_line(e) and "no checkpoint was written" in str(e.value)
+    assert not (out / "checkpoint" / "state.pt").exists() and not (out / "adapter").exists()
+
+
+def test_killed_in_the_first_step_after_resume_keeps_the_history(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
+    (out / "checkpoint" / "state.pt").rename(out / "final.pt")
+    train.main(args(setup, tmp_path / "two", "--max-steps", "4", "--save-every", "2"))
+    state = torch.load(out / "final.pt", weights_only=False)
+    assert state["step"] == 4
+    lines = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(lines + '{"step": 5, "loss_of')          # a line torn by a crash
+    (out / "final.pt").rename(out / "checkpoint" / "state.pt")
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: (_ for _ in ()).throw(Killed))
+    state["step"], state["epoch_step"] = 2, 2                 # pretend step 2 was the last checkpoint
+    torch.save(state, out / "checkpoint" / "state.pt")
+    with pytest.raises(Killed):
+        train.main(args(setup, out, "--max-steps", "4", "--save-every", "2", "--resume"))
+    assert [m["step"] for m in metrics(out)] == [1, 2]       # kept up to the checkpoint, torn line dropped
+
+
+def test_out_is_never_overwritten(setup, tmp_path):
+    run = tmp_path / "run"
+    train.main(args(setup, run, "--max-steps", "2"))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, run, "--max-steps", "2"))
+    assert str(run) in one_line(e) and "earlier run" in str(e.value) and "--resume" in str(e.value) \
+        and "--force" in str(e.value)
+    assert (run / "metrics.jsonl").read_text() == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "config.json").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files"):
+        train.main(args(setup, other, "--max-steps", "2"))
+    assert (other / "config.json").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train.main(args(setup, tmp_path / "file", "--max-steps", "2"))
+    train.main(args(setup, run, "--max-steps", "3", "--force"))          # --force replaces the run
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change,flag", [(("--rank", "8"), "--rank"), (("--lr", "0.5"), "--lr"),
+                                          (("--seed", "4"), "--seed"), (("--echo-tau", "3"), "--echo-tau"),
+                                          (("--no-echo",), "--echo")])
+def test_resume_refuses_changed_options(setup, tmp_path, change, flag):
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "2", "--save-every", "1"))
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, out, "--max-steps", "2", "--save-every", "1", "--resume", *change))
+    assert one_line(e).startswith(f"--resume: {flag} is ")
+    other_data = tmp_path / "other.json"
+    other_data.write_text((setup / "ds.json").read_text())
+    argv = args(setup, out, "--max-steps", "2", "--resume")
+    argv[argv.index("--data") + 1] = str(other_data)
+    with pytest.raises(ValueError, match="--resume: --data is"):
+        train.main(argv)
+
+
+def test_damaged_checkpoint_is_a_one_line_error(setup, tmp_path):
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "2", "--save-every", "1"))
+    path = out / "checkpoint" / "state.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, out, "--max-steps", "2", "--resume"))
+    assert str(path) in one_line(e) and "damaged" in str(e.value)
+
+
+@pytest.mark.parametrize("extra,culprit", [
+    (("--save-every", "0"), "--save-every"), (("--micro-batch", "0"), "--micro-batch"),
+    (("--max-steps", "0"), "--max-steps"), (("--lr", "0"), "--lr"), (("--max-len", "100000"), "--max-len 100000"),
+    (("--val-split", "1.5"), "--val-split"), (("--resume", "--force"), "--resume"),
+    (("--echo-targets", "9"), "--echo-targets"),
+])
+def test_bad_flags_are_caught_up_front(setup, tmp_path, extra, culprit):
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, tmp_path / "run", *extra))
+    assert one_line(e).startswith(culprit) or f"{culprit} " in str(e.value) or culprit in str(e.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sigterm_checkpoints_and_exits_143(setup, tmp_path):
+    """A scheduler's SIGTERM mid-run: the step finishes, a checkpoint is written, exit code 143, and
+    --resume completes the run."""
+    import signal
+    import time as _time
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *args(setup, out, "--max-steps", "100000", "--save-every", "100000",
+                                                          "--log-every", "1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:                     # wait until training is under way
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"]
+    assert step >= 3 and [m["step"] for m in metrics(out)] == list(range(1, step + 1))
+
+
+def test_val_split_is_held_out_and_logged(setup, tmp_path):
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "3", "--val-split", "0.25", "--eval-every", "2", "--global-batch", "4"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["train_rows"], cfg["val_rows"]) == (12, 4)
+    ms = metrics(out)
+    assert [m["step"] for m in ms if "val_loss" in m] == [2, 3]
+    assert all(m["val_rows"] == 4 and 0 <= m["val_exact"] <= 1 and m["val_loss"] > 0 for m in ms if "val_loss" in m)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["batch_shapes"] >= 1
