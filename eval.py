@@ -231,7 +231,8 @@ def validation_sets(tasks, n, run_cfg, val_data, flag, required=True):
         rows = [ex for f, ex_list in files for ex in ex_list if len(tasks) == 1 or Path(f).parent.name == task_key(t)]
         if not rows:
             raise ValueError(f"{flag}: {what} hold no rows for task {t.name!r}: a file belongs to a task by its "
-                             f"folder name (.../{task_key(t)}/train.json); files: {', '.join(str(f) for f, _ in files)}")
+                             f"folder name (.../{task_key(t)}/train.json); files: "
+                             f"{', '.join(str(f) for f, _ in files)}")
         for k, ex in enumerate(rows, 1):
             if t.kind == "choice" and not ex["answer"]:
                 raise ValueError(f"{flag}: validation row {k} of task {t.name!r} has no 'answer'")
@@ -506,7 +507,8 @@ def base_model_of(run_dir, cfg):
 def build_parser():
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Protocol, results files, skipped rows, validation rows: see eval.py's docstring.")
+                                epilog="Protocol, results files, skipped rows, validation rows: "
+                                       "see eval.py's docstring.")
     p.add_argument("--model", help="base model dir: params.json, tokenizer, weights (default: the run's base model)")
     p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder (default: runs/default when "
                                      "neither --model nor --adapter is given, else none: the base model)")
@@ -518,12 +520,14 @@ def build_parser():
     p.add_argument("--greedy", action="store_true", help="greedy decoding, i.e. 1 beam: the fast mode "
                                                          "(default: off, 4-beam search)")
     p.add_argument("--max-new-tokens", type=int, help="default: 32 (256 for gsm8k)")
-    p.add_argument("--batch-size", type=int, help="prompts per generate call; beam search runs beams x this rows "
-                                                  "(default: 256 rows on cuda, i.e. 256 // num_beams prompts; 16 on cpu)")
+    p.add_argument("--batch-size", type=int,
+                   help="prompts per generate call; beam search runs beams x this rows "
+                        "(default: 256 rows on cuda, i.e. 256 // num_beams prompts; 16 on cpu)")
     p.add_argument("--limit", type=int, help="first N test examples per task; 0: no test evaluation, only "
                                              "--search-boundary / --layer-probs (default: all)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first (default: off)")
-    p.add_argument("--lora-layers", type=int, metavar="K", help="keep adapters only in layers < K (default: all layers)")
+    p.add_argument("--lora-layers", type=int, metavar="K",
+                   help="keep adapters only in layers < K (default: all layers)")
     p.add_argument("--search-boundary", type=int, metavar="N", help="pick K on N held-out validation examples per "
                                                                     "task (default: off)")
     p.add_argument("--layer-probs", type=int, metavar="N", help="per-layer gold-answer probability on N examples "

@@ -342,7 +342,8 @@ def load_for_inference(model_dir, adapter_dir=None, device="cpu", dtype=torch.fl
         model, tokenizer = load_model(model_dir, adapter_dir=adapter_dir, device=device, dtype=dtype)
     except FileNotFoundError:
         raise
-    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError, json.JSONDecodeError) as e:
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError,
+            json.JSONDecodeError) as e:
         what = f"model {model_dir}" + (f" with adapter {adapter_dir}" if adapter_dir else "")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"cannot load {what}: {type(e).__name__}: {first} (a damaged or incomplete file?)") from None
