@@ -310,10 +310,6 @@ def merge_meta_shards(shard_paths, params, dtype=None):
 # ----------------------------------------------------------------------------------------------------------------
 # readers
 
-def _read_json(path):
-    return read_json(path)
-
-
 def detect_layout(src):
     """'meta' | 'hf' | 'ours' | 'peft' | 'adapter' for a folder, from the files it holds."""
     if not os.path.isdir(src):
@@ -335,7 +331,7 @@ def detect_layout(src):
 
 def read_meta(src):
     """(state dict, params) of a Meta checkpoint folder, shards merged, tied output dropped."""
-    params = _read_json(os.path.join(src, "params.json"))
+    params = read_json(os.path.join(src, "params.json"))
     shards = sorted(glob.glob(os.path.join(glob.escape(src), "consolidated.*.pth")))
     sd = merge_meta_shards(shards, params)
     if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
@@ -350,7 +346,7 @@ def _load_tensor_file(path):
 
 def read_hf(src):
     """(Meta state dict, params) of an HF checkpoint folder (single or sharded safetensors / .bin)."""
-    config = _read_json(os.path.join(src, "config.json"))
+    config = read_json(os.path.join(src, "config.json"))
     params = hf_config_to_params(config)
     files = sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))
     files = files or sorted(glob.glob(os.path.join(glob.escape(src), "pytorch_model*.bin")))
@@ -363,7 +359,7 @@ def read_hf(src):
 
 
 def read_ours(src):
-    params = _read_json(os.path.join(src, "params.json"))
+    params = read_json(os.path.join(src, "params.json"))
     sd = _load_tensor_file(os.path.join(src, "model.safetensors"))
     return sd, normalize_params(params, drop_tied_output(sd, params, src), src)
 
@@ -430,7 +426,7 @@ def tokenizer_json_to_tiktoken(src, out):
     """Byte-level BPE tokenizer.json -> tokenizer.model (tiktoken rank file: 'base64(bytes) rank', rank = id)
     + tokenizer_config.json in gguf_to_meta's format. BPE merge order equals id order in these vocabularies
     (LLaMA 3, SmolLM2, our exports), which is what tiktoken's rank-based merging needs."""
-    tok = _read_json(os.path.join(src, "tokenizer.json"))
+    tok = read_json(os.path.join(src, "tokenizer.json"))
     if tok.get("model", {}).get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError(f"{src}: tokenizer.json is not a byte-level BPE; a tokenizer.model is needed")
     pattern = _split_pattern(tok.get("pre_tokenizer"))
@@ -440,8 +436,8 @@ def tokenizer_json_to_tiktoken(src, out):
              for t, i in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in special]
     hf_cfg = {}
     if os.path.isfile(os.path.join(src, "tokenizer_config.json")):
-        hf_cfg = _read_json(os.path.join(src, "tokenizer_config.json"))
-    model_cfg = _read_json(os.path.join(src, "config.json")) if os.path.isfile(os.path.join(src, "config.json")) else {}
+        hf_cfg = read_json(os.path.join(src, "tokenizer_config.json"))
+    model_cfg = read_json(os.path.join(src, "config.json")) if os.path.isfile(os.path.join(src, "config.json")) else {}
 
     def token_id(name, key):
         t = hf_cfg.get(name)
@@ -472,7 +468,7 @@ def _copy_into(path, folder):
 
 def _is_our_tokenizer_config(path):
     """HF's tokenizer_config.json is another format than ours (gguf_to_meta's "tiktoken", or "byte")."""
-    return os.path.isfile(path) and _read_json(path).get("type") in ("tiktoken", "byte")
+    return os.path.isfile(path) and read_json(path).get("type") in ("tiktoken", "byte")
 
 
 def find_tokenizer(src):
@@ -489,7 +485,7 @@ def find_tokenizer(src):
     return None
 
 
-def copy_tokenizer(src, out, layout=None):
+def copy_tokenizer(src, out):
     """Tokenizer files for our layout from folder (or tokenizer.model file) src: tokenizer.model (+ our
     tokenizer_config.json), or an HF byte-level BPE tokenizer.json converted. Returns False when src has none.
     HF's own tokenizer_config.json is never copied (another format under the same name)."""
@@ -661,7 +657,7 @@ def export_tokenizer_hf(model_dir, out, layout, max_len=None):
     from model.tokenizer import SentencePieceTokenizer
     tok = load_dir_tokenizer(model_dir)
     ours = os.path.join(model_dir, "tokenizer_config.json")
-    template = _read_json(ours).get("chat_template") if _is_our_tokenizer_config(ours) else None
+    template = read_json(ours).get("chat_template") if _is_our_tokenizer_config(ours) else None
     write_hf_tokenizer(tok, out, template, max_len)
     if isinstance(tok, SentencePieceTokenizer):
         _copy_into(os.path.join(model_dir, "tokenizer.model"), out)
@@ -681,7 +677,7 @@ def read_adapter(adapter_dir):
     """(state dict, config) of our adapter folder; a damaged file or NaN/inf tensors are refused (naming the
     file). Echo parameters, if any were saved, are left out: they are never part of an export."""
     from model.lora import read_adapter_tensors
-    cfg = _read_json(os.path.join(adapter_dir, "adapter_config.json"))
+    cfg = read_json(os.path.join(adapter_dir, "adapter_config.json"))
     path = os.path.join(adapter_dir, "adapter.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing adapter.safetensors in {adapter_dir}")
@@ -930,7 +926,7 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
         if model_dir is None:
             raise ValueError("converting a PEFT adapter needs --model MODEL_DIR (the base it was trained on)")
         _, params, _ = read_model(model_dir)
-        cfg = _read_json(os.path.join(src, "adapter_config.json"))
+        cfg = read_json(os.path.join(src, "adapter_config.json"))
         path = sorted(glob.glob(os.path.join(glob.escape(src), "adapter_model.*")))[-1]
         sd, acfg = peft_to_adapter(check_finite(_load_tensor_file(path), path), cfg, params, path)
         with atomic_dir(out, force) as tmp:
@@ -952,7 +948,7 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
     with atomic_dir(out, force) as tmp:
         write_ours(sd, params, tmp, dtype)
         if not no_tokenizer:
-            copy_tokenizer(tok_src, tmp, layout)
+            copy_tokenizer(tok_src, tmp)
             tok = load_dir_tokenizer(tmp)   # what train/eval will load: it must load and fit the embedding
             if tok.vocab_size > params["vocab_size"]:
                 raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
@@ -989,14 +985,15 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False):
             if tok is not None:
                 ids = (tok.bos_id, tok.eos_id, tok.pad_id)
             elif layout == "hf":
-                src_cfg = _read_json(os.path.join(model_dir, "config.json"))
+                src_cfg = read_json(os.path.join(model_dir, "config.json"))
                 ids = tuple(src_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
             else:
                 ids = (None, None, None)
             write_hf(sd, params, tmp, target, *ids)
         else:
             write_meta(sd, params, tmp, target)
-            copy_tokenizer(model_dir, tmp, "ours" if layout != "hf" else "hf")
+            if not copy_tokenizer(model_dir, tmp):
+                print(f"warning: {model_dir} has no tokenizer; {out} has none either", file=sys.stderr)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -26,7 +26,6 @@ Pad ids (padding positions are masked out of attention and loss, so the choice o
   ByteTokenizer: 258.
 """
 import base64
-import json
 import re
 from pathlib import Path
 
@@ -285,7 +284,7 @@ def load_tokenizer(path_or_dir) -> Tokenizer:
     config = {}
     cfg_path = path.parent / "tokenizer_config.json"
     if cfg_path.is_file():
-        from .load import read_json   # imported here: load.py imports this module
+        from .load import read_json   # imported here: the tokenizer alone needs no torch
         config = read_json(cfg_path)
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_path}: expected a JSON object")

@@ -1,6 +1,7 @@
 """convert_weights.py / model loading: exact fp32 merges, reported bf16 drift, kept dtypes, and bad input
 (non-finite adapters, damaged files, inconsistent PEFT configs, missing tokenizers, broken JSON) refused
 with one line naming the file."""
+import base64
 import json
 import re
 from pathlib import Path
@@ -186,23 +187,24 @@ def test_missing_tokenizer_is_an_error_unless_allowed(tmp_path):
     # --tokenizer: a byte-level vocab of 50 ids that fits the model's 50-row embedding
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.model").write_text("".join(
-        f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(48)))
+        f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(48)))
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
         {"type": "tiktoken", "pattern": r"\S+|\s+", "special_tokens": {"<s>": 48, "</s>": 49}, "bos_id": 48,
          "eos_id": 49, "pad_id": None, "add_bos": True}))
     assert run_cli(tmp_path / "model", tmp_path / "out", "--tokenizer", tmp_path / "tok") is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "params.json",
                                                                     "tokenizer.model", "tokenizer_config.json"]
+    # --tokenizer may name the file itself; our tokenizer_config.json beside it comes along
+    assert run_cli(tmp_path / "model", tmp_path / "out2", "--tokenizer", tmp_path / "out" / "tokenizer.model") is None
+    assert (tmp_path / "out2" / "tokenizer_config.json").read_text() == (tmp_path / "tok" / "tokenizer_config.json").read_text()
     # a tokenizer with more ids than the embedding has rows is refused
-    err = run_cli(tmp_path / "model", tmp_path / "out2", "--tokenizer", tmp_path / "out" / "tokenizer.model")
-    assert err is None
     (tmp_path / "tok" / "tokenizer.model").write_text("".join(
-        f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+        f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     (tmp_path / "tok" / "tokenizer_config.json").unlink()
     err = run_cli(tmp_path / "model", tmp_path / "out3", "--tokenizer", tmp_path / "tok")
     assert "tokenizer has 512 ids but the model's vocabulary is 50" in err
     assert "no such file" in run_cli(tmp_path / "model", tmp_path / "out3", "--tokenizer", tmp_path / "nope")
-    assert leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]   # only the successful conversion
 
 
 def test_json_errors_name_the_file(tmp_path):

@@ -1,7 +1,6 @@
 """The HF export's tokenizer and generation files: what transformers' AutoTokenizer / GenerationConfig and
 vLLM read. Checked three ways: the files' contents (always), a small re-implementation of the `tokenizers`
 BPE reading tokenizer.json (always; it must reproduce our ids), and transformers itself (when installed)."""
-import base64
 import glob
 import json
 import subprocess
@@ -9,7 +8,6 @@ import sys
 
 import pytest
 import regex
-import torch
 
 import convert_weights as cw
 from conftest import SHARED, needs_shared

@@ -1,6 +1,5 @@
 import base64
 import json
-from pathlib import Path
 
 import pytest
 
