@@ -82,8 +82,10 @@ def parse_args(argv=None):
     a("--seed", type=int, default=42)
     a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
-    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-      help="with --compile on GPU: replay each compiled block as a CUDA graph (removes launch overhead)")
+    a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"],
+      help="with --compile on GPU: 'step' captures the whole optimizer step as one CUDA graph per batch "
+           "shape (one GPU); 'blocks' replays each compiled block as a graph (works with DDP); auto: step "
+           "on one GPU, blocks on several")
     a("--val-split", type=float, default=0.0, help="hold out this fraction of the --data rows for validation")
     a("--val-data", nargs="+", default=None, help="validation files (instead of --val-split)")
     a("--val-rows", type=int, default=1000, help="validate on at most this many held-out rows")
@@ -261,15 +263,16 @@ class Run:
     echo: nn.Module
     step_module: nn.Module        # EchoStep: model + Echo module, one forward per micro-batch
     ddp: nn.Module                # step_module, DDP-wrapped when world > 1
-    params: list
-    optimizer: torch.optim.Optimizer
-    scheduler: object
+    params: list                  # adapter parameters, then the Echo module's
+    echo_params: list
+    optimizers: dict              # "adapter", and "echo" (stepped on routed steps only)
+    graphs: object                # StepGraphs (--cuda-graphs step) or None
     router: Router
     train_set: object
     val_set: object
     total_steps: int
     grad_accum: int
-    cuda_graphs: bool
+    block_graphs: bool            # --cuda-graphs blocks: gradients must leave the graph pool
 
     @property
     def master(self):
@@ -299,10 +302,15 @@ def setup(opts):
     step_module = EchoStep(model, echo)
     if opts.micro_batch is None:
         opts.micro_batch = pick_micro_batch(step_module, opts, world, device)
-    use_compile = str(device).startswith("cuda") if opts.compile is None else opts.compile
-    cuda_graphs = use_compile and opts.cuda_graphs and str(device).startswith("cuda")
+    cuda = str(device).startswith("cuda")
+    use_compile = cuda if opts.compile is None else opts.compile
+    graphs = opts.cuda_graphs if opts.cuda_graphs != "auto" else ("step" if world == 1 else "blocks")
+    if not (use_compile and cuda):
+        graphs = "off"
+    if graphs == "step" and world > 1:
+        raise ValueError("--cuda-graphs step captures a single-GPU step: use --cuda-graphs blocks with torchrun")
     if use_compile:
-        compile_blocks(step_module, cuda_graphs)
+        compile_blocks(step_module, cuda_graphs=graphs == "blocks")
     ddp = step_module
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -315,15 +323,41 @@ def setup(opts):
     if per_epoch == 0:
         raise ValueError(f"dataset has {len(train_set)} rows, fewer than one global batch of {opts.global_batch}")
     total = int(math.ceil(opts.epochs * per_epoch)) if opts.max_steps is None else opts.max_steps
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.999),
-                                  fused=str(device).startswith("cuda"))
-    warmup = max(1, min(opts.warmup_steps, total // 10 or 1))   # short runs: cap warmup at 10%
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: min((k + 1) / warmup, max(0.0, (total - k) / max(1, total - warmup))))
+    params = [p for p in model.parameters() if p.requires_grad]
+    echo_params = list(echo.parameters()) if echo is not None else []
+    optimizers = {"adapter": make_optimizer(params, opts, device, graphs == "step")}
+    if echo is not None:       # its own AdamW, stepped on routed steps only (no gradient otherwise)
+        optimizers["echo"] = make_optimizer(echo_params, opts, device, graphs == "step")
     router = Router(echo.cfg, total) if echo is not None else None
-    return Run(opts, out, rank, world, device, model, echo, step_module, ddp, params, optimizer, scheduler,
-               router, train_set, val_set, total, accum, cuda_graphs)
+    run = Run(opts, out, rank, world, device, model, echo, step_module, ddp, params, echo_params, optimizers,
+              None, router, train_set, val_set, total, accum, graphs == "blocks")
+    run.graphs = StepGraphs(run) if graphs == "step" else None
+    return run
+
+
+def make_optimizer(params, opts, device, graphed):
+    """AdamW; on GPU the fused kernel. A captured step needs its state and learning rate on the GPU
+    (capturable, lr a tensor updated in place), so the graph reads the current values at replay."""
+    if graphed:
+        return torch.optim.AdamW(params, lr=torch.tensor(opts.lr, device=device), weight_decay=opts.weight_decay,
+                                 fused=True, capturable=True)
+    return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=str(device).startswith("cuda"))
+
+
+def learning_rate(run, step):
+    """Linear warm-up (capped at 10% of the steps) then linear decay to 0; step counts from 0."""
+    total, opts = run.total_steps, run.opts
+    warmup = max(1, min(opts.warmup_steps, total // 10 or 1))
+    return opts.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+
+
+def set_learning_rate(run, lr):
+    for opt in run.optimizers.values():
+        for group in opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)        # in place: a captured step reads this tensor
+            else:
+                group["lr"] = lr
 
 
 # ------------------------------------------------------------------ the step
@@ -358,32 +392,90 @@ def micro_batches(run, epoch, start_step):
 
 
 def train_step(run, mbs, routed, stop):
-    """One optimizer step: forward + backward of each micro-batch (both passes when routed), gradient
-    clipping, AdamW, LR schedule. Returns the step's STATS as a device tensor, summed over ranks but
-    not read here (reading it would wait for the GPU; the log reads it one step late)."""
-    normalizer = torch.tensor(mbs[0]["global_n_targets"] / run.world)      # DDP averages over ranks
-    stats = torch.zeros(len(STATS), device=run.device)
-    for i, mb in enumerate(mbs):
-        last = i == len(mbs) - 1
-        pin = (lambda t: t.pin_memory()) if run.cuda else (lambda t: t)
-        batch = [pin(t).to(run.device, non_blocking=True) for t in (mb["input_ids"], mb["labels"], *mb["supervised"])]
+    """One optimizer step over this rank's micro-batches. Returns the step's STATS as a device tensor,
+    summed over ranks but not read here (reading it would wait for the GPU; the log reads it one step
+    late)."""
+    host = torch.tensor([0.0, 0.0, 0.0, sum(int(mb["attention_mask"].sum()) for mb in mbs),
+                         sum(mb["input_ids"].numel() for mb in mbs), stop,
+                         mbs[0]["global_n_targets"] / run.world])      # + the normalizer (DDP averages ranks)
+    inputs = [[mb["input_ids"], mb["labels"], *mb["supervised"]] for mb in mbs]
+    if run.cuda:
+        inputs, host = [[t.pin_memory() for t in batch] for batch in inputs], host.pin_memory()
+    if run.graphs is not None:
+        return run.graphs.step(run, inputs, routed, host)
+    to = lambda t: t.to(run.device, non_blocking=True)
+    return step_once(run, [[to(t) for t in batch] for batch in inputs], routed, to(host))
+
+
+def step_once(run, inputs, routed, host):
+    """The training step: forward + backward of each micro-batch (both passes when routed), gradient
+    clipping, AdamW. `inputs`: per micro-batch (tokens, labels, index, targets, boundary) on the
+    device; `host`: STATS' host-side entries and the normalizer. Run as it is, or captured once per
+    batch shape by StepGraphs and replayed."""
+    params = run.params + (run.echo_params if routed else [])
+    static = run.graphs is not None                  # gradients live in fixed tensors, zeroed here
+    if static:
+        torch._foreach_zero_([p.grad for p in params])
+    stats, normalizer = host[:len(STATS)].clone(), host[len(STATS)]
+    for i, batch in enumerate(inputs):
+        last = i == len(inputs) - 1
         with run.ddp.no_sync() if run.world > 1 and not last else nullcontext():
             with autocast(run):
                 loss, sums = run.ddp(*batch, routed, normalizer)
             loss.backward()
-        if run.cuda_graphs and not last:
-            keep_grads(run.params)
+        if run.block_graphs and not last:
+            keep_grads(params)
         stats[:3] += sums
-    host = [sum(int(mb["attention_mask"].sum()) for mb in mbs), sum(mb["input_ids"].numel() for mb in mbs), stop]
-    stats[3:] = torch.tensor(host, dtype=torch.float32).to(run.device, non_blocking=True)
     if run.world > 1:
         dist.all_reduce(stats)             # queued, no host sync; every rank sees the same numbers
     if run.opts.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.params, run.opts.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)   # None grads: Echo weights untouched on unrouted steps
-    run.scheduler.step()
+        torch.nn.utils.clip_grad_norm_(params, run.opts.grad_clip)
+    run.optimizers["adapter"].step()
+    if routed and "echo" in run.optimizers:
+        run.optimizers["echo"].step()
+    if not static:
+        for opt in run.optimizers.values():
+            opt.zero_grad(set_to_none=True)
     return stats
+
+
+class StepGraphs:
+    """--cuda-graphs step: the whole optimizer step (step_once) as one CUDA graph per batch shape.
+
+    A small model's step is thousands of tiny kernels, and launching them costs the CPU more time
+    than the GPU needs to run them; replaying a captured graph launches them all at once. The first
+    batch of each shape runs uncaptured (a real training step, which also compiles the blocks); then
+    the step is captured — capture records kernels and runs nothing — and later batches of that shape
+    are copied into the graph's input buffers and replayed. Gradients and optimizer state live in
+    fixed tensors outside the graphs; everything else a graph allocates is dead when it ends, so all
+    graphs share one memory pool (they never run at the same time)."""
+
+    def __init__(self, run):
+        self.graphs, self.pool = {}, torch.cuda.graph_pool_handle()
+        for p in run.params + run.echo_params:
+            p.grad = torch.zeros_like(p)
+
+    def step(self, run, inputs, routed, host):
+        key = (routed, *(tuple(t.shape) for batch in inputs for t in batch))
+        if key not in self.graphs:
+            device_inputs = [[t.to(run.device) for t in batch] for batch in inputs]
+            stats = step_once(run, device_inputs, routed, host.to(run.device))
+            self.graphs[key] = self.capture(run, device_inputs, routed, host.to(run.device))
+            return stats
+        graph, static_inputs, static_host, stats = self.graphs[key]
+        for static_batch, batch in zip(static_inputs, inputs):
+            for static_t, t in zip(static_batch, batch):
+                static_t.copy_(t, non_blocking=True)
+        static_host.copy_(host, non_blocking=True)
+        graph.replay()
+        return stats.clone()               # the next replay of this graph overwrites `stats`
+
+    def capture(self, run, inputs, routed, host):
+        torch.cuda.synchronize(run.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            stats = step_once(run, inputs, routed, host)
+        return graph, inputs, host, stats
 
 
 def autocast(run):
@@ -516,8 +608,8 @@ def atomic_dir(path, write):
 
 def check_finite(run, step):
     """A non-finite weight or optimizer moment must never be saved: it would poison every resume."""
-    tensors = [p for p in run.params] + [v for s in run.optimizer.state.values() for v in s.values()
-                                         if torch.is_tensor(v) and v.is_floating_point()]
+    tensors = run.params + run.echo_params + [v for opt in run.optimizers.values() for s in opt.state.values()
+                                              for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
     if not bool(torch.stack([t.detach().float().isfinite().all() for t in tensors]).all()):
         raise FloatingPointError(f"non-finite weights after step {step} (try a lower --lr); nothing was saved "
                                  f"for this step — {last_checkpoint(run)}")
@@ -542,7 +634,7 @@ def save_checkpoint(run, step, epoch, epoch_step):
         dist.all_gather_object(rngs, rng)
     if run.master:
         state = {"trainable": {k: v.detach().cpu() for k, v in trainable_state(run.model, run.echo).items()},
-                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "optimizers": {k: opt.state_dict() for k, opt in run.optimizers.items()},
                  "router": run.router.state_dict() if run.router else None, "rng": rngs,
                  "step": step, "epoch": epoch, "epoch_step": epoch_step, "opts": vars(run.opts)}
         (run.out / "checkpoint").mkdir(exist_ok=True)
@@ -587,8 +679,11 @@ def load_checkpoint(run):
     run.model.load_state_dict({k: v for k, v in trainable.items() if not k.startswith("echo.")}, strict=False)
     if run.echo is not None:
         run.echo.load_state_dict({k[5:]: v for k, v in trainable.items() if k.startswith("echo.")})
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    for k, opt in run.optimizers.items():
+        lrs = [g["lr"] for g in opt.param_groups]
+        opt.load_state_dict(state["optimizers"][k])
+        for g, lr in zip(opt.param_groups, lrs):      # keep the (device) lr objects; set_learning_rate fills them
+            g["lr"] = lr
     if run.router is not None:
         run.router.load_state_dict(state["router"])
     if len(rngs) != run.world and run.master:
@@ -821,13 +916,15 @@ def train(run, log, stop, step, epoch, epoch_step):
     while step < run.total_steps:
         for epoch_step_now, mbs in micro_batches(run, epoch, epoch_step):
             routed = run.router(step) if run.router else False      # eq. 9, the same draw on every rank
+            lr = learning_rate(run, step)
+            set_learning_rate(run, lr)
             try:
                 stats = train_step(run, mbs, routed, stop.signum)
             except torch.OutOfMemoryError:
                 raise ValueError(f"out of GPU memory at step {step + 1} with --micro-batch {run.opts.micro_batch}: "
                                  f"pass a smaller one; {last_checkpoint(run)}") from None
             step, epoch_step = step + 1, epoch_step_now + 1
-            record = {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "routed": routed,
+            record = {"step": step, "epoch": epoch, "lr": lr, "routed": routed,
                       "answer_tokens": mbs[0]["global_n_targets"]}
             if run.router:
                 record["p"] = run.router.p(step - 1)

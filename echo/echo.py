@@ -397,7 +397,8 @@ def masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau=2.0, reduct
       * full logits [B, T, V] + unshifted labels [B, T]: A = {(b, t) : labels[b, t+1] != -100};
       * gathered logits [N, V] (or [B, P, V] with `valid` [B, P] bool): A = all (valid) rows.
     reduction "mean" → scalar τ²/|A| Σ KL (0 when |A| = 0);
-              "sum"  → (τ² Σ KL, |A|), so callers can normalise over micro-batches / ranks.
+              "sum"  → (τ² Σ KL, |A|), so callers can normalise over micro-batches / ranks
+              (|A| is a tensor with `valid`, so nothing waits for the device).
     Computed in fp32.
     """
     if logits_on.shape != logits_off.shape:
@@ -408,18 +409,22 @@ def masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau=2.0, reduct
             raise ValueError(f"masked_kl: labels shape {list(labels.shape)} != logits shape {list(logits_on.shape[:-1])}")
         sel = labels[:, 1:] != IGNORE
         on, off = logits_on[:, :-1][sel], logits_off[:, :-1][sel]
-    elif valid is not None:
-        on, off = logits_on[valid], logits_off[valid]
+    elif valid is not None:     # masked, not indexed: no data-dependent shape (CUDA-graph capturable)
+        on, off = logits_on, logits_off
     else:
         on, off = logits_on.reshape(-1, V), logits_off.reshape(-1, V)
     log_q_on = F.log_softmax(on.detach().float() / tau, dim=-1)
     log_q_off = F.log_softmax(off.float() / tau, dim=-1)
-    kl_sum = tau ** 2 * (log_q_on.exp() * (log_q_on - log_q_off)).sum()
-    count = on.shape[0]
+    kl = (log_q_on.exp() * (log_q_on - log_q_off)).sum(dim=-1)
+    if valid is not None and labels is None:
+        kl, count = kl * valid, valid.sum()
+    else:
+        count = on.shape[0]
+    kl_sum = tau ** 2 * kl.sum()
     if reduction == "sum":
         return kl_sum, count
     if reduction == "mean":
-        return kl_sum / max(count, 1)
+        return kl_sum / (count.clamp_min(1) if torch.is_tensor(count) else max(count, 1))
     raise ValueError(f"masked_kl reduction must be 'mean' or 'sum', got {reduction!r}")
 
 

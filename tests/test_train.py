@@ -66,11 +66,14 @@ def assert_same_run(a, b, atol):
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
     # AdamW's moments hold the gradients' scale, which the update m / sqrt(v) does not show
-    sa, sb = (torch.load(d / "checkpoint" / "state.pt", weights_only=False)["optimizer"]["state"] for d in (a, b))
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(sa[i][k], sb[i][k], atol=atol * sa[i][k].abs().max(), rtol=0)
+    oa, ob = (torch.load(d / "checkpoint" / "state.pt", weights_only=False)["optimizers"] for d in (a, b))
+    assert oa.keys() == ob.keys()
+    for name in oa:
+        sa, sb = oa[name]["state"], ob[name]["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for k in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sa[i][k], sb[i][k], atol=atol * sa[i][k].abs().max(), rtol=0)
 
 
 def test_two_gloo_processes_equal_one_process(setup, tmp_path):
