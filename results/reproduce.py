@@ -238,13 +238,14 @@ def train_summary(run):
 
 
 def train_decision(run):
-    """'skip' (RUN/summary.json: finished), 'resume' (RUN/checkpoint/ only) or 'fresh'."""
+    """'skip' (RUN/summary.json: finished), 'resume' (RUN/checkpoint/ without summary.json) or 'fresh'."""
     run = Path(run)
     if (run / "summary.json").is_file():
         return "skip"
-    if (run / "checkpoint").is_dir():
+    ckpt = run / "checkpoint"
+    if ckpt.is_dir() and any(p.is_file() and not p.name.endswith(".tmp") for p in ckpt.iterdir()):
         return "resume"
-    return "fresh"
+    return "fresh"           # (a checkpoint/ holding only a half-written .tmp: nothing to resume from)
 
 
 def recipe_of(run):
@@ -731,8 +732,9 @@ def beam_limit(args):
     return lim
 
 
-def run_logged(cmd, log, what, dry_run):
-    """Run cmd with stdout+stderr appended to log; a failure is a one-line StepFailed."""
+def run_logged(cmd, log, what, dry_run, move_to=None):
+    """Run cmd with stdout+stderr appended to log; a failure is a one-line StepFailed. With move_to, the
+    log is appended to move_to afterwards (when move_to's folder exists) and removed."""
     print(("would run: " if dry_run else "") + f"[{what}] " + shlex.join(cmd), flush=True)
     if dry_run:
         return
@@ -743,9 +745,38 @@ def run_logged(cmd, log, what, dry_run):
         f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         f.flush()
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if move_to is not None and Path(move_to).parent.is_dir():
+        with open(move_to, "a") as f:
+            f.write(log.read_text())
+        log.unlink()
+        log = Path(move_to)
     if code != 0:
         raise StepFailed(f"{what} failed (exit {code}); see {log}")
     print(f"  done in {time.time() - t0:.0f}s (log {log})", flush=True)
+
+
+def train(args, name, seed, recipe_argv, decision):
+    """One training run. train.py refuses an --out that holds anything unless --resume / --force, so a
+    fresh run logs beside its folder (RUNS/<run>.train.log) and the log moves to RUN/train.log when
+    train.py has made the folder; a folder holding a run that died before its first checkpoint is
+    restarted with --force (train.py then clears only its own files)."""
+    rd = run_dir(args.runs_dir, name, seed)
+    what = f"train {name}-s{seed}"
+    cmd = train_command(args, name, seed, recipe_argv, decision)
+    if decision == "resume":
+        return run_logged(cmd, rd / "train.log", what + " (resume)", args.dry_run)
+    log = Path(args.runs_dir) / f"{rd.name}.train.log"
+    if rd.is_dir() and not args.dry_run and (rd / "train.log").is_file():     # an earlier failed attempt's log
+        with open(log, "a") as f:
+            f.write((rd / "train.log").read_text())
+        (rd / "train.log").unlink()
+    if rd.is_dir() and not any(p.name != "train.log" for p in rd.iterdir()):
+        if not args.dry_run:
+            rd.rmdir()                               # an empty folder left by an earlier attempt
+    elif rd.is_dir() and _supports("train.py", "--force"):
+        cmd.append("--force")
+        what += " (restart: no checkpoint yet)"
+    run_logged(cmd, log, what, args.dry_run, move_to=rd / "train.log")
 
 
 def check_eval_limit(path, wanted, what):
@@ -894,8 +925,8 @@ def parse_args(argv=None):
     o = p.add_argument_group("outputs")
     o.add_argument("--json", default=str(DEFAULT_JSON))
     o.add_argument("--table", default=str(DEFAULT_TABLE))
-    o.add_argument("--layer-png", default=str(RESULTS / "layer-probs-lora-vs-echo.png"))
-    o.add_argument("--layer-csv", default=str(RESULTS / "layer-probs-lora-vs-echo.csv"))
+    o.add_argument("--layer-png", default=None, help="default: layer-probs-lora-vs-echo.png beside --json")
+    o.add_argument("--layer-csv", default=None, help="default: layer-probs-lora-vs-echo.csv beside --json")
     args = p.parse_args(argv)
     bl = str(args.beam_limit).lower()
     if bl == "all":
@@ -914,6 +945,8 @@ def parse_args(argv=None):
         p.error("--limit must be >= 1")
     if args.limit and args.max_steps is None:
         args.max_steps = args.limit
+    args.layer_png = args.layer_png or str(Path(args.json).parent / "layer-probs-lora-vs-echo.png")
+    args.layer_csv = args.layer_csv or str(Path(args.json).parent / "layer-probs-lora-vs-echo.csv")
     args.seeds = list(dict.fromkeys(args.seeds))
     args.methods = list(dict.fromkeys(args.methods))
     return args
@@ -953,8 +986,7 @@ def main(argv=None):
                     if decision == "skip":
                         print(f"[train {what}] finished ({rd / 'summary.json'}): skipped")
                     else:
-                        run_logged(train_command(args, name, seed, recipe_argv, decision), rd / "train.log",
-                                   f"train {what}" + (" (resume)" if decision == "resume" else ""), args.dry_run)
+                        train(args, name, seed, recipe_argv, decision)
                     ensure_eval(args, rd, "greedy", f"eval {what} greedy")
                     if seed == 0 and args.run_beam:
                         ensure_eval(args, rd, "beam4", f"eval {what} beam4")

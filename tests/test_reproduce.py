@@ -307,6 +307,9 @@ def test_train_decision(tmp_path):
     rd = tmp_path / "run"
     assert rp.train_decision(rd) == "fresh"
     (rd / "checkpoint").mkdir(parents=True)
+    (rd / "checkpoint" / "state.pt.tmp").write_text("")                  # half-written: nothing to resume
+    assert rp.train_decision(rd) == "fresh"
+    (rd / "checkpoint" / "state.pt").write_text("")
     assert rp.train_decision(rd) == "resume"
     (rd / "summary.json").write_text("{}")
     assert rp.train_decision(rd) == "skip"
@@ -326,6 +329,9 @@ def test_dry_run_command_lines(tmp_path):
     (runs / "lora-s0").mkdir(parents=True)
     (runs / "lora-s0" / "summary.json").write_text("{}")                 # finished: skip
     (runs / "dora-s1" / "checkpoint").mkdir(parents=True)                # interrupted: resume
+    (runs / "dora-s1" / "checkpoint" / "state.pt").write_text("")
+    (runs / "echo-dora-s2").mkdir(parents=True)                          # died before its first checkpoint
+    (runs / "echo-dora-s2" / "config.json").write_text("{}")
     lines = dry_run(tmp_path)
     train = [l for l in lines if l.startswith("would run: [train")]
     assert len(train) == 11                                              # 12 minus the finished one
@@ -337,6 +343,9 @@ def test_dry_run_command_lines(tmp_path):
     assert ("--val-split 0.02" in el) == rp._supports("train.py", "--val-split")
     d1 = next(l for l in train if "[train dora-s1" in l)
     assert "--method dora" in d1 and "--echo" not in d1 and d1.endswith("--resume")
+    assert not any("--force" in l for l in train if "echo-dora-s2" not in l)
+    if rp._supports("train.py", "--force"):
+        assert next(l for l in train if "[train echo-dora-s2" in l).endswith("--force")
     evals = [l for l in lines if l.startswith("would run: [eval")]
     base = next(l for l in evals if "[eval base greedy]" in l)
     assert "--adapter" not in base and base.endswith(f"--out {runs / 'base' / 'eval-greedy.json'}")
@@ -375,6 +384,8 @@ def fake_call(log):
         log.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1])
         if cmd[1].endswith("train.py"):
+            if out.exists() and any(out.iterdir()) and not {"--resume", "--force"} & set(cmd):
+                return 1                                  # train.py refuses to overwrite a folder
             out.mkdir(parents=True, exist_ok=True)
             (out / "adapter").mkdir(exist_ok=True)
             (out / "summary.json").write_text(json.dumps({"train_seconds": 3.0, "device": "fake"}))
@@ -403,6 +414,7 @@ def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     assert "PARTIAL (4 of 12 runs)" in (tmp_path / "t.md").read_text()
     assert res["runs"][0]["train_seconds"] == 3.0 and res["runs"][0]["tokens_per_s"] is None
     assert (tmp_path / "runs" / "lora-s0" / "train.log").read_text().count("fake output") == 1
+    assert not list((tmp_path / "runs").glob("*.train.log"))              # moved into the run folders
     calls.clear()
     rp.main(argv)                                                           # everything exists now
     assert calls == []
@@ -410,8 +422,11 @@ def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     assert calls == []
 
 
-def test_failure_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("makes_folder", [False, True])
+def test_failure_is_one_line(tmp_path, monkeypatch, makes_folder):
     def failing(cmd, stdout=None, stderr=None):
+        if makes_folder:
+            Path(cmd[cmd.index("--out") + 1]).mkdir(parents=True)
         stdout.write("Traceback ... boom\n")
         return 3
     monkeypatch.setattr(rp.subprocess, "call", failing)
@@ -422,9 +437,17 @@ def test_failure_is_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         rp.main(["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
                  "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--seeds", "0"])
-    log = tmp_path / "runs" / "lora-s0" / "train.log"
+    # train.py failing before it made the run folder (bad flag, bad model): the log stays beside it
+    log = tmp_path / "runs" / ("lora-s0/train.log" if makes_folder else "lora-s0.train.log")
     assert str(e.value) == f"error: train lora-s0 failed (exit 3); see {log}"
     assert "boom" in log.read_text()
+    calls = []
+    monkeypatch.setattr(rp.subprocess, "call", fake_call(calls))           # the next attempt succeeds
+    rp.main(["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+             "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--seeds", "0"])
+    assert "--force" not in calls[0]
+    text = (tmp_path / "runs" / "lora-s0" / "train.log").read_text()
+    assert "boom" in text and "fake output" in text                       # both attempts in one log
 
 
 def test_eval_made_with_another_limit_is_refused(tmp_path):
