@@ -311,6 +311,18 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
                             and r.get(k) != used[0].get(k)})
         if differing:
             actual["differs_between_runs"] = differing
+    # what the evaluations were really made with wins over the flags (--only-table with other flags)
+    for decoding, given in (("greedy", limit), ("beam4", beam_limit)):
+        made = {r["eval_settings"].get("limit") for r in runs + ([base] if base else [])
+                if r["decoding"] == decoding and r["eval_settings"].get("limit") not in (None, 0)}
+        if made:
+            given = max(made)
+        elif any(r["decoding"] == decoding and "limit" in r["eval_settings"] for r in runs):
+            given = None
+        if decoding == "greedy":
+            limit = given
+        else:
+            beam_limit = given
     done = {(r["name"], r["seed"]) for r in runs if r["decoding"] == "greedy"}
     n_main = sum((n, s) in done for n in MAIN_METHODS for s in MAIN_SEEDS)
     return {"model": str(model), "train_files": [str(f) for f in train_files], "recipe": actual,

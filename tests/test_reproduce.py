@@ -242,6 +242,16 @@ def test_eval_older_than_adapter_is_redone(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_limits_come_from_the_eval_files(tmp_path):
+    runs = tmp_path / "runs"
+    make_finished(runs, "lora", 0, accs_run(BASE_ACC, 0), limit=50)
+    res, table = build(tmp_path, runs)                                   # flags say nothing about limits
+    assert res["limit"] == 50 and "SMOKE TEST" in table and "first 50 test examples" in table
+    res, table = build(tmp_path, make_finished(tmp_path / "full", "lora", 0, accs_run(BASE_ACC, 0)).parent,
+                       limit=7)
+    assert res["limit"] is None and "SMOKE" not in table and "full test sets" in table
+
+
 def test_complete_sweep_not_partial(tmp_path):
     runs = tmp_path / "runs"
     for name in rp.MAIN_METHODS:
