@@ -10,7 +10,9 @@ suite) on SmolLM2-135M-Instruct — one command: train, evaluate, tabulate.
     python results/reproduce.py ... --limit 8 --runs-dir runs/smoke --json /tmp/s.json --table /tmp/s.md
 
 1. trains every {method} x {seed} with `python train.py ... --out RUNS/<method>-s<seed>` (skipped when
-   RUN/summary.json exists; `--resume` when only RUN/checkpoint/ exists); log in RUN/train.log;
+   RUN/summary.json exists; `--resume` when only RUN/checkpoint/ exists; `--force` for a folder whose run
+   died before its first checkpoint); log in RUN/train.log (RUNS/<run>.train.log while train.py has not
+   made the folder yet: it refuses a non-empty --out);
 2. evaluates each finished run greedily on the full test sets (RUN/eval-greedy.json), seed 0 of each
    method also with the published protocol (4 beams, 32 new tokens, first --beam-limit examples per task:
    RUN/eval-beam4.json), and the base model once (RUNS/base/eval-greedy.json); existing outputs are kept;
@@ -901,10 +903,23 @@ def layer_probs_outputs(args, names):
 
 # ================================================================ CLI ===================================
 
+def recorded_model(json_path, runs_dir):
+    prev = _read_json(json_path) if Path(json_path).is_file() else None
+    if isinstance(prev, dict) and isinstance(prev.get("model"), str):
+        return prev["model"]
+    for d in sorted(Path(runs_dir).glob("*-s*")) if Path(runs_dir).is_dir() else []:
+        cfg = _read_json(d / "config.json")
+        model = (cfg.get("opts") or {}).get("model") if isinstance(cfg, dict) else None
+        if isinstance(model, str):
+            return model
+    return None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", required=True, help="Meta-layout model folder (see ../shared/tools/gguf_to_meta.py)")
+    a("--model", help="Meta-layout model folder (see ../shared/tools/gguf_to_meta.py); required unless "
+                      "--only-table (then: the one recorded in --json or in the runs' config.json)")
     a("--data-dir", default=str(ROOT.parent / "shared" / "data" / "commonsense"),
       help="folder with <task>/train.json and <task>/test.json")
     a("--methods", nargs="+", default=list(MAIN_METHODS), choices=list(METHODS))
@@ -919,17 +934,19 @@ def parse_args(argv=None):
     a("--layer-probs", type=int, default=None, metavar="N",
       help="also the per-layer answer probability of seed-0 lora and echo-lora on N examples per task")
     g = p.add_argument_group("recipe (train.py flags)")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--epochs", type=float, default=3)
-    g.add_argument("--val-split", type=float, default=0.02, help="train.py --val-split (hold-out fraction)")
-    g.add_argument("--rank", type=int, default=16)
-    g.add_argument("--alpha", type=float, default=32.0)
-    g.add_argument("--global-batch", type=int, default=16)
-    g.add_argument("--micro-batch", type=int, default=16)
-    g.add_argument("--max-len", type=int, default=256)
-    g.add_argument("--warmup-steps", type=int, default=None)
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--template", default=None)
+    d = " (default %(default)s)"
+    g.add_argument("--lr", type=float, default=2e-4, help="the paper's recipe" + d)
+    g.add_argument("--epochs", type=float, default=3, help=d)
+    g.add_argument("--val-split", type=float, default=0.02, help="train.py --val-split (hold-out fraction)" + d)
+    g.add_argument("--rank", type=int, default=16, help=d)
+    g.add_argument("--alpha", type=float, default=32.0, help=d)
+    g.add_argument("--global-batch", type=int, default=16, help=d)
+    g.add_argument("--micro-batch", type=int, default=16, help="same loss as 4 x 4 (token mean over the global "
+                                                             "batch), faster on one GPU" + d)
+    g.add_argument("--max-len", type=int, default=256, help=d)
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: train.py's")
+    g.add_argument("--max-steps", type=int, default=None, help="default: whole epochs")
+    g.add_argument("--template", default=None, help="default: train.py's (alpaca)")
     g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (default: eval.py's)")
@@ -940,6 +957,11 @@ def parse_args(argv=None):
     o.add_argument("--layer-png", default=None, help="default: layer-probs-lora-vs-echo.png beside --json")
     o.add_argument("--layer-csv", default=None, help="default: layer-probs-lora-vs-echo.csv beside --json")
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = None if not args.only_table else recorded_model(args.json, args.runs_dir)
+        if args.model is None:
+            p.error("--model is required" + (" (no model recorded in --json or the runs' config.json)"
+                                             if args.only_table else ""))
     bl = str(args.beam_limit).lower()
     if bl == "all":
         args.beam_limit = None

@@ -430,6 +430,10 @@ def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     assert calls == []
     rp.main(argv + ["--only-table"])
     assert calls == []
+    no_model = [a for a in argv if a != "M"]
+    no_model.remove("--model")
+    rp.main(no_model + ["--only-table"])                                    # the model recorded in the JSON
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == "M"
 
 
 @pytest.mark.parametrize("makes_folder", [False, True])
