@@ -157,7 +157,7 @@ def test_prompt_is_the_template_exactly_and_accuracy_arithmetic(monkeypatch, run
 
 def test_cli_results_json_and_table(run_dir, tmp_path, capsys):
     out = tmp_path / "out" / "my.json"
-    ev.main(["--adapter", str(run_dir), "--greedy", "--max-new-tokens", "6", "--out", str(out),
+    ev.main(["--adapter", str(run_dir), "--device", "cpu", "--greedy", "--max-new-tokens", "6", "--out", str(out),
              "--tasks", "default", str(run_dir / "data" / "test.json"), "--limit", "5"])
     captured = capsys.readouterr()
     printed = captured.out
@@ -334,7 +334,7 @@ def test_no_arguments_needs_the_default_run(tmp_path, monkeypatch, capsys):
     msg = run_main_error([])
     assert "runs/default" in msg and "python train.py" in msg
     make_run(tmp_path / "runs" / "default")
-    ev.main(["--greedy", "--max-new-tokens", "4", "--limit", "2"])
+    ev.main(["--device", "cpu", "--greedy", "--max-new-tokens", "4", "--limit", "2"])
     assert (tmp_path / "runs" / "default" / "eval" / "results-default-greedy-new4-limit2.json").exists()
     assert "default" in capsys.readouterr().out
 
@@ -379,10 +379,10 @@ def test_progress_lines_are_rate_limited_and_give_rate_and_eta():
 
 def test_results_are_named_after_their_settings(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "evaluate_suite", lambda *a: {"default": ev.task_result([], 1.0, 32)})
-    args = ev.parse_args(["--adapter", str(run_dir), "--greedy", "--limit", "3"])
+    args = ev.parse_args(["--adapter", str(run_dir), "--device", "cpu", "--greedy", "--limit", "3"])
     ev.check_args(args)
     assert ev.resolve_setup(args).results_path == run_dir / "eval" / "results-default-greedy-limit3.json"
-    args = ev.parse_args(["--adapter", str(run_dir), "--tasks", *ev.COMMONSENSE, "--lora-layers", "2",
+    args = ev.parse_args(["--adapter", str(run_dir), "--device", "cpu", "--tasks", *ev.COMMONSENSE, "--lora-layers", "2",
                           "--data-dir", str(tmp_path)])
     ev.check_args(args)
     assert ev.results_tag(args.tasks, args) == "commonsense-beam4-K2"
