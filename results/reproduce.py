@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 DEFAULT_JSON = RESULTS / "smollm2-135m-commonsense.json"
 DEFAULT_TABLE = RESULTS / "README-table.md"
+DEFAULT_RUNS = RESULTS / "smollm2-135m" / "runs"          # committed: small files only (see its .gitignore)
+SWEEP_DIR = RESULTS / "smollm2-135m" / "recipe-sweep"     # the LoRA learning-rate sweep (validation only)
 
 TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 IN_FORMAT = ["boolq", "social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa"]   # train sets in the mix
@@ -821,8 +823,26 @@ def ensure_eval(args, adapter, decoding, what):
             print(f"[{what}] {out} is older than {Path(adapter) / 'adapter'}: evaluating again")
         else:
             print(f"[{what}] kept {out}")
+            compact_predictions(res)
             return
+    if adapter is not None and not (Path(adapter) / "adapter").is_dir() and not args.dry_run:
+        print(f"[{what}] skipped: {adapter} keeps no adapter/ (adapters are not committed); delete its "
+              f"summary.json to train it again", flush=True)
+        return
     run_logged(eval_command(args, adapter, decoding, out), out.with_suffix(".log"), what, args.dry_run)
+    if not args.dry_run and eval_results_path(out):
+        compact_predictions(eval_results_path(out))
+
+
+def compact_predictions(results_file):
+    """Keep of eval.py's per-example records only what the statistics read (pred, answer, correct,
+    skipped), so a run's evaluation can be committed: ~0.4 MB instead of ~34 MB per run."""
+    folder = Path(results_file).with_name(Path(results_file).stem + "-predictions")
+    for f in folder.glob("*.jsonl") if folder.is_dir() else []:
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows and set(rows[0]) - {"pred", "answer", "correct", "skipped"}:
+            f.write_text("".join(json.dumps({k: r[k] for k in ("pred", "answer", "correct", "skipped") if k in r})
+                                 + "\n" for r in rows))
 
 
 def find_layer_csv(out):
@@ -924,7 +944,11 @@ def parse_args(argv=None):
       help="folder with <task>/train.json and <task>/test.json")
     a("--methods", nargs="+", default=list(MAIN_METHODS), choices=list(METHODS))
     a("--seeds", nargs="+", type=int, default=list(MAIN_SEEDS))
-    a("--runs-dir", default="runs/repro")
+    a("--runs-dir", default=os.path.relpath(DEFAULT_RUNS),
+      help="run folders; the default is committed (adapters and checkpoints are git-ignored there)")
+    a("--sweep-lr", nargs="+", type=float, default=None, metavar="LR",
+      help="choose the recipe: train LoRA (seed 0, --epochs, --val-split) at each LR into "
+           f"{os.path.relpath(SWEEP_DIR)} and tabulate their validation loss / exact match; no test set is read")
     a("--only-table", action="store_true", help="rebuild the JSON and the table from existing files; run nothing")
     a("--dry-run", action="store_true", help="print the commands that would run; write nothing")
     a("--beam-limit", default="500", help="published-protocol eval (seed 0) on the first N examples per task; "
@@ -935,8 +959,9 @@ def parse_args(argv=None):
       help="also the per-layer answer probability of seed-0 lora and echo-lora on N examples per task")
     g = p.add_argument_group("recipe (train.py flags)")
     d = " (default %(default)s)"
-    g.add_argument("--lr", type=float, default=2e-4, help="the paper's recipe" + d)
-    g.add_argument("--epochs", type=float, default=3, help=d)
+    g.add_argument("--lr", type=float, default=1e-3, help="chosen for LoRA on the validation split by "
+                                                        "--sweep-lr 2e-4 1e-3 3e-3 (the paper's 7B recipe: 2e-4)" + d)
+    g.add_argument("--epochs", type=float, default=1, help="(the paper: 3)" + d)
     g.add_argument("--val-split", type=float, default=0.02, help="train.py --val-split (hold-out fraction)" + d)
     g.add_argument("--rank", type=int, default=16, help=d)
     g.add_argument("--alpha", type=float, default=32.0, help=d)
@@ -997,16 +1022,59 @@ def tabulate(args, recipe, layer_probs=None):
                       layer_probs=layer_probs)
     write_json(results, args.json)
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.table).write_text(build_table(results))
+    Path(args.table).write_text(build_table(results) + sweep_table())
     state = f"PARTIAL ({results['main_runs_done']} of {N_MAIN} runs)" if results["partial"] else "complete"
     print(f"wrote {args.json} and {args.table}: {state}", flush=True)
     return results
+
+
+def sweep(args, recipe_argv):
+    """--sweep-lr: LoRA, seed 0, one run per learning rate, scored on the validation split only."""
+    for lr in args.sweep_lr:
+        rd = SWEEP_DIR / f"lora-lr{lr:g}"
+        argv = list(recipe_argv)
+        argv[argv.index("--lr") + 1] = f"{lr:g}"
+        if train_decision(rd) == "skip":
+            print(f"[sweep lr {lr:g}] finished ({rd / 'summary.json'}): skipped")
+            continue
+        cmd = [sys.executable, _script("train.py"), "--model", str(args.model), "--data",
+               *[str(f) for f in train_files(args.data_dir)], "--method", "lora", "--seed", "0", *argv,
+               "--eval-every", "800", "--out", str(rd)]
+        run_logged(cmd, SWEEP_DIR / f"lora-lr{lr:g}.train.log", f"sweep lr {lr:g}", args.dry_run,
+                   move_to=rd / "train.log")
+
+
+def sweep_table():
+    """Markdown: each sweep run's validation curve (from its metrics.jsonl), the best marked."""
+    rows = []
+    for rd in sorted(SWEEP_DIR.glob("lora-lr*"), key=lambda d: float(d.name[len("lora-lr"):])):
+        vals = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()
+                if '"val_loss"' in l] if (rd / "metrics.jsonl").is_file() else []
+        if vals:
+            rows.append((rd.name[len("lora-lr"):], vals))
+    if not rows:
+        return ""
+    best = min(rows, key=lambda r: r[1][-1]["val_loss"])[0]
+    steps = [v["step"] for v in rows[0][1]]
+    L = ["", f"Recipe choice (`--sweep-lr`): LoRA, seed 0, 1 epoch, validation loss / exact match on the "
+             f"{rows[0][1][-1]['val_rows']} held-out rows at steps {', '.join(map(str, steps))} — the test sets are "
+             f"not read. Lowest final validation loss: lr {best}.", "",
+         "| lr | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for lr, vals in rows:
+        cells = [f"{v['val_loss']:.4f} / {100 * v['val_exact']:.1f}%" for v in vals]
+        L.append(f"| {'**' + lr + '**' if lr == best else lr} | " + " | ".join(cells) + " |")
+    return "\n".join(L) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
     recipe_argv, recipe = recipe_flags(args)
     try:
+        if args.sweep_lr:
+            sweep(args, recipe_argv)
+            if not args.dry_run:
+                print(sweep_table())
+            return
         if not args.only_table:
             for f in train_files(args.data_dir):
                 if not f.is_file() and not args.dry_run:

@@ -348,7 +348,7 @@ def test_dry_run_command_lines(tmp_path):
     assert any("lora-s0" in l and "skipped" in l for l in lines)
     el = next(l for l in train if "[train echo-lora-s2]" in l)
     data = " ".join(f"D/{t}/train.json" for t in rp.TRAIN_TASKS)
-    assert f"train.py --model M --data {data} --method lora --echo --seed 2 --lr 0.0002 --epochs 3 " in el
+    assert f"train.py --model M --data {data} --method lora --echo --seed 2 --lr 0.001 --epochs 1 " in el
     assert f"--out {runs / 'echo-lora-s2'}" in el and "--resume" not in el
     assert ("--val-split 0.02" in el) == rp._supports("train.py", "--val-split")
     d1 = next(l for l in train if "[train dora-s1" in l)
@@ -420,7 +420,7 @@ def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     assert sum(c[1].endswith("train.py") for c in calls) == 4
     assert sum(c[1].endswith("eval.py") for c in calls) == 1 + 4 + 2        # base, greedy, beam4 for seed 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["partial"] and res["main_runs_done"] == 4 and res["recipe"]["lr"] == 2e-4
+    assert res["partial"] and res["main_runs_done"] == 4 and res["recipe"]["lr"] == 1e-3
     assert "PARTIAL (4 of 12 runs)" in (tmp_path / "t.md").read_text()
     assert res["runs"][0]["train_seconds"] == 3.0 and res["runs"][0]["tokens_per_s"] is None
     assert (tmp_path / "runs" / "lora-s0" / "train.log").read_text().count("fake output") == 1
