@@ -1011,6 +1011,16 @@ def parse_args(argv=None):
     return args
 
 
+def splice_into_readme(fragment, name, readme=ROOT / "README.md"):
+    """Replace README's text between <!-- BEGIN name --> and <!-- END name --> with the fragment, so the
+    README's numbers are always the tooling's."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = readme.read_text() if readme.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        readme.write_text(head + begin + "\n" + fragment.rstrip() + "\n" + end + rest.split(end, 1)[1])
+
+
 def tabulate(args, recipe, layer_probs=None):
     prev = _read_json(args.json) if Path(args.json).is_file() else None
     if layer_probs is None and isinstance(prev, dict) and prev.get("layer_probs"):
@@ -1022,7 +1032,9 @@ def tabulate(args, recipe, layer_probs=None):
                       layer_probs=layer_probs)
     write_json(results, args.json)
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.table).write_text(build_table(results) + sweep_table())
+    table = build_table(results) + sweep_table()
+    Path(args.table).write_text(table)
+    splice_into_readme(table, "results/README-table.md")
     state = f"PARTIAL ({results['main_runs_done']} of {N_MAIN} runs)" if results["partial"] else "complete"
     print(f"wrote {args.json} and {args.table}: {state}", flush=True)
     return results
