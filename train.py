@@ -53,7 +53,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    a = p.add_argument
+
+    def a(*flags, **kw):             # every flag gets a help line, so --help shows its default
+        return p.add_argument(*flags, **{"help": "-", **kw})
     a("--model", default=None, help="model directory (params.json, tokenizer, weights) or a preset name; "
                                     "omitted: the built-in default run")
     a("--data", nargs="+", default=None, help="LLM-Adapters JSON / JSONL files, mixed")
@@ -524,6 +526,7 @@ def pick_micro_batch(step_module, opts, world, device):
             torch.cuda.synchronize(device)
             del loss, batch
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)    # the eager probe's peak is not the run's
             print(f"micro-batch {mb}: the largest that fits at --max-len {opts.max_len} "
                   f"(of {per_rank} rows per process; --micro-batch overrides)", flush=True)
             return mb
@@ -808,7 +811,7 @@ class Log:
     def line(self, r):
         run = self.run
         left = run.total_steps - r["step"]
-        per_step = self.steady["s"] / self.steady["steps"] if self.steady["steps"] else r["seconds"]
+        per_step = self.steady["s"] / self.steady["steps"] if self.steady["steps"] else None
         parts = [f"step {r['step']}/{run.total_steps}", f"loss {r['loss']:.4f}"]
         if run.echo is not None:
             parts.append(f"(off {r['loss_off']:.4f}" + (f" on {r['loss_on']:.4f} kd {r['loss_kd']:.4f}" if r["routed"]
@@ -818,7 +821,7 @@ class Log:
         parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s (pad {r['padding']:.0%})"]
         parts += [f"mfu {r['mfu']:.1%}"] if "mfu" in r else []
         parts += [f"mem {r['peak_gib']:.1f}G"] if "peak_gib" in r else []
-        parts.append(f"eta {left * per_step / 60:.1f}m")
+        parts.append(f"eta {left * per_step / 60:.1f}m" if per_step else "eta after warm-up")   # compiles skew it
         return " | ".join(parts)
 
     def summary(self, wall):

@@ -150,8 +150,7 @@ class EchoConfig:
             if flag is None:
                 continue
             extra = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
-            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-            kw = dict(dest="echo_" + f.name, default=f.default, help=f"{f.metadata['help']} (default: {shown})", **extra)
+            kw = dict(dest="echo_" + f.name, default=f.default, help=f.metadata["help"], **extra)
             if isinstance(f.default, bool):
                 kw["action"] = argparse.BooleanOptionalAction
             elif isinstance(f.default, tuple):

@@ -1,6 +1,5 @@
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,8 @@ from data import (TokenizedDataset, batches, build_prompt, epoch_order, load_dat
                   make_default_task, steps_per_epoch, tokenize_example, write_default_task)
 from model.tokenizer import ByteTokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared not present")
+from conftest import SHARED, needs_shared
+import data
 
 EX = {"instruction": "Pick one. answer1: x answer2: y", "input": "", "output": "the correct answer is answer2",
       "answer": "answer2"}
@@ -198,3 +197,30 @@ def test_real_commonsense_llama2():
         assert ids[0] == 1
     ds = TokenizedDataset(exs[:200], tok, "alpaca", 256)
     assert len(ds) + ds.n_dropped == 200
+
+
+def test_length_grouping_keeps_every_row_once_and_cuts_padding():
+    """--group-by-length: each epoch still sees every row exactly once, in batches whose rows have
+    similar lengths (less padding than the plain shuffle), independent of the number of processes."""
+    import numpy as np
+    lengths = list(np.random.RandomState(0).randint(5, 200, size=1000))
+    order = data.epoch_order(1000, seed=3, epoch=1)
+    grouped = data.length_grouped_order(order, lengths, global_batch=16, seed=3, epoch=1)
+    assert sorted(grouped.tolist()) == list(range(1000))
+    pad = lambda o: sum(16 * max(lengths[i] for i in o[k:k + 16]) - sum(lengths[i] for i in o[k:k + 16])
+                        for k in range(0, 992, 16))
+    assert pad(grouped) < 0.2 * pad(order)
+    again = data.length_grouped_order(order, lengths, global_batch=16, seed=3, epoch=1)
+    assert np.array_equal(grouped, again)
+    assert not np.array_equal(grouped, data.length_grouped_order(order, lengths, 16, seed=3, epoch=2))
+
+
+def test_holdout_is_seeded_and_disjoint():
+    held = data.holdout_indices(100, 0.1, seed=5)
+    assert len(held) == 10 and list(held) == sorted(held) and list(held) == list(data.holdout_indices(100, 0.1, 5))
+    rows = [{"i": i} for i in range(100)]
+    train_rows, val_rows = data.split_holdout(rows, 0.1, 5)
+    assert [r["i"] for r in val_rows] == list(held) and len(train_rows) == 90
+    assert not {r["i"] for r in train_rows} & {r["i"] for r in val_rows}
+    with pytest.raises(ValueError, match="--val-split"):
+        data.holdout_indices(10, 1.0, 0)

@@ -76,16 +76,31 @@ def assert_same_run(a, b, atol):
                 torch.testing.assert_close(sa[i][k], sb[i][k], atol=atol * sa[i][k].abs().max(), rtol=0)
 
 
-def test_two_gloo_processes_equal_one_process(setup, tmp_path):
-    """Global batch 4 = 2 ranks × micro-batch 2, against 1 process × 2 micro-batches of 2. The adapter
-    can only match if both ranks took the same routing decision on every step (the Echo-on pass adds
-    the L_on and L_kd gradients to the adapter)."""
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_process(setup, tmp_path):
+    """The multi-node path users take on a cluster, on localhost: two torchrun "nodes" (--nnodes 2,
+    --node-rank 0 / 1, c10d rendezvous, gloo), one process each. Global batch 4 = 2 ranks ×
+    micro-batch 2, against 1 process × 2 micro-batches of 2: same metrics, adapter, Echo weights and
+    Adam moments. The adapter can only match if both ranks took the same routing decision on every
+    step (the Echo-on pass adds the L_on and L_kd gradients to the adapter)."""
     two, one = tmp_path / "two", tmp_path / "one"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *args(setup, two, "--micro-batch", "2", "--grad-clip", "0")]
+    endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "echo-test", str(ROOT / "train.py"),
+                               *args(setup, two, "--micro-batch", "2", "--grad-clip", "0")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    logs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "routing identical on all 2 ranks" in logs[0] + logs[1]
     train.main(args(setup, one, "--micro-batch", "2", "--grad-clip", "0"))
 
     c2, c1 = (json.loads((d / "config.json").read_text()) for d in (two, one))
@@ -491,7 +506,6 @@ def test_sigterm_checkpoints_and_exits_143(setup, tmp_path):
     """A scheduler's SIGTERM mid-run: the step finishes, a checkpoint is written, exit code 143, and
     --resume completes the run."""
     import signal
-    import time as _time
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *args(setup, out, "--max-steps", "100000", "--save-every", "100000",
                                                           "--log-every", "1")]
@@ -518,3 +532,21 @@ def test_val_split_is_held_out_and_logged(setup, tmp_path):
     assert all(m["val_rows"] == 4 and 0 <= m["val_exact"] <= 1 and m["val_loss"] > 0 for m in ms if "val_loss" in m)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["batch_shapes"] >= 1
+
+
+def test_help_shows_every_default():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split("options:", 1)[1].split())
+    for flag in ("--lr", "--rank", "--global-batch", "--echo-targets", "--echo-p-end", "--echo-tau", "--val-split",
+                 "--cuda-graphs", "--group-by-length"):
+        after = text.split(flag, 1)[1][:400]
+        assert "(default:" in after, flag
+    assert "(default: (4, 5, 6, 7))" in text and "(default: 0.2)" in text
+
+
+def test_data_without_model_is_an_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "x.json"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--data needs --model" in result.stderr
