@@ -983,3 +983,11 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            raise
+        # A collective failed: another process died (or hung). Its own log has the cause; say so in one
+        # line instead of this rank's traceback, which only shows where it was waiting.
+        sys.exit(f"error: rank {os.environ.get('RANK')}: lost contact with another process "
+                 f"({str(e).splitlines()[0][:160]}); see the other ranks' output for the cause — the last "
+                 f"checkpoint in --out continues with --resume")

@@ -550,3 +550,29 @@ def test_data_without_model_is_an_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "x.json"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--data needs --model" in result.stderr
+
+
+def test_a_killed_rank_ends_the_others_at_once(setup, tmp_path):
+    """kill -9 of one rank: the other notices at its next collective and exits within seconds with a
+    one-line message (no hang until a timeout, no traceback of its own)."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "train.py"), *args(setup, tmp_path / "run", "--max-steps", "100000", "--save-every", "100000",
+                                         "--log-every", "1", "--micro-batch", "2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            break
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    t0 = time.monotonic()
+    os.kill(int(max(children, key=int)), signal.SIGKILL)
+    out = proc.communicate(timeout=60)[0]
+    assert time.monotonic() - t0 < 30 and proc.returncode != 0
+    ours = [l for l in out.splitlines() if "[rank0]" in l or "lost contact" in l]
+    assert any("lost contact with another process" in l for l in out.splitlines()), out[-3000:]
+    assert not any("Traceback" in l for l in ours), out[-3000:]
