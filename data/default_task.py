@@ -7,9 +7,9 @@ with no downloads can train and evaluate end to end (tiny random LLaMA, ByteToke
 Four distinct digits 1..9 (one byte each, so the tiny model compares single tokens; 9*8*7*6 = 3024 distinct
 rows), the position of the largest uniform over answer1..answer4 (chance = 25%), so eval's
 answer1|answer2|answer3|answer4 regex applies unchanged. Train and test instructions are disjoint.
-With "alpaca-short" and ByteTokenizer every row is 136 tokens (fits max_len 160). Measured with the default
-run (`python train.py`: tiny preset at init std 0.2, LoRA r32 on all 7 modules, Echo, 375 steps of 16, ~40 s
-on 2 CPU cores): answer-token loss 6.7 -> 0.01 nats, `python eval.py` greedy accuracy 87% (chance 25%).
+With "alpaca-short" and ByteTokenizer every row is 136 tokens (fits max_len 160). The default run
+(`python train.py`: tiny preset at init std 0.2, LoRA r32 on all 7 modules, Echo, 375 steps of 16) brings the
+answer-token loss from ~6.7 nats to ~0.01 in about 35 s on 2 CPU cores; tests/test_train.py checks that it learns.
 """
 import json
 import random
