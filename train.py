@@ -168,6 +168,7 @@ def setup_distributed(opts):
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint", "adapter", "echo.safetensors",
              "echo_config.json", "base", "data")
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoint")      # what only a run folder has
 
 
 def check_run_dir(opts, out):
@@ -178,7 +179,7 @@ def check_run_dir(opts, out):
         if not (out / "checkpoint" / "state.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint' / 'state.pt'}")
     elif out.exists() and any(out.iterdir()) and not opts.force:
-        what = "an earlier run" if any((out / f).exists() for f in RUN_FILES[1:4]) else "files"
+        what = "an earlier run" if any((out / f).exists() for f in RUN_MARKERS) else "files"
         raise ValueError(f"--out {out} already holds {what}: --resume continues it, --force replaces it, "
                          f"or choose another --out")
 
@@ -197,10 +198,8 @@ def make_run_dir(opts, out, master, world):
             probe.unlink()
         except OSError as e:
             raise ValueError(f"--out {out} is not writable ({e.strerror}): choose another --out") from None
-        for name in ("adapter",):                        # atomic_dir's rename pair was cut short
-            old = out / f"{name}.old"
-            if old.exists() and not (out / name).exists():
-                os.replace(old, out / name)
+        if (out / "adapter.old").exists() and not (out / "adapter").exists():
+            os.replace(out / "adapter.old", out / "adapter")      # atomic_dir's rename pair was cut short
         for stale in [*out.glob("*.tmp"), out / "adapter.old", *(out / "checkpoint").glob("*.tmp")]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     if world > 1:
@@ -275,6 +274,7 @@ class Run:
     total_steps: int
     grad_accum: int
     block_graphs: bool            # --cuda-graphs blocks: gradients must leave the graph pool
+    saved_step: int = None        # the step of the checkpoint on disk (None: none written yet)
 
     @property
     def master(self):
@@ -311,8 +311,7 @@ def setup(opts):
         graphs = "off"
     if graphs == "step" and world > 1:
         raise ValueError("--cuda-graphs step captures a single-GPU step: use --cuda-graphs blocks with torchrun")
-    if use_compile:
-        compile_blocks(step_module, cuda_graphs=graphs == "blocks")
+    params, echo_params, optimizers = make_trainer(step_module, opts, device, use_compile, graphs)
     ddp = step_module
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -325,16 +324,25 @@ def setup(opts):
     if per_epoch == 0:
         raise ValueError(f"dataset has {len(train_set)} rows, fewer than one global batch of {opts.global_batch}")
     total = int(math.ceil(opts.epochs * per_epoch)) if opts.max_steps is None else opts.max_steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    echo_params = list(echo.parameters()) if echo is not None else []
-    optimizers = {"adapter": make_optimizer(params, opts, device, graphs == "step")}
-    if echo is not None:       # its own AdamW, stepped on routed steps only (no gradient otherwise)
-        optimizers["echo"] = make_optimizer(echo_params, opts, device, graphs == "step")
     router = Router(echo.cfg, total) if echo is not None else None
     run = Run(opts, out, rank, world, device, model, echo, step_module, ddp, params, echo_params, optimizers,
               None, router, train_set, val_set, total, accum, graphs == "blocks")
     run.graphs = StepGraphs(run) if graphs == "step" else None
     return run
+
+
+def make_trainer(step_module, opts, device, use_compile, graphs):
+    """Compile the step module (per --compile / --cuda-graphs) and build what trains it: the adapter's
+    parameters, the Echo module's, and one AdamW for each (Echo's is stepped on routed steps only: it
+    gets no gradient otherwise). tests/benchmark.py builds its step with this too."""
+    if use_compile:
+        compile_blocks(step_module, cuda_graphs=graphs == "blocks")
+    params = [p for p in step_module.model.parameters() if p.requires_grad]
+    echo_params = list(step_module.echo.parameters()) if step_module.echo is not None else []
+    optimizers = {"adapter": make_optimizer(params, opts, device, graphs == "step")}
+    if echo_params:
+        optimizers["echo"] = make_optimizer(echo_params, opts, device, graphs == "step")
+    return params, echo_params, optimizers
 
 
 def make_optimizer(params, opts, device, graphed):
@@ -619,10 +627,9 @@ def check_finite(run, step):
 
 
 def last_checkpoint(run):
-    path = run.out / "checkpoint" / "state.pt"
-    if not path.exists():
+    if run.saved_step is None:
         return "no checkpoint was written yet"
-    return f"the last good checkpoint is in {path.parent} (step {torch.load(path, weights_only=False)['step']})"
+    return f"the last good checkpoint is in {run.out / 'checkpoint'} (step {run.saved_step})"
 
 
 def save_checkpoint(run, step, epoch, epoch_step):
@@ -643,6 +650,7 @@ def save_checkpoint(run, step, epoch, epoch_step):
         (run.out / "checkpoint").mkdir(exist_ok=True)
         atomic_file(run.out / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
         write_outputs(run)
+    run.saved_step = step
     if run.world > 1:
         dist.barrier()
 
@@ -698,6 +706,7 @@ def load_checkpoint(run):
         torch.cuda.set_rng_state(rng["cuda"], run.device)
     if run.master:
         print(f"resumed from step {state['step']} of {run.total_steps} ({path})", flush=True)
+    run.saved_step = state["step"]
     return state["step"], state["epoch"], state["epoch_step"]
 
 
@@ -734,12 +743,7 @@ class Log:
                 if run.opts.resume and path.exists() else []
             atomic_file(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
             self.file = open(path, "a")
-        n_params = sum(p.numel() for p in run.model.parameters())
-        on_share = 0.0 if run.echo is None else (
-            1.0 if run.echo.cfg.separate_passes else 1 - run.echo.cfg.target_layers[0] / run.model.args.n_layers)
-        # MFU: 4·N FLOPs per token and pass (forward 2N, activation gradients 2N; the frozen weights get no
-        # weight gradient); a routed step's Echo-on pass runs only the layers from the first target up.
-        self.flops_per_token = {False: 4 * n_params, True: 4 * n_params * (1 + on_share)}
+        self.flops_per_token = {routed: flops_per_token(run.model, run.echo, routed) for routed in (False, True)}
         self.peak = peak_flops(run.device)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
         self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
@@ -836,6 +840,16 @@ class Log:
     def close(self):
         if self.file:
             self.file.close()
+
+
+def flops_per_token(model, echo, routed):
+    """For MFU: 4·N FLOPs per token and pass (forward 2N, activation gradients 2N; the frozen weights get
+    no weight gradient); a routed step's Echo-on pass runs only the layers from the first target up."""
+    n_params = sum(p.numel() for p in model.parameters())
+    if not routed or echo is None:
+        return 4 * n_params
+    on_share = 1.0 if echo.cfg.separate_passes else 1 - echo.cfg.target_layers[0] / model.args.n_layers
+    return 4 * n_params * (1 + on_share)
 
 
 def parsed_step(line):
@@ -938,8 +952,7 @@ def train(run, log, stop, step, epoch, epoch_step):
             if last or step % run.opts.save_every == 0 or log.stop_signal:
                 log.flush()                           # never checkpoint a step whose loss was not checked
                 save_checkpoint(run, step, epoch, epoch_step)
-            if last or log.stop_signal:
-                log.flush()
+            if last or log.stop_signal:      # both also triggered the save above, which flushed the log
                 return step
         epoch, epoch_step = epoch + 1, 0
     return step

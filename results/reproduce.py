@@ -665,13 +665,6 @@ def train_files(data_dir):
     return [Path(data_dir) / t / "train.json" for t in TRAIN_TASKS]
 
 
-def _supports(script, flag):
-    try:
-        return flag in (ROOT / script).read_text()
-    except OSError:
-        return True
-
-
 def recipe_flags(args):
     """The train.py flags of the recipe -> (argv list, recipe dict)."""
     pairs = [("--lr", args.lr), ("--epochs", args.epochs), ("--rank", args.rank), ("--alpha", args.alpha),
@@ -679,13 +672,7 @@ def recipe_flags(args):
              ("--max-len", args.max_len), ("--warmup-steps", args.warmup_steps),
              ("--max-steps", args.max_steps), ("--template", args.template)]
     if args.val_split is not None:
-        if _supports("train.py", "--val-split"):
-            pairs.append(("--val-split", args.val_split))
-        else:
-            if not args.only_table:
-                print("warning: train.py has no --val-split: training without a validation hold-out",
-                      file=sys.stderr)
-            args.val_split = None
+        pairs.append(("--val-split", args.val_split))
     argv, recipe = [], {}
     for flag, v in pairs:
         if v is None:
@@ -789,7 +776,7 @@ def train(args, name, seed, recipe_argv, decision):
     if rd.is_dir() and not any(p.name != "train.log" for p in rd.iterdir()):
         if not args.dry_run:
             rd.rmdir()                               # an empty folder left by an earlier attempt
-    elif rd.is_dir() and _supports("train.py", "--force"):
+    elif rd.is_dir():
         cmd.append("--force")
         what += " (restart: no checkpoint yet)"
     run_logged(cmd, log, what, args.dry_run, move_to=rd / "train.log")

@@ -43,13 +43,7 @@ def make_run(opts, method, echo_on, graphs):
     model.init_dora_magnitudes()
     echo = EchoModule(EchoConfig(), model.args).to("cuda") if echo_on else None
     step_module = train.EchoStep(model, echo)
-    if graphs != "eager":
-        train.compile_blocks(step_module, cuda_graphs=graphs == "blocks")
-    params = [p for p in model.parameters() if p.requires_grad]
-    echo_params = list(echo.parameters()) if echo else []
-    optimizers = {"adapter": train.make_optimizer(params, topts, "cuda", graphs == "step")}
-    if echo:
-        optimizers["echo"] = train.make_optimizer(echo_params, topts, "cuda", graphs == "step")
+    params, echo_params, optimizers = train.make_trainer(step_module, topts, "cuda", graphs != "eager", graphs)
     run = train.Run(topts, None, 0, 1, "cuda", model, echo, step_module, step_module, params, echo_params,
                     optimizers, None, None, None, None, 1, 1, graphs == "blocks")
     run.graphs = train.StepGraphs(run) if graphs == "step" else None
@@ -88,12 +82,11 @@ def measure(opts, method, echo_mode, graphs):
                 train.train_step(run, mbs, routed, 0)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
-    n_params = sum(p.numel() for p in run.model.parameters())
     tokens = opts.batch * opts.seq
-    passes = 1 + (routed * (1 - EchoConfig().resolve(run.model.args.n_layers).target_layers[0] / run.model.args.n_layers))
     return {"model": opts.model, "method": method, "echo": echo_mode, "graphs": graphs, "batch": opts.batch,
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
-            "mfu": round(4 * n_params * tokens * passes / (ms / 1000) / (opts.peak_tflops * 1e12), 3),
+            "mfu": round(train.flops_per_token(run.model, run.echo, routed) * tokens / (ms / 1000)
+                         / (opts.peak_tflops * 1e12), 3),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "warmup_s": round(warmup_s, 1),
             "loss_off": round(stats[0].item() / mbs[0]["global_n_targets"], 4),
             "device": torch.cuda.get_device_name()}

@@ -350,12 +350,11 @@ def test_dry_run_command_lines(tmp_path):
     data = " ".join(f"D/{t}/train.json" for t in rp.TRAIN_TASKS)
     assert f"train.py --model M --data {data} --method lora --echo --seed 2 --lr 0.001 --epochs 1 " in el
     assert f"--out {runs / 'echo-lora-s2'}" in el and "--resume" not in el
-    assert ("--val-split 0.02" in el) == rp._supports("train.py", "--val-split")
+    assert "--val-split 0.02" in el
     d1 = next(l for l in train if "[train dora-s1" in l)
     assert "--method dora" in d1 and "--echo" not in d1 and d1.endswith("--resume")
     assert not any("--force" in l for l in train if "echo-dora-s2" not in l)
-    if rp._supports("train.py", "--force"):
-        assert next(l for l in train if "[train echo-dora-s2" in l).endswith("--force")
+    assert next(l for l in train if "[train echo-dora-s2" in l).endswith("--force")
     evals = [l for l in lines if l.startswith("would run: [eval")]
     base = next(l for l in evals if "[eval base greedy]" in l)
     assert "--adapter" not in base and base.endswith(f"--out {runs / 'base' / 'eval-greedy.json'}")
