@@ -339,6 +339,26 @@ def set_lora_layers(model, k):
                 m.enabled = i < k
 
 
+@torch.no_grad()
+def merge_with_drift(model, probe_len=16):
+    """merge_enabled_adapters, reporting what the merge costs in the model's dtype: (max |Δlogit| merged
+    vs unmerged, max |Δlogit| adapter vs base) on 2 x probe_len random ids (seed 0). Merging rounds
+    W + ΔW to the weight dtype, and in bf16 that ulp can exceed a small adapter's ΔW entries."""
+    from model.lora import lora_linears
+    ids = torch.randint(0, model.args.vocab_size, (2, min(probe_len, model.args.max_seq_len)),
+                        generator=torch.Generator().manual_seed(0)).to(model.tok_embeddings.weight.device)
+    enabled = [m for _, m in lora_linears(model) if m.enabled]
+    unmerged = model(ids).float()
+    for m in enabled:
+        m.enabled = False
+    base = model(ids).float()
+    for m in enabled:
+        m.enabled = True
+    merge_enabled_adapters(model)
+    merged = model(ids).float()
+    return (merged - unmerged).abs().max().item(), (unmerged - base).abs().max().item()
+
+
 def merge_enabled_adapters(model):
     """Fold every ENABLED adapter into its base weight (disabled ones stay out, as when unmerged)."""
     from model.lora import lora_linears
@@ -672,7 +692,10 @@ def configure_adapters(model, tokenizer, setup, args, val):
         set_lora_layers(model, lora_layers)
         label += f" K={lora_layers}"
     if args.merge:
-        merge_enabled_adapters(model)
+        drift, effect = merge_with_drift(model)
+        print(f"merge drift ({str(model.tok_embeddings.weight.dtype).replace('torch.', '')}): max |Δlogit| "
+              f"{drift:.4g} between merged and unmerged on a fixed probe (the adapter itself moves logits by up to "
+              f"{effect:.4g}); if they are close, evaluate unmerged or with --dtype float32", flush=True)
         label += " merged"
     return lora_layers, label
 

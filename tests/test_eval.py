@@ -503,3 +503,21 @@ def test_damaged_or_non_finite_adapter_is_a_one_line_error(tmp_path):
     msg = run_main_error(["--model", str(run / "base"), "--greedy", "--limit", "1",
                           "--tasks", str(run / "data" / "test.json")])
     assert str(run / "base") in msg
+
+
+def test_merge_reports_its_drift():
+    """eval --merge prints the logit drift of the merge next to the adapter's own effect: in fp32 the merge
+    is exact to rounding (drift far below the effect), and the model then predicts as merged."""
+    import torch
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", adapter="lora", lora_rank=4, lora_dropout=0.0)).eval()
+    with torch.no_grad():
+        for m in model.adapter_linears():
+            m.lora_b.normal_(0, 0.2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = model(ids)
+    drift, effect = ev.merge_with_drift(model)
+    assert effect > 0.05 and drift < 1e-4 * max(effect, 1.0)
+    assert all(m.merged for m in model.adapter_linears())
+    assert (model(ids) - before).abs().max().item() == pytest.approx(drift, abs=1e-6)
