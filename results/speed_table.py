@@ -51,8 +51,17 @@ def table():
     return "\n".join(L) + "\n"
 
 
+def default_run():
+    """One sentence for README's set-up: how long `python train.py` took (its summary.json)."""
+    s = json.loads((HERE / "speed" / "default-run-cpu.json").read_text())
+    return (f"On this project's 2-core CI-class machine `python train.py` trained its {s['steps']} steps in "
+            f"{s['train_seconds']:.0f} s (`results/speed/default-run-cpu.json`, its summary.json); `python eval.py` "
+            f"then takes a few seconds more. A loaded machine is slower.\n")
+
+
 if __name__ == "__main__":
     t = table()
     (HERE / "speed-table.md").write_text(t)
     splice_into_readme(t, "results/speed-table.md")
+    splice_into_readme(default_run(), "default-run")
     print(t)
