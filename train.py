@@ -746,6 +746,7 @@ class Log:
         self.flops_per_token = {routed: flops_per_token(run.model, run.echo, routed) for routed in (False, True)}
         self.peak = peak_flops(run.device)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
+        self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
         self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
         self.last_end = time.perf_counter()
         self.stop_signal = 0
@@ -757,6 +758,7 @@ class Log:
         record["seconds"], self.last_end = now - self.last_end, now
         self.routing.append(record["routed"])
         record["warmup"] = shape not in self.shapes
+        record["shape"] = shape
         self.shapes.add(shape)
         record["stats"] = stats
         if self.pending is not None:
@@ -784,12 +786,13 @@ class Log:
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']} (try a lower --lr); "
                                      f"{last_checkpoint(self.run)}")
+        shape = record.pop("shape")
         if record["warmup"]:
             self.warmup_s += record["seconds"]
         else:
-            self.steady.update(s=self.steady["s"] + record["seconds"], steps=self.steady["steps"] + 1,
-                               tokens=self.steady["tokens"] + record["tokens"],
-                               padded=self.steady["padded"] + record["padded_tokens"])
+            for acc in (self.steady, self.by_shape.setdefault(shape, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0})):
+                acc.update(s=acc["s"] + record["seconds"], steps=acc["steps"] + 1, tokens=acc["tokens"] + record["tokens"],
+                           padded=acc["padded"] + record["padded_tokens"])
         if self.run.master:
             self.write(record)
 
@@ -835,7 +838,12 @@ class Log:
                 "padded_tokens_per_s": round(s["padded"] / s["s"], 1) if s["s"] else None,
                 "batch_shapes": len(self.shapes), "micro_batch": run.opts.micro_batch, "world_size": run.world,
                 "peak_gib": round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.cuda else None,
-                "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu"}
+                "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
+                "method": run.opts.method, "echo": run.echo is not None,
+                "steady_by_shape": [{"routed": k[0], "micro_batches": [list(mb) for mb in k[1:]], "steps": v["steps"],
+                                     "ms": round(1000 * v["s"] / v["steps"], 2), "padded_tokens": v["padded"],
+                                     "tokens": v["tokens"]}
+                                    for k, v in sorted(self.by_shape.items(), key=lambda kv: -kv[1]["steps"])]}
 
     def close(self):
         if self.file:

@@ -6,6 +6,7 @@ suite) on SmolLM2-135M-Instruct — one command: train, evaluate, tabulate.
     python results/reproduce.py ... --methods lora echo-lora --seeds 0     # a subset (table marked PARTIAL)
     python results/reproduce.py ... --only-table                          # rebuild JSON + table, run nothing
     python results/reproduce.py ... --dry-run                             # print the commands
+    python results/reproduce.py ... --jobs 4                              # 4 runs at once on one GPU
     python results/reproduce.py ... --layer-probs 200                     # + LoRA vs Echo-LoRA layer curves
     python results/reproduce.py ... --limit 8 --runs-dir runs/smoke --json /tmp/s.json --table /tmp/s.md
 
@@ -33,7 +34,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,7 @@ RECIPE_KEYS = ["method", "rank", "alpha", "dropout", "modules", "lr", "epochs", 
                "echo_sources", "echo_modules", "echo_p_start", "echo_p_end"]
 N_BOOT = 2000
 BOOT_SEED = 0
+JOBS_FILE = "reproduce-jobs.json"   # written beside a run trained under --jobs N: its speed figures are shared
 
 
 class StepFailed(Exception):
@@ -238,7 +242,10 @@ def load_eval(path):
 def train_summary(run):
     s = _read_json(Path(run) / "summary.json")
     s = s if isinstance(s, dict) else {}
-    return {k: s.get(k) for k in SUMMARY_KEYS}
+    out = {k: s.get(k) for k in SUMMARY_KEYS}
+    jobs = _read_json(Path(run) / JOBS_FILE)
+    out["concurrent_jobs"] = jobs.get("concurrent_jobs", 1) if isinstance(jobs, dict) else 1
+    return out
 
 
 def train_decision(run):
@@ -296,7 +303,8 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
                              "tasks": ev["tasks"], "eval_settings": ev["settings"],
                              "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
                              "peak_gib": summary["peak_gib"], "device": summary["device"],
-                             "steps": summary["steps"], "warmup_seconds": summary["warmup_seconds"]})
+                             "steps": summary["steps"], "warmup_seconds": summary["warmup_seconds"],
+                             "concurrent_jobs": summary["concurrent_jobs"]})
     base_ev = load_eval(eval_file(Path(runs_dir) / "base", "greedy"))
     base = None
     if base_ev is not None:
@@ -620,14 +628,18 @@ def build_table(results):
         tps = mean_sd([r.get("tokens_per_s") for r in runs])[0]
         mem = mean_sd([r.get("peak_gib") for r in runs])[0]
         dev = sorted({str(r["device"]) for r in runs if r.get("device")})
+        jobs = sorted({r.get("concurrent_jobs") or 1 for r in runs})
         if secs is not None or tps is not None or mem is not None:
             cost.append(f"| {METHODS[n][3]} | {_fmt(secs / 60 if secs is not None else None)} | "
-                        f"{_fmt(tps, digits=0)} | {_fmt(mem, digits=2)} | {', '.join(dev) or '—'} |")
+                        f"{_fmt(tps, digits=0)} | {_fmt(mem, digits=2)} | {', '.join(dev) or '—'} | "
+                        f"{', '.join(map(str, jobs))} |")
     if cost:
-        L.append("**Training cost** (mean over seeds; from each run's summary.json):")
+        L.append("**Training cost** (mean over seeds; from each run's summary.json; *runs at once*: how many "
+                 "runs shared the GPU (`--jobs`), so a speed with more than 1 there is not a benchmark; "
+                 "README's speed table is):")
         L.append("")
-        L.append("| method | train minutes | tokens/s | peak GiB | device |")
-        L.append("|---|---:|---:|---:|---|")
+        L.append("| method | train minutes | tokens/s | peak GiB | device | runs at once |")
+        L.append("|---|---:|---:|---:|---|---:|")
         L.extend(cost)
         L.append("")
     lp = results.get("layer_probs")
@@ -938,6 +950,8 @@ def parse_args(argv=None):
            f"{os.path.relpath(SWEEP_DIR)} and tabulate their validation loss / exact match; no test set is read")
     a("--only-table", action="store_true", help="rebuild the JSON and the table from existing files; run nothing")
     a("--dry-run", action="store_true", help="print the commands that would run; write nothing")
+    a("--jobs", type=int, default=1, help="runs trained and evaluated at once (on one GPU they share it, so "
+                                          "their recorded speed is not a benchmark; the table says so)")
     a("--beam-limit", default="500", help="published-protocol eval (seed 0) on the first N examples per task; "
                                           "'all' = full test sets, 0 = skip it")
     a("--limit", type=int, default=None, help="smoke test: evaluate the first N examples per task (also caps "
@@ -987,6 +1001,8 @@ def parse_args(argv=None):
     args.run_beam = args.beam_limit != 0
     if args.beam_limit == 0:
         args.beam_limit = None
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
     if args.limit and args.max_steps is None:
@@ -1066,6 +1082,50 @@ def sweep_table():
     return "\n".join(L) + "\n"
 
 
+def run_one(args, name, seed, recipe_argv):
+    """Train one {method} x {seed} unless finished, then its evaluations (missing ones only)."""
+    rd = run_dir(args.runs_dir, name, seed)
+    what = f"{name}-s{seed}"
+    decision = train_decision(rd)
+    if decision == "skip":
+        print(f"[train {what}] finished ({rd / 'summary.json'}): skipped")
+    else:
+        train(args, name, seed, recipe_argv, decision)
+        if not args.dry_run:
+            (rd / JOBS_FILE).write_text(json.dumps({"concurrent_jobs": args.jobs}) + "\n")
+    ensure_eval(args, rd, "greedy", f"eval {what} greedy")
+    if seed == 0 and args.run_beam:
+        ensure_eval(args, rd, "beam4", f"eval {what} beam4")
+
+
+def run_all(args, recipe_argv, recipe):
+    """Every {method} x {seed}, seed-major (a partial sweep still pairs methods), --jobs of them at once;
+    the JSON and table are rebuilt after each. A failed run does not stop the others; the first failure
+    is raised at the end."""
+    units = [(name, seed) for seed in args.seeds for name in args.methods]
+    lock, failures = threading.Lock(), []
+
+    def unit(name, seed):
+        try:
+            run_one(args, name, seed, recipe_argv)
+        except StepFailed as e:
+            print(f"error: {e}", flush=True)
+            failures.append(e)
+        if not args.dry_run:
+            with lock:
+                tabulate(args, recipe)
+
+    if args.jobs == 1 or args.dry_run:
+        for name, seed in units:
+            unit(name, seed)
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for f in [pool.submit(unit, name, seed) for name, seed in units]:
+                f.result()
+    if failures:
+        raise failures[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
     recipe_argv, recipe = recipe_flags(args)
@@ -1080,20 +1140,7 @@ def main(argv=None):
                 if not f.is_file() and not args.dry_run:
                     raise StepFailed(f"train file {f} not found (--data-dir)")
             ensure_eval(args, None, "greedy", "eval base greedy")
-            for seed in args.seeds:                       # seed-major: a partial sweep still pairs methods
-                for name in args.methods:
-                    rd = run_dir(args.runs_dir, name, seed)
-                    what = f"{name}-s{seed}"
-                    decision = train_decision(rd)
-                    if decision == "skip":
-                        print(f"[train {what}] finished ({rd / 'summary.json'}): skipped")
-                    else:
-                        train(args, name, seed, recipe_argv, decision)
-                    ensure_eval(args, rd, "greedy", f"eval {what} greedy")
-                    if seed == 0 and args.run_beam:
-                        ensure_eval(args, rd, "beam4", f"eval {what} beam4")
-                    if not args.dry_run:
-                        tabulate(args, recipe)
+            run_all(args, recipe_argv, recipe)
         layer_probs = None
         if args.layer_probs:
             lp_names = [n for n in ("lora", "echo-lora")]

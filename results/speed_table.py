@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """README's speed table, built from the files the tooling wrote (never typed in):
 results/speed/benchmark-*.jsonl (tests/benchmark.py --json) and results/speed/real-loop-*.json
-(train.py's summary.json). Writes results/speed-table.md and splices it into README.md.
+(train.py's summary.json), and results/speed/real-vs-step-*/ (a real run's summary.json beside
+tests/benchmark.py lines at the batch shapes that run used, both from one GPU session). Writes
+results/speed-table.md and splices it into README.md.
 
     python results/speed_table.py
 """
@@ -48,7 +50,47 @@ def table():
         s = json.loads(f.read_text())
         L.append(f"| {f.stem[len('real-loop-'):]} | {s['steps']} | {s['tokens_per_s']:,.0f} | "
                  f"{s['padded_tokens_per_s']:,.0f} | {s['warmup_seconds']:.0f} | {s['batch_shapes']} | {s['device']} |")
-    return "\n".join(L) + "\n"
+    return "\n".join(L + real_vs_step()) + "\n"
+
+
+def real_vs_step():
+    """The real loop against its own step: per batch shape the run's steady ms/step (summary.json's
+    steady_by_shape) next to the benchmark's at that [batch, seq]; overall, the run's padded tokens/s
+    over the matched steps against the benchmark's time for the same steps."""
+    L = []
+    for d in sorted((HERE / "speed").glob("real-vs-step-*")):
+        s = json.loads((d / "summary.json").read_text())
+        bench = {}
+        for line in (d / "benchmark.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            bench[(r["echo"], r["batch"], r["seq"])] = r["ms"]      # the last line of a shape wins
+        rows, real_s, bench_s, padded, steps = [], 0.0, 0.0, 0, 0
+        for b in s["steady_by_shape"]:
+            if len(b["micro_batches"]) != 1:
+                continue                                           # the benchmark times one micro-batch
+            B, T, P = b["micro_batches"][0]
+            echo = "off" if not s.get("echo") else ("routed" if b["routed"] else "unrouted")
+            ms = bench.get((echo, B, T))
+            if ms is None:
+                continue
+            rows.append(f"| {B} × {T} (P {P}) | {echo} | {b['steps']} | {b['ms']:.1f} | {ms:.1f} | "
+                        f"{ms / b['ms']:.2f} |")
+            real_s += b["steps"] * b["ms"] / 1000
+            bench_s += b["steps"] * ms / 1000
+            padded += b["padded_tokens"]
+            steps += b["steps"]
+        if not rows:
+            continue
+        total = sum(b["steps"] for b in s["steady_by_shape"])
+        L += ["", f"`train.py` on real data against its own step (`{d.name}`: {s.get('method')}"
+                  f"{' + Echo' if s.get('echo') else ''}, {s['steps']} steps, micro-batch {s['micro_batch']}, "
+                  f"{s['device']}; the run's summary.json and `tests/benchmark.py` at the same batch shapes, "
+                  f"one GPU session). The matched shapes cover {steps} of the {total} steady steps: the run "
+                  f"did {padded / real_s:,.0f} padded tokens/s on them, the benchmark's step "
+                  f"{padded / bench_s:,.0f}, so the real loop runs at **{bench_s / real_s:.2f}×** its step.", "",
+              "| batch × seq (answer slots) | Echo | steps | real ms / step | benchmark ms / step | real speed / step's |",
+              "|---|---|---:|---:|---:|---:|"] + rows
+    return L
 
 
 def default_run():

@@ -11,6 +11,7 @@ router forced on (routed: both passes) or off (unrouted), and times --steps step
 block a CUDA graph, the DDP path) | off (compiled, no graphs) | eager (not compiled).
 """
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -99,7 +100,7 @@ def main():
     ap.add_argument("--echo", nargs="+", default=["off", "routed"], choices=["off", "routed", "unrouted"])
     ap.add_argument("--graphs", nargs="+", default=["step"], choices=["step", "blocks", "off", "eager"])
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--seq", type=int, nargs="+", default=[256], help="one configuration per length")
     ap.add_argument("--answer", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=5)
@@ -110,14 +111,13 @@ def main():
     opts = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: the benchmark needs a CUDA GPU")
-    for graphs in opts.graphs:
-        for method in opts.method:
-            for echo in opts.echo:
-                r = measure(opts, method, echo, graphs)
-                print(json.dumps(r), flush=True)
-                if opts.json:
-                    with open(opts.json, "a") as f:
-                        f.write(json.dumps(r) + "\n")
+    for seq in opts.seq:
+        for graphs, method, echo in itertools.product(opts.graphs, opts.method, opts.echo):
+            r = measure(argparse.Namespace(**{**vars(opts), "seq": seq}), method, echo, graphs)
+            print(json.dumps(r), flush=True)
+            if opts.json:
+                with open(opts.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

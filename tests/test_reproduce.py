@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -435,6 +436,39 @@ def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r.json").read_text())["model"] == "M"
 
 
+def test_jobs_run_at_once_and_are_recorded(tmp_path, monkeypatch):
+    """--jobs 3: the same runs and evals as one at a time, at least two in flight together, and each
+    run's record (and the cost table) says its speed was shared."""
+    calls, inflight, most = [], [0], [0]
+    inner, lock = fake_call(calls), __import__("threading").Lock()
+
+    def slow(cmd, stdout=None, stderr=None):
+        with lock:
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        time.sleep(0.05)
+        try:
+            with lock:
+                return inner(cmd, stdout, stderr)
+        finally:
+            with lock:
+                inflight[0] -= 1
+    monkeypatch.setattr(rp.subprocess, "call", slow)
+    for t in rp.TRAIN_TASKS:
+        (tmp_path / "data" / t).mkdir(parents=True)
+        (tmp_path / "data" / t / "train.json").write_text("[]")
+    rp.main(["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+             "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--methods", "lora",
+             "echo-lora", "dora", "--seeds", "0", "1", "--jobs", "3"])
+    assert sum(c[1].endswith("train.py") for c in calls) == 6
+    assert sum(c[1].endswith("eval.py") for c in calls) == 1 + 6 + 3
+    assert most[0] >= 2
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert {r["concurrent_jobs"] for r in res["runs"]} == {3} and res["main_runs_done"] == 6
+    assert "| runs at once |" in (tmp_path / "t.md").read_text()
+    assert "| fake | 3 |" in (tmp_path / "t.md").read_text()
+
+
 @pytest.mark.parametrize("makes_folder", [False, True])
 def test_failure_is_one_line(tmp_path, monkeypatch, makes_folder):
     def failing(cmd, stdout=None, stderr=None):
@@ -469,3 +503,27 @@ def test_eval_made_with_another_limit_is_refused(tmp_path):
         rp.main(["--model", "M", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
                  "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--dry-run"])
     assert "made with --limit 8" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_speed_table_real_loop_against_its_step(tmp_path, monkeypatch):
+    """results/speed_table.py: per shape real ms vs benchmark ms, and the overall ratio = the benchmark's
+    time over the real time for the same steps (here 300·9 + 200·11 ms against 300·10 + 200·12 ms)."""
+    spec = importlib.util.spec_from_file_location("speed_table", ROOT / "results" / "speed_table.py")
+    st = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(st)
+    d = tmp_path / "speed" / "real-vs-step-x"
+    d.mkdir(parents=True)
+    shapes = [{"routed": False, "micro_batches": [[16, 96, 16]], "steps": 300, "ms": 10.0, "padded_tokens": 300 * 16 * 96,
+               "tokens": 1},
+              {"routed": False, "micro_batches": [[16, 128, 16]], "steps": 200, "ms": 12.0,
+               "padded_tokens": 200 * 16 * 128, "tokens": 1},
+              {"routed": False, "micro_batches": [[16, 256, 16]], "steps": 7, "ms": 20.0, "padded_tokens": 1, "tokens": 1}]
+    (d / "summary.json").write_text(json.dumps({"steps": 600, "micro_batch": 16, "device": "X", "method": "lora",
+                                                "echo": False, "steady_by_shape": shapes}))
+    (d / "benchmark.jsonl").write_text("".join(json.dumps({"echo": "off", "batch": 16, "seq": T, "ms": ms}) + "\n"
+                                               for T, ms in ((96, 50.0), (96, 9.0), (128, 11.0))))
+    monkeypatch.setattr(st, "HERE", tmp_path)
+    text = "\n".join(st.real_vs_step())
+    assert f"**{(300 * 9 + 200 * 11) / (300 * 10 + 200 * 12):.2f}×**" in text
+    assert "cover 500 of the 507 steady steps" in text
+    assert "| 16 × 96 (P 16) | off | 300 | 10.0 | 9.0 | 0.90 |" in text and "16 × 256" not in text

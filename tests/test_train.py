@@ -534,6 +534,24 @@ def test_val_split_is_held_out_and_logged(setup, tmp_path):
     assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["batch_shapes"] >= 1
 
 
+def test_summary_breaks_steady_steps_down_by_shape(setup, tmp_path):
+    """summary.json's steady_by_shape (what the benchmark is compared with) adds up to metrics.jsonl's
+    steps after warm-up: per shape, its steps and padded tokens."""
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "8", "--global-batch", "4", "--micro-batch", "2"))
+    summary = json.loads((out / "summary.json").read_text())
+    ms = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in ms if not m["warmup"]]
+    by = summary["steady_by_shape"]
+    assert len(ms) == 8 and steady and len(by) <= summary["batch_shapes"]
+    assert sum(b["steps"] for b in by) == len(steady)
+    assert sum(b["padded_tokens"] for b in by) == sum(m["padded_tokens"] for m in steady)
+    assert sum(b["tokens"] for b in by) == sum(m["tokens"] for m in steady)
+    assert all(len(b["micro_batches"]) == 2 and b["micro_batches"][0][0] == 2 for b in by)
+    assert {b["routed"] for b in by} <= {m["routed"] for m in steady}
+    assert summary["method"] == "lora" and summary["echo"] is True and "shape" not in ms[0]
+
+
 def test_help_shows_every_default():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
