@@ -767,7 +767,7 @@ def run_logged(cmd, log, what, dry_run, move_to=None):
         log = Path(move_to)
     if code != 0:
         raise StepFailed(f"{what} failed (exit {code}); see {log}")
-    print(f"  done in {time.time() - t0:.0f}s (log {log})", flush=True)
+    print(f"  [{what}] done in {time.time() - t0:.0f}s (log {log})", flush=True)
 
 
 def train(args, name, seed, recipe_argv, decision):
