@@ -473,7 +473,7 @@ def build_table(results):
     if rec.get("max_steps"):
         parts.append(f"{rec['max_steps']} steps")
     elif rec.get("epochs") is not None:
-        parts.append(f"{_num(rec['epochs'])} epochs")
+        parts.append(f"{_num(rec['epochs'])} epoch{'' if rec['epochs'] == 1 else 's'}")
     for key, label in (("global_batch", "global batch"), ("max_len", "max length"),
                        ("val_split", "validation hold-out")):
         if rec.get(key) is not None:
@@ -733,7 +733,7 @@ def eval_command(args, adapter, decoding, out):
 
 def layer_probs_command(args, adapter, out):
     cmd = [sys.executable, _script("eval.py"), "--model", str(args.model), "--adapter", str(adapter),
-           "--data-dir", str(args.data_dir), "--tasks", *TASKS, "--layer-probs", str(args.layer_probs),
+           "--data-dir", str(args.data_dir), "--tasks", *IN_FORMAT, "--layer-probs", str(args.layer_probs),
            "--limit", "0"]
     if args.eval_batch_size:
         cmd += ["--batch-size", str(args.eval_batch_size)]
@@ -834,14 +834,28 @@ def ensure_eval(args, adapter, decoding, what):
 
 
 def compact_predictions(results_file):
-    """Keep of eval.py's per-example records only what the statistics read (pred, answer, correct,
-    skipped), so a run's evaluation can be committed: ~0.4 MB instead of ~34 MB per run."""
-    folder = Path(results_file).with_name(Path(results_file).stem + "-predictions")
-    for f in folder.glob("*.jsonl") if folder.is_dir() else []:
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        if rows and set(rows[0]) - {"pred", "answer", "correct", "skipped"}:
-            f.write_text("".join(json.dumps({k: r[k] for k in ("pred", "answer", "correct", "skipped") if k in r})
-                                 + "\n" for r in rows))
+    """Fold what the statistics read of eval.py's per-example records into the results JSON itself: per
+    task a '0'/'1' string (test-file order) and the unextracted count. The committed run records then need
+    no predictions folder (~2 MB per run; git-ignored in the committed runs folder, kept on disk)."""
+    res = Path(results_file)
+    raw = _read_json(res)
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+        return
+    changed = False
+    for name, t in raw["tasks"].items():
+        if not isinstance(t, dict) or (isinstance(t.get("per_example"), str) and t.get("unextracted") is not None):
+            continue
+        preds = _predictions(res, name)
+        if preds is None or len(preds) != int(t.get("total", -1)):
+            continue
+        t["per_example"] = "".join("1" if r.get("correct") else "0" for r in preds)
+        if t.get("unextracted") is None:
+            t["unextracted"] = sum(1 for r in preds if r.get("pred") in ("", None) and not r.get("skipped"))
+        changed = True
+    if changed:
+        tmp = res.with_name(res.name + ".tmp")
+        tmp.write_text(json.dumps(raw, indent=1) + "\n")
+        os.replace(tmp, res)
 
 
 def find_layer_csv(out):

@@ -380,6 +380,8 @@ def test_dry_run_ablation_smoke_and_layer_probs(tmp_path):
     assert "--max-new-tokens 32 --limit 8" in next(l for l in lines if "beam4]" in l)
     lp = [l for l in lines if "[layer-probs" in l]
     assert len(lp) == 2 and all("--layer-probs 20 --limit 0" in l for l in lp)
+    # only the in-format tasks: the run's held-out rows (what --layer-probs reads) come from their train sets
+    assert all("--tasks boolq social_i_qa ARC-Easy ARC-Challenge openbookqa --layer-probs" in l for l in lp)
 
 
 def test_beam_limit_zero_skips_beam(tmp_path):
@@ -527,3 +529,25 @@ def test_speed_table_real_loop_against_its_step(tmp_path, monkeypatch):
     assert f"**{(300 * 9 + 200 * 11) / (300 * 10 + 200 * 12):.2f}×**" in text
     assert "cover 500 of the 507 steady steps" in text
     assert "| 16 × 96 (P 16) | off | 300 | 10.0 | 9.0 | 0.90 |" in text and "16 × 256" not in text
+
+
+def test_compaction_folds_correctness_into_the_results_file(tmp_path):
+    """After compact_predictions the statistics no longer need the predictions folder (it is not
+    committed): the same per-example string and unextracted count come from the results JSON alone."""
+    res = tmp_path / "eval-greedy.json"
+    res.write_text(json.dumps({"tasks": {"boolq": {"correct": 2, "total": 4}}, "limit": None}))
+    pred = tmp_path / "eval-greedy-predictions"
+    pred.mkdir()
+    rows = [{"pred": "true", "answer": "true", "correct": True, "prompt": "long text"},
+            {"pred": "", "answer": "false", "correct": False}, {"pred": "", "answer": "true", "correct": False,
+                                                                "skipped": True},
+            {"pred": "false", "answer": "false", "correct": True}]
+    (pred / "boolq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = rp.load_eval(res)
+    rp.compact_predictions(res)
+    for f in pred.iterdir():
+        f.unlink()
+    pred.rmdir()
+    after = rp.load_eval(res)
+    assert after["tasks"] == before["tasks"]
+    assert after["tasks"]["boolq"]["per_example"] == "1001" and after["tasks"]["boolq"]["unextracted"] == 1
