@@ -646,8 +646,9 @@ def build_table(results):
     if lp and lp.get("file"):
         f = lp["file"]
         if f.endswith(".png"):
-            L.append(f"Per-layer probability of the gold answer token (seed 0, {lp.get('n')} examples per task, "
-                     f"read out through the final norm + LM head), LoRA vs Echo-LoRA:")
+            L.append(f"Per-layer probability of the gold answer token (seed 0; up to {lp.get('n')} of the run's "
+                     f"held-out validation rows per in-format task, not test rows; each layer's hidden state read out "
+                     f"through the final norm + LM head), LoRA vs Echo-LoRA:")
             L.append("")
             L.append(f"![layer probabilities, LoRA vs Echo-LoRA]({f})")
         else:
@@ -877,7 +878,7 @@ def read_layer_csv(path):
 
 
 def layer_probs_outputs(args, names):
-    """Merge the seed-0 layer curves of lora and echo-lora -> PNG (matplotlib) or merged CSV."""
+    """Merge the seed-0 layer curves of lora and echo-lora -> merged CSV, and a PNG with matplotlib."""
     curves, per_task = {}, {}
     for n in names:
         csv_path = find_layer_csv(run_dir(args.runs_dir, n, 0) / "layer-probs.json")
@@ -895,17 +896,17 @@ def layer_probs_outputs(args, names):
         import matplotlib.pyplot as plt
     except ImportError:
         plt = None
+    out = Path(args.layer_csv)             # the numbers, always; the PNG too when matplotlib is there
+    lines = ["layer," + ",".join(f"{n}_mean" for n in curves) + "," +
+             ",".join(f"{n}_{t}" for n in curves for t in per_task[n])]
+    for l in range(n_layers):
+        vals = [f"{curves[n][l]:.6f}" if l < len(curves[n]) else "" for n in curves]
+        vals += [f"{per_task[n][t][l]:.6f}" if l < len(per_task[n][t]) else ""
+                 for n in curves for t in per_task[n]]
+        lines.append(f"{l}," + ",".join(vals))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
     if plt is None:
-        out = Path(args.layer_csv)
-        lines = ["layer," + ",".join(f"{n}_mean" for n in curves) + "," +
-                 ",".join(f"{n}_{t}" for n in curves for t in per_task[n])]
-        for l in range(n_layers):
-            vals = [f"{curves[n][l]:.6f}" if l < len(curves[n]) else "" for n in curves]
-            vals += [f"{per_task[n][t][l]:.6f}" if l < len(per_task[n][t]) else ""
-                     for n in curves for t in per_task[n]]
-            lines.append(f"{l}," + ",".join(vals))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
         print(f"matplotlib is not installed: wrote the merged curves to {out} instead of a PNG")
     else:
         out = Path(args.layer_png)
@@ -920,7 +921,8 @@ def layer_probs_outputs(args, names):
                 ax.axvspan(min(layers) - 0.5, max(layers) + 0.5, color=color, alpha=0.12, label=label)
         for n in curves:
             ax.plot(range(len(curves[n])), curves[n], lw=2, label=METHODS[n][3])
-        ax.set_xlabel("layer"), ax.set_ylabel("p(gold answer token), mean over 8 tasks")
+        n_tasks = len(next(iter(per_task.values())))
+        ax.set_xlabel("layer"), ax.set_ylabel(f"p(gold answer token), mean over {n_tasks} tasks")
         ax.set_title("SmolLM2-135M, seed 0: LoRA vs Echo-LoRA", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
