@@ -389,6 +389,26 @@ class EchoStep(nn.Module):
 STATS = ("sum_off", "sum_on", "sum_kd", "tokens", "padded_tokens", "stop")   # one step's device-side stats
 
 
+class StatsOnHost:
+    """One step's STATS, copied into pinned host memory right behind that step on its stream, so reading
+    them a step later waits for that step only. (`.tolist()` on the device tensor a step later would queue
+    its copy behind the step enqueued since, so the loop would wait for that one too, and the GPU would
+    idle while the host prepared the next batch: every step.)"""
+
+    def __init__(self, stats):
+        self.values, self.ready = stats, None
+        if stats.is_cuda:
+            self.values = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self.values.copy_(stats, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def tolist(self):
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
+
+
 def micro_batches(run, epoch, start_step):
     """This rank's micro-batches, step by step, with the supervision (answer positions, their targets,
     t*) computed here on the host, so the step itself never waits for the device."""
@@ -760,7 +780,7 @@ class Log:
         record["warmup"] = shape not in self.shapes
         record["shape"] = shape
         self.shapes.add(shape)
-        record["stats"] = stats
+        record["stats"] = StatsOnHost(stats)
         if self.pending is not None:
             self.finish(self.pending)
         self.pending = record
