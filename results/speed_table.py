@@ -43,7 +43,10 @@ def table():
                  f"{r['device']} |")
     L += ["", "`train.py` on real data (SmolLM2-135M-Instruct, the 5-train-set mix, GPU defaults: micro-batch "
               "picked = 16, length grouping, whole-step CUDA graphs), from each run's summary.json; tokens/s "
-              "counts non-padding tokens over the steps after warm-up:", "",
+              "counts non-padding tokens over the steps after warm-up. *before-fix*: train.py before `StatsOnHost` (it "
+              "read each step's stats with a copy queued behind the next step, so host and GPU took turns); "
+              "*smollm2-shape-llama2-tokenizer*: SmolLM2-135M's shape with random weights and the LLaMA 2 tokenizer "
+              "(vocab 32,000), the before/after pair of one GPU session:", "",
           "| run | steps | tokens/s | padded tokens/s | warm-up s | batch shapes | device |",
           "|---|---:|---:|---:|---:|---:|---|"]
     for f in sorted((HERE / "speed").glob("real-loop-*.json")):
