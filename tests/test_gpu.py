@@ -47,3 +47,17 @@ def test_compiled_gpu_step_matches_eager(setup, tmp_path):
         assert y["loss_off"] == pytest.approx(x["loss_off"], rel=1e-3, abs=1e-5), x["step"]
     for k, v in trained(eager).items():
         torch.testing.assert_close(trained(graphed)[k], v, atol=1e-3, rtol=1e-2, msg=k)   # Adam amplifies ulps
+
+
+def test_stats_on_host_holds_the_step_it_follows():
+    """The log reads a step's stats one step late: what it reads must be that step's values, copied
+    behind it on the stream, even after a later step has overwritten the device tensor."""
+    stats = torch.zeros(6, device="cuda")
+    for k in range(3):
+        stats.fill_(k)
+        held = train.StatsOnHost(stats)
+        torch.cuda._sleep(10_000_000)                 # keep the stream busy: the copy must be queued, not done
+        stats.fill_(100 + k)                           # the next step writes over the same memory
+        assert held.tolist() == [float(k)] * 6
+    cpu = train.StatsOnHost(torch.arange(3.0))
+    assert cpu.tolist() == [0.0, 1.0, 2.0]
