@@ -70,6 +70,9 @@ def measure(opts, method, echo_mode, graphs):
         train.train_step(run, mbs, routed, 0)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
+    # the warm-up's peak includes the first, uncaptured step (its activations, what train.py's summary
+    # reports); after it, replays reuse the graph's pool, which max_memory_allocated does not count
+    peak_warmup = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(opts.steps):
@@ -89,6 +92,7 @@ def measure(opts, method, echo_mode, graphs):
             "mfu": round(train.flops_per_token(run.model, run.echo, routed) * tokens / (ms / 1000)
                          / (opts.peak_tflops * 1e12), 3),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "warmup_s": round(warmup_s, 1),
+            "peak_gib_warmup": round(peak_warmup / 2**30, 2),
             "loss_off": round(stats[0].item() / mbs[0]["global_n_targets"], 4),
             "device": torch.cuda.get_device_name()}
 
