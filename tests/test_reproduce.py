@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SHARED, needs_shared
 
 _spec = importlib.util.spec_from_file_location("reproduce", ROOT / "results" / "reproduce.py")
 rp = importlib.util.module_from_spec(_spec)
@@ -551,3 +551,44 @@ def test_compaction_folds_correctness_into_the_results_file(tmp_path):
     after = rp.load_eval(res)
     assert after["tasks"] == before["tasks"]
     assert after["tasks"]["boolq"]["per_example"] == "1001" and after["tasks"]["boolq"]["unextracted"] == 1
+
+
+def _measure_speed():
+    spec = importlib.util.spec_from_file_location("measure_speed", ROOT / "results" / "measure_speed.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    return ms
+
+
+def test_measure_speed_benchmarks_the_shapes_the_run_used():
+    ms = _measure_speed()
+    summary = {"steady_by_shape": [
+        {"micro_batches": [[16, 128, 16]], "steps": 300}, {"micro_batches": [[16, 96, 16]], "steps": 100},
+        {"micro_batches": [[8, 64, 32]], "steps": 250}, {"micro_batches": [[16, 96, 32]], "steps": 10},
+        {"micro_batches": [[8, 64, 16], [8, 64, 16]], "steps": 999}]}       # accumulation: not comparable
+    assert ms.benchmark_shapes(summary) == (16, [96, 128], 16)
+    with pytest.raises(ValueError, match="no steady single-micro-batch"):
+        ms.benchmark_shapes({"steady_by_shape": [{"micro_batches": [[8, 64, 16]] * 2, "steps": 5}]})
+
+
+@needs_shared
+def test_measure_speed_random_model_loads(tmp_path):
+    """--shape: a params.json + the real tokenizer -> a folder load_model reads, vocab from the tokenizer."""
+    from model.load import load_model
+    ms = _measure_speed()
+    shape = tmp_path / "params.json"
+    shape.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 7,
+                                 "hidden_dim": 128, "tie_word_embeddings": True}))
+    out = ms.random_model(shape, SHARED / "tokenizers" / "llama2", tmp_path / "m")
+    model, tok = load_model(out)
+    assert model.args.vocab_size == tok.vocab_size == 32000 and model.args.n_layers == 2
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "params.json", "tokenizer.model"]
+
+
+def test_measure_speed_refuses_bad_input(tmp_path, capsys):
+    ms = _measure_speed()
+    for argv, msg in ((["--tag", "x"], "give --model"), (["--shape", "tiny", "--tag", "x"], "needs --tokenizer"),
+                      (["--model", "m", "--tag", "x", "--data-dir", str(tmp_path)], "train file not found"),):
+        with pytest.raises(SystemExit):
+            ms.main(argv)
+        assert msg in capsys.readouterr().err

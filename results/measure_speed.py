@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""The real loop against its own step, in one command on one GPU (issue 13's side-by-side):
+
+1. train.py on the real commonsense mix for --steps steps (GPU defaults: micro-batch picked, length
+   grouping, whole-step CUDA graphs), into a scratch folder;
+2. tests/benchmark.py at the batch shapes that run used (read from its summary.json's steady_by_shape),
+   in the same process tree, on the same GPU, right after it;
+3. results/speed/real-vs-step-<tag>/{summary.json, benchmark.jsonl}, then results/speed_table.py
+   rebuilds README's speed tables from them.
+
+    python results/measure_speed.py --model models/smollm2 --tag smollm2-lora
+    python results/measure_speed.py --model models/smollm2 --echo --tag smollm2-echo-lora
+    python results/measure_speed.py --shape llama3-8b --tokenizer ../shared/tokenizers/llama3 --tag llama3-8b-shape
+
+--shape builds a model folder with random weights (a preset name or a params.json) and the given
+tokenizer, for models whose checkpoint is not at hand: the speed of a step does not depend on the
+weights' values. No checkpoint falls inside the timed run unless --save-every says so.
+"""
+import argparse
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SPEED = ROOT / "results" / "speed"
+TRAIN_TASKS = ["boolq", "social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+
+
+def benchmark_shapes(summary):
+    """-> (batch, [seq, ...], answer slots): the steady single-micro-batch shapes of a run, at its most
+    common batch size and answer-slot count (the benchmark times one [batch, seq] micro-batch)."""
+    single = [(b["micro_batches"][0], b["steps"]) for b in summary["steady_by_shape"] if len(b["micro_batches"]) == 1]
+    if not single:
+        raise ValueError("the run has no steady single-micro-batch steps to compare (gradient accumulation, "
+                         "or too few steps): pass a larger --steps or --train-extra '--micro-batch N'")
+    def most_common(i):                      # weighted by steps
+        c = collections.Counter()
+        for shape, n in single:
+            c[shape[i]] += n
+        return c.most_common(1)[0][0]
+    batch, answer = most_common(0), most_common(2)
+    return batch, sorted({s[1] for s, _ in single if s[0] == batch}), answer
+
+
+def random_model(shape, tokenizer_dir, out):
+    """A model folder (params.json, tokenizer, model.safetensors) with random weights."""
+    import torch
+    from safetensors.torch import save_file
+    from model import ModelArgs
+    from model.load import build_model
+    from model.tokenizer import load_tokenizer
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    tokenizer = load_tokenizer(out)
+    args = (ModelArgs.from_params_json(shape) if Path(shape).is_file() else ModelArgs.from_name(shape))
+    params = {**args.to_params_json(), "vocab_size": tokenizer.vocab_size}
+    (out / "params.json").write_text(json.dumps(params))
+    model = build_model(ModelArgs.from_params_json(out / "params.json"), "cpu", torch.bfloat16)
+    model.reset_parameters(std=0.02)
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:          # a tied output weight is stored once, as its embedding
+            seen.add(v.data_ptr())
+            state[k] = v.contiguous()
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+def run(cmd, log):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    with open(log, "w") as f:
+        code = subprocess.call([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = Path(log).read_text().strip().splitlines()[-1:] or [""]
+        sys.exit(f"error: {Path(cmd[1]).name} failed (exit {code}): {tail[0]} (log {log})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder (real weights)")
+    p.add_argument("--shape", help="preset name or params.json: random weights (with --tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer folder for --shape")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "commonsense"))
+    p.add_argument("--tag", required=True, help="results/speed/real-vs-step-<tag>/")
+    p.add_argument("--echo", action="store_true", help="Echo-LoRA (the benchmark then times routed and unrouted)")
+    p.add_argument("--method", default="lora", choices=["lora", "dora"])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--save-every", type=int, default=None, help="default: no checkpoint inside the timed run")
+    p.add_argument("--train-extra", default="", help="more train.py flags, one quoted string")
+    p.add_argument("--dry-run", action="store_true", help="print the train command and stop")
+    a = p.parse_args(argv)
+    if (a.model is None) == (a.shape is None):
+        p.error("give --model (a real checkpoint) or --shape (random weights), not both")
+    if a.shape and not a.tokenizer:
+        p.error("--shape needs --tokenizer (the data are tokenized for real)")
+    files = [Path(a.data_dir) / t / "train.json" for t in TRAIN_TASKS]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        p.error(f"train file not found: {missing[0]} (--data-dir)")
+    if not a.tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        p.error(f"--tag {a.tag!r}: letters, digits, '-', '_' and '.' only (it names a folder)")
+    dest = SPEED / f"real-vs-step-{a.tag}"
+    scratch = Path("<scratch>") if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
+    model = a.model or scratch / "model"
+    train = [sys.executable, ROOT / "train.py", "--model", model, "--data", *files, "--method", a.method,
+             "--max-steps", a.steps, "--save-every", a.save_every or a.steps + 1, "--out", scratch / "run",
+             *(["--echo"] if a.echo else []), *a.train_extra.split()]
+    if a.dry_run:
+        print(" ".join(map(str, train)))
+        return
+    if a.shape:
+        print(f"random weights: {a.shape} with the tokenizer of {a.tokenizer} -> {model}", flush=True)
+        random_model(a.shape, a.tokenizer, model)
+    run(train, scratch / "train.log")
+    summary = json.loads((scratch / "run" / "summary.json").read_text())
+    batch, seqs, answer = benchmark_shapes(summary)
+    bench = scratch / "benchmark.jsonl"
+    run([sys.executable, ROOT / "tests" / "benchmark.py", "--model", model, "--method", a.method, "--echo",
+         *(["routed", "unrouted"] if a.echo else ["off"]), "--graphs", "step", "--batch", batch, "--seq", *seqs,
+         "--answer", answer, "--json", bench], scratch / "benchmark.log")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
+    shutil.copy(bench, dest / "benchmark.jsonl")
+    run([sys.executable, ROOT / "results" / "speed_table.py"], scratch / "speed_table.log")
+    print(f"wrote {dest} and README's speed tables (scratch, with the run's logs: {scratch})")
+
+
+if __name__ == "__main__":
+    main()
