@@ -144,8 +144,9 @@ def unmerge_adapters(model):
 
 
 def adapter_state_dict(model):
-    """Only the deployable adapter tensors (lora_a, lora_b, magnitude), fp32, on CPU."""
-    return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+    """Only the deployable adapter tensors (lora_a, lora_b, magnitude), fp32, in new host memory (a
+    snapshot: training may go on updating the live ones)."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()
             if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
 
 
@@ -156,13 +157,14 @@ def adapter_config(args):
             "base": args.to_params_json()}
 
 
-def save_adapter(model, out_dir):
-    """Write out_dir/adapter.safetensors + out_dir/adapter_config.json (atomically per file)."""
+def save_adapter(model, out_dir, tensors=None):
+    """Write out_dir/adapter.safetensors + out_dir/adapter_config.json (atomically per file).
+    tensors: adapter_state_dict(model) taken earlier (a checkpoint written while training goes on)."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False).name
-    save_file(adapter_state_dict(model), tmp)
+    save_file(adapter_state_dict(model) if tensors is None else tensors, tmp)
     os.replace(tmp, out_dir / "adapter.safetensors")
     tmp = out_dir / "adapter_config.json.tmp"
     tmp.write_text(json.dumps(adapter_config(model.args), indent=2))

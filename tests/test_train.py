@@ -385,6 +385,38 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(setup, uninterrupted,
     assert_same_run(out, uninterrupted, atol=0)
 
 
+def test_a_checkpoint_written_while_training_goes_on_holds_its_own_step(setup, uninterrupted, tmp_path, monkeypatch):
+    """The step-2 checkpoint's torch.save waits until step 3 has been trained and logged (it would time
+    out if writing blocked training), so steps run while its files are written; the step-4 write is then
+    killed. The step-2 checkpoint still holds exactly step 2: --resume ends bit-identical to the
+    uninterrupted run."""
+    import threading
+    out, real_save, real_step = tmp_path / "run", torch.save, train.Log.step
+    step3, saved = threading.Event(), []
+
+    def log_step(self, record, *a, **k):
+        real_step(self, record, *a, **k)
+        if record["step"] >= 3:
+            step3.set()
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("state.pt.tmp"):
+            saved.append(obj["step"])
+            if obj["step"] == 2:
+                assert step3.wait(30), "the checkpoint write blocked training"
+            if obj["step"] == 4:
+                raise Killed
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(train.Log, "step", log_step)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(Killed):
+        train.main(args(setup, out, *KILL_ARGS))
+    monkeypatch.undo()
+    assert saved == [2, 4] and torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    train.main(args(setup, out, *KILL_ARGS, "--resume"))
+    assert_same_run(out, uninterrupted, atol=0)
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
     """ENOSPC on the second checkpoint: a one-line error naming the file; step 2's checkpoint is intact."""
     out, real_save, calls = tmp_path / "run", torch.save, []
