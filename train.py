@@ -277,6 +277,7 @@ class Run:
     block_graphs: bool            # --cuda-graphs blocks: gradients must leave the graph pool
     saved_step: int = None        # the step of the checkpoint on disk (None: none written yet)
     writer: object = None         # CheckpointWriter: the checkpoint being written while training goes on
+    pending_step: int = None      # ranks > 0: the step rank 0 may still be writing
 
     @property
     def master(self):
@@ -690,6 +691,11 @@ class CheckpointWriter:
         except BaseException as e:          # re-raised by wait(), in the training thread
             self.error = e
 
+    def check(self):
+        """Raise a finished write's error now (called every step), without waiting for one in flight."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
+
     def wait(self, quiet=False):
         """Until the write in flight is done; raise its error (quiet: print it, for a run already failing)."""
         if self.thread is not None:
@@ -729,10 +735,10 @@ def save_checkpoint(run, step, epoch, epoch_step, wait=False):
         run.writer.submit(write)
         if wait:
             run.writer.wait()
-    else:
-        run.saved_step = step
     if run.world > 1:
         dist.barrier()
+    if not run.master:     # rank 0 finished its previous write before this barrier (and this one, if it waited)
+        run.saved_step, run.pending_step = (step if wait else run.pending_step), step
 
 
 def write_outputs(run, outputs):
@@ -772,10 +778,17 @@ def load_checkpoint(run):
     if run.echo is not None:
         run.echo.load_state_dict({k[5:]: v for k, v in trainable.items() if k.startswith("echo.")})
     for k, opt in run.optimizers.items():
-        lrs = [g["lr"] for g in opt.param_groups]
+        own = [{key: g[key] for key in ("lr", "capturable", "fused", "foreach") if key in g} for g in opt.param_groups]
         opt.load_state_dict(state["optimizers"][k])
-        for g, lr in zip(opt.param_groups, lrs):      # keep the (device) lr objects; set_learning_rate fills them
-            g["lr"] = lr
+        for g, mine in zip(opt.param_groups, own):
+            # how this run steps is its own (--device / --cuda-graphs may change on resume): its (device)
+            # lr objects, which set_learning_rate fills, and capturable / fused, with `step` where they want it
+            g.update(mine)
+            for p in g["params"]:
+                step_t = opt.state.get(p, {}).get("step")
+                if torch.is_tensor(step_t):
+                    opt.state[p]["step"] = (step_t.to(p.device, torch.float32) if g.get("capturable") or g.get("fused")
+                                            else step_t.to("cpu", torch.float32))
     if run.router is not None:
         run.router.load_state_dict(state["router"])
     if len(rngs) != run.world and run.master:
@@ -1041,6 +1054,7 @@ def train(run, log, stop, step, epoch, epoch_step):
             if run.val_set is not None and (last or run.opts.eval_every and step % run.opts.eval_every == 0):
                 record.update(validate(run))          # into this step's own metrics line
             log.step(record, stats, batch_shape(mbs, routed))
+            run.writer.check()                        # a failed checkpoint write stops the run now
             if last or step % run.opts.save_every == 0 or log.stop_signal:
                 log.flush()                           # never checkpoint a step whose loss was not checked
                 save_checkpoint(run, step, epoch, epoch_step, wait=last or bool(log.stop_signal))

@@ -37,7 +37,8 @@ def benchmark_shapes(summary):
     single = [(b["micro_batches"][0], b["steps"]) for b in summary["steady_by_shape"] if len(b["micro_batches"]) == 1]
     if not single:
         raise ValueError("the run has no steady single-micro-batch steps to compare (gradient accumulation, "
-                         "or too few steps): pass a larger --steps or --train-extra '--micro-batch N'")
+                         "or too few steps): pass a larger --steps")
+
     def most_common(i):                      # weighted by steps
         c = collections.Counter()
         for shape, n in single:
@@ -94,8 +95,9 @@ def main(argv=None):
     p.add_argument("--method", default="lora", choices=["lora", "dora"])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--save-every", type=int, default=None, help="default: no checkpoint inside the timed run")
-    p.add_argument("--train-extra", default="", help="more train.py flags, one quoted string")
     p.add_argument("--dry-run", action="store_true", help="print the train command and stop")
+    # no pass-through of other train.py flags: the benchmark would not see them, and the side-by-side
+    # would compare two different steps
     a = p.parse_args(argv)
     if (a.model is None) == (a.shape is None):
         p.error("give --model (a real checkpoint) or --shape (random weights), not both")
@@ -112,7 +114,7 @@ def main(argv=None):
     model = a.model or scratch / "model"
     train = [sys.executable, ROOT / "train.py", "--model", model, "--data", *files, "--method", a.method,
              "--max-steps", a.steps, "--save-every", a.save_every or a.steps + 1, "--out", scratch / "run",
-             *(["--echo"] if a.echo else []), *a.train_extra.split()]
+             *(["--echo"] if a.echo else [])]      # only what the benchmark is also given: the two must match
     if a.dry_run:
         print(" ".join(map(str, train)))
         return
@@ -121,7 +123,10 @@ def main(argv=None):
         random_model(a.shape, a.tokenizer, model)
     run(train, scratch / "train.log")
     summary = json.loads((scratch / "run" / "summary.json").read_text())
-    batch, seqs, answer = benchmark_shapes(summary)
+    try:
+        batch, seqs, answer = benchmark_shapes(summary)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     bench = scratch / "benchmark.jsonl"
     run([sys.executable, ROOT / "tests" / "benchmark.py", "--model", model, "--method", a.method, "--echo",
          *(["routed", "unrouted"] if a.echo else ["off"]), "--graphs", "step", "--batch", batch, "--seq", *seqs,
@@ -130,7 +135,9 @@ def main(argv=None):
     shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
     shutil.copy(bench, dest / "benchmark.jsonl")
     run([sys.executable, ROOT / "results" / "speed_table.py"], scratch / "speed_table.log")
-    print(f"wrote {dest} and README's speed tables (scratch, with the run's logs: {scratch})")
+    for big in ([scratch / "model"] if a.shape else []) + [scratch / "run" / "checkpoint", scratch / "run" / "adapter"]:
+        shutil.rmtree(big, ignore_errors=True)           # a random 8B model is 16 GB; the logs stay
+    print(f"wrote {dest} and README's speed tables (the run's logs: {scratch})")
 
 
 if __name__ == "__main__":

@@ -634,9 +634,9 @@ def build_table(results):
                         f"{_fmt(tps, digits=0)} | {_fmt(mem, digits=2)} | {', '.join(dev) or '—'} | "
                         f"{', '.join(map(str, jobs))} |")
     if cost:
-        L.append("**Training cost** (mean over seeds; from each run's summary.json; *runs at once*: how many "
-                 "runs shared the GPU (`--jobs`), so a speed with more than 1 there is not a benchmark; "
-                 "README's speed table is):")
+        L.append("**Training cost** (mean over seeds; from each run's summary.json; *runs at once*: the `--jobs` "
+                 "of the call that trained it, i.e. how many runs could share the GPU, so a speed with more than 1 "
+                 "there is not a benchmark; README's speed table is):")
         L.append("")
         L.append("| method | train minutes | tokens/s | peak GiB | device | runs at once |")
         L.append("|---|---:|---:|---:|---|---:|")
@@ -1117,16 +1117,21 @@ def run_one(args, name, seed, recipe_argv):
 def run_all(args, recipe_argv, recipe):
     """Every {method} x {seed}, seed-major (a partial sweep still pairs methods), --jobs of them at once;
     the JSON and table are rebuilt after each. A failed run does not stop the others; the first failure
-    is raised at the end."""
+    is raised at the end. Ctrl-C, or any other error, starts no further run."""
     units = [(name, seed) for seed in args.seeds for name in args.methods]
-    lock, failures = threading.Lock(), []
+    lock, failures, stopping = threading.Lock(), [], threading.Event()
 
     def unit(name, seed):
+        if stopping.is_set():
+            return
         try:
             run_one(args, name, seed, recipe_argv)
         except StepFailed as e:
             print(f"error: {e}", flush=True)
             failures.append(e)
+        except BaseException:
+            stopping.set()                       # before this worker takes the next unit
+            raise
         if not args.dry_run:
             with lock:
                 tabulate(args, recipe)
@@ -1135,9 +1140,17 @@ def run_all(args, recipe_argv, recipe):
         for name, seed in units:
             unit(name, seed)
     else:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=args.jobs)
+        try:
             for f in [pool.submit(unit, name, seed) for name, seed in units]:
                 f.result()
+        except BaseException:
+            stopping.set()                       # the runs in flight got the signal themselves
+            pool.shutdown(wait=False, cancel_futures=True)
+            for e in failures:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            raise
+        pool.shutdown()
     if failures:
         raise failures[0]
 

@@ -592,3 +592,19 @@ def test_measure_speed_refuses_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             ms.main(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_jobs_stop_starting_runs_after_an_unexpected_error(tmp_path, monkeypatch):
+    """--jobs: an error other than a failed run (here: in the first unit) starts no further unit."""
+    started = []
+
+    def boom(args, name, seed, recipe_argv):
+        started.append((name, seed))
+        time.sleep(0.05)
+        raise RuntimeError("boom")
+    monkeypatch.setattr(rp, "run_one", boom)
+    args = rp.parse_args(["--model", "M", "--runs-dir", str(tmp_path), "--json", str(tmp_path / "r.json"),
+                          "--table", str(tmp_path / "t.md"), "--jobs", "2", "--seeds", "0", "1", "2"])
+    with pytest.raises(RuntimeError, match="boom"):
+        rp.run_all(args, [], {})
+    assert len(started) <= 3                      # the 2 in flight, at most one more; not all 12

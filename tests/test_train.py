@@ -417,6 +417,32 @@ def test_a_checkpoint_written_while_training_goes_on_holds_its_own_step(setup, u
     assert_same_run(out, uninterrupted, atol=0)
 
 
+def test_resume_on_cpu_from_a_checkpoint_of_a_cuda_graph_run(setup, uninterrupted, tmp_path, monkeypatch):
+    """--device / --cuda-graphs may change on resume, so how the optimizer steps is the resuming run's,
+    not the checkpoint's: a checkpoint whose AdamW groups say capturable (a one-GPU --cuda-graphs step
+    run), resumed on CPU, trains on and ends bit-identical to the uninterrupted run."""
+    out, clip, calls = tmp_path / "run", torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash
+        return clip(*a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_crash)
+    with pytest.raises(Crash):
+        train.main(args(setup, out, *KILL_ARGS))
+    monkeypatch.undo()
+    path = out / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    for opt in state["optimizers"].values():
+        for g in opt["param_groups"]:
+            g.update(capturable=True, foreach=False)
+    assert state["step"] == 2
+    torch.save(state, path)
+    train.main(args(setup, out, *KILL_ARGS, "--resume"))
+    assert_same_run(out, uninterrupted, atol=0)
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
     """ENOSPC on the second checkpoint: a one-line error naming the file; step 2's checkpoint is intact."""
     out, real_save, calls = tmp_path / "run", torch.save, []
@@ -436,6 +462,31 @@ def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch)
     assert "No space left" in one_line(e) and "state.pt" in str(e.value) and "intact" in str(e.value)
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     assert not list((out / "checkpoint").glob("*.tmp"))
+
+
+def test_a_failed_background_write_stops_the_run_at_once(setup, tmp_path, monkeypatch):
+    """ENOSPC in the step-3 checkpoint, written while step 4 trains: the run stops at the first step that
+    finds the write finished (here step 4, made to wait for it), not at the next checkpoint (step 6);
+    the error names the file."""
+    out, real_save, real_step = tmp_path / "run", torch.save, train.Log.step
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith("state.pt.tmp") and obj["step"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    def log_step(self, record, *a, **k):
+        real_step(self, record, *a, **k)
+        if record["step"] == 4 and self.run.writer.thread is not None:
+            self.run.writer.thread.join()              # the write has ended (deterministic for the test)
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(train.Log, "step", log_step)
+    with pytest.raises(OSError) as e:
+        train.main(args(setup, out, "--max-steps", "6", "--save-every", "3"))
+    monkeypatch.undo()
+    assert "No space left" in one_line(e) and "state.pt" in str(e.value)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert not (out / "checkpoint" / "state.pt").exists() and not list((out / "checkpoint").glob("*.tmp"))
 
 
 def test_non_finite_weights_are_never_saved(setup, tmp_path, monkeypatch):
