@@ -505,6 +505,8 @@ class StepGraphs:
         return stats.clone()               # the next replay of this graph overwrites `stats`
 
     def capture(self, run, inputs, routed, host):
+        if run.writer is not None:
+            run.writer.wait()              # no other thread at work while the stream captures (a rare wait)
         torch.cuda.synchronize(run.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
