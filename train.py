@@ -35,9 +35,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
-from echo import EchoConfig, EchoModule, Router, echo_loss, echo_objective, echo_tensors, save_echo, supervision
+from echo import EchoConfig, EchoModule, Router, echo_loss, echo_objective, save_echo, supervision
 from model import load_model
-from model.lora import ADAPTER_KEYS, adapter_state_dict, save_adapter
+from model.lora import ADAPTER_KEYS, save_adapter
 from model.tokenizer import ByteTokenizer
 
 IGNORE = -100
@@ -611,6 +611,12 @@ def trainable_state(model, echo):
     return state
 
 
+def split_trainable(state):
+    """trainable_state's dict -> (the adapter's tensors, the Echo module's, without their "echo." prefix)."""
+    return ({k: v for k, v in state.items() if not k.startswith("echo.")},
+            {k[len("echo."):]: v for k, v in state.items() if k.startswith("echo.")})
+
+
 def atomic_file(path, write):
     """write(tmp), flush it to disk, then rename it over `path`: a reader (or a resume after kill -9,
     power loss or a full disk) finds the complete old file or the complete new one, never a mix."""
@@ -727,7 +733,9 @@ def save_checkpoint(run, step, epoch, epoch_step, wait=False):
                          "optimizers": {k: opt.state_dict() for k, opt in run.optimizers.items()},
                          "router": run.router.state_dict() if run.router else None, "rng": rngs,
                          "step": step, "epoch": epoch, "epoch_step": epoch_step, "opts": vars(run.opts)})
-        outputs = {"adapter": adapter_state_dict(run.model), "echo": echo_tensors(run.echo) if run.echo else None}
+        adapter, echo = split_trainable(state["trainable"])     # adapter/ and echo.safetensors: fp32 copies of these
+        outputs = {name: {k: v.float().contiguous() for k, v in part.items()} for name, part in
+                   (("adapter", adapter), ("echo", echo))}
 
         def write():
             (run.out / "checkpoint").mkdir(exist_ok=True)
@@ -776,9 +784,10 @@ def load_checkpoint(run):
     expected = trainable_state(run.model, run.echo)
     if set(trainable) != set(expected):
         raise ValueError(f"{path} does not match this model's adapter (e.g. {sorted(set(trainable) ^ set(expected))[0]})")
-    run.model.load_state_dict({k: v for k, v in trainable.items() if not k.startswith("echo.")}, strict=False)
+    adapter, echo = split_trainable(trainable)
+    run.model.load_state_dict(adapter, strict=False)
     if run.echo is not None:
-        run.echo.load_state_dict({k[5:]: v for k, v in trainable.items() if k.startswith("echo.")})
+        run.echo.load_state_dict(echo)
     for k, opt in run.optimizers.items():
         own = [{key: g[key] for key in ("lr", "capturable", "fused", "foreach") if key in g} for g in opt.param_groups]
         opt.load_state_dict(state["optimizers"][k])

@@ -37,8 +37,8 @@ Training loop sketch (train.py):
 """
 from echo.echo import (IGNORE, MODULES, EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources,
                        answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl,
-                       module_out_dim, routing_probability, save_echo, echo_tensors, supervision)
+                       module_out_dim, routing_probability, save_echo, supervision)
 
 __all__ = ["IGNORE", "MODULES", "EchoConfig", "EchoInjector", "EchoModule", "Router", "aggregate_sources",
            "answer_mask", "echo_loss", "echo_norm", "echo_objective", "load_echo", "masked_kl",
-           "module_out_dim", "routing_probability", "save_echo", "echo_tensors", "supervision"]
+           "module_out_dim", "routing_probability", "save_echo", "supervision"]

@@ -491,18 +491,14 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
 
 # ----------------------------------------------------------------------------- I/O
 
-def echo_tensors(echo):
-    """The Echo module's weights, fp32, in new host memory."""
-    return {k: v.detach().float().to("cpu", copy=True).contiguous() for k, v in echo.state_dict().items()}
-
-
 def save_echo(echo, out_dir, tensors=None):
     """out_dir/echo.safetensors (fp32 weights) + out_dir/echo_config.json. Analysis only, never for inference.
-    tensors: echo_tensors(echo) taken earlier (a checkpoint written while training goes on)."""
+    tensors: its fp32 weights taken earlier (a checkpoint written while training goes on)."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = echo_tensors(echo) if tensors is None else tensors
+    if tensors is None:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in echo.state_dict().items()}
     tmp = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False).name
     save_file(tensors, tmp)
     os.replace(tmp, out_dir / "echo.safetensors")

@@ -144,9 +144,8 @@ def unmerge_adapters(model):
 
 
 def adapter_state_dict(model):
-    """Only the deployable adapter tensors (lora_a, lora_b, magnitude), fp32, in new host memory (a
-    snapshot: training may go on updating the live ones)."""
-    return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()
+    """Only the deployable adapter tensors (lora_a, lora_b, magnitude), fp32, on CPU."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
             if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
 
 
@@ -159,7 +158,7 @@ def adapter_config(args):
 
 def save_adapter(model, out_dir, tensors=None):
     """Write out_dir/adapter.safetensors + out_dir/adapter_config.json (atomically per file).
-    tensors: adapter_state_dict(model) taken earlier (a checkpoint written while training goes on)."""
+    tensors: the adapter's tensors taken earlier (a checkpoint written while training goes on)."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
