@@ -428,7 +428,8 @@ def micro_batches(run, epoch, start_step):
 def train_step(run, mbs, routed, stop):
     """One optimizer step over this rank's micro-batches. Returns the step's STATS as a device tensor,
     summed over ranks but not read here (reading it would wait for the GPU; the log reads it one step
-    late)."""
+    late, from the host copy StatsOnHost queues behind the step). With --cuda-graphs step it is valid
+    until the next step of the same shape."""
     host = torch.tensor([0.0, 0.0, 0.0, sum(int(mb["attention_mask"].sum()) for mb in mbs),
                          sum(mb["input_ids"].numel() for mb in mbs), stop,
                          mbs[0]["global_n_targets"] / run.world])      # + the normalizer (DDP averages ranks)
@@ -502,7 +503,7 @@ class StepGraphs:
                 static_t.copy_(t, non_blocking=True)
         static_host.copy_(host, non_blocking=True)
         graph.replay()
-        return stats.clone()               # the next replay of this graph overwrites `stats`
+        return stats           # overwritten by this graph's next replay: Log copies it right behind this one
 
     def capture(self, run, inputs, routed, host):
         if run.writer is not None:
