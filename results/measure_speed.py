@@ -18,6 +18,7 @@ weights' values. No checkpoint falls inside the timed run unless --save-every sa
 """
 import argparse
 import collections
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def benchmark_shapes(summary):
 def random_model(shape, tokenizer_dir, out):
     """A model folder (params.json, tokenizer, model.safetensors) with random weights."""
     import torch
-    from safetensors.torch import save_file
+    from convert_weights import write_ours
     from model import ModelArgs
     from model.load import build_model
     from model.tokenizer import load_tokenizer
@@ -60,18 +61,11 @@ def random_model(shape, tokenizer_dir, out):
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
             shutil.copy(f, out / f.name)
-    tokenizer = load_tokenizer(out)
-    args = (ModelArgs.from_params_json(shape) if Path(shape).is_file() else ModelArgs.from_name(shape))
-    params = {**args.to_params_json(), "vocab_size": tokenizer.vocab_size}
-    (out / "params.json").write_text(json.dumps(params))
-    model = build_model(ModelArgs.from_params_json(out / "params.json"), "cpu", torch.bfloat16)
+    args = ModelArgs.from_params_json(shape) if Path(shape).is_file() else ModelArgs.from_name(shape)
+    args = dataclasses.replace(args, vocab_size=load_tokenizer(out).vocab_size)
+    model = build_model(args, "cpu", torch.bfloat16)
     model.reset_parameters(std=0.02)
-    state, seen = {}, set()
-    for k, v in model.state_dict().items():
-        if v.data_ptr() not in seen:          # a tied output weight is stored once, as its embedding
-            seen.add(v.data_ptr())
-            state[k] = v.contiguous()
-    save_file(state, str(out / "model.safetensors"))
+    write_ours(model.state_dict(), args.to_params_json(), out)
     return out
 
 
