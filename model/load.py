@@ -114,6 +114,18 @@ def build_model(args, device="cpu", dtype=torch.float32):
         return Transformer(args)
 
 
+def dir_model_args(model_dir, tokenizer=None, **overrides):
+    """A model folder's ModelArgs (its params.json; a vocab_size of -1, as LLaMA 2 ships, from the
+    tokenizer, loaded here when not given)."""
+    params_path = Path(model_dir) / "params.json"
+    if not params_path.exists():
+        raise FileNotFoundError(f"{model_dir}: no params.json (convert the checkpoint with convert_weights.py)")
+    if (read_json(params_path).get("vocab_size") or -1) <= 0:
+        tokenizer = tokenizer or load_dir_tokenizer(model_dir)
+        overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
+    return ModelArgs.from_params_json(params_path, **overrides)
+
+
 def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **overrides):
     """`model`: a directory (params.json, tokenizer.model, model.safetensors | consolidated.00.pth)
     or a preset name (random weights, no tokenizer). Returns (model, tokenizer or None)."""
@@ -126,12 +138,7 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
         tokenizer, state_dict = None, None
     elif model_dir.is_dir():
         tokenizer = load_dir_tokenizer(model_dir)
-        params_path = model_dir / "params.json"
-        if not params_path.exists():
-            raise FileNotFoundError(f"{model_dir}: no params.json (convert the checkpoint with convert_weights.py)")
-        if (read_json(params_path).get("vocab_size") or -1) <= 0:   # LLaMA 2 ships vocab_size -1
-            overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
-        args = ModelArgs.from_params_json(params_path, **overrides)
+        args = dir_model_args(model_dir, tokenizer, **overrides)
         state_dict = read_state_dict(model_dir)
     else:
         raise FileNotFoundError(f"model {model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")

@@ -24,15 +24,13 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from echo import EchoConfig, EchoModule, supervision  # noqa: E402
 from model import ModelArgs  # noqa: E402
-from model.load import build_model, load_dir_tokenizer  # noqa: E402
+from model.load import build_model, dir_model_args  # noqa: E402
 
 
 def model_args(name, method, dropout):
     kw = dict(adapter=method, lora_dropout=dropout)
     if (Path(name) / "params.json").exists():
-        if (json.loads((Path(name) / "params.json").read_text()).get("vocab_size") or -1) <= 0:
-            kw["vocab_size"] = load_dir_tokenizer(name).vocab_size        # LLaMA 2 ships vocab_size -1
-        return ModelArgs.from_params_json(Path(name) / "params.json", **kw)
+        return dir_model_args(name, **kw)
     return ModelArgs.from_name(name, **kw)
 
 
