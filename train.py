@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
-from echo import EchoConfig, EchoModule, Router, echo_loss, echo_objective, save_echo, supervision
+from echo import (EchoConfig, EchoModule, Router, echo_loss, echo_objective, save_echo, supervision,
+                  uses_answer_window)
 from model import load_model
 from model.lora import ADAPTER_KEYS, save_adapter
 from model.tokenizer import ByteTokenizer
@@ -849,7 +850,6 @@ class Log:
                 if run.opts.resume and path.exists() else []
             atomic_file(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
             self.file = open(path, "a")
-        self.flops_per_token = {routed: flops_per_token(run.model, run.echo, routed) for routed in (False, True)}
         self.peak = peak_flops(run.device)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
         self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
@@ -893,6 +893,7 @@ class Log:
             raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']} (try a lower --lr); "
                                      f"{last_checkpoint(self.run)}")
         shape = record.pop("shape")
+        flops = step_flops(self.run.model, self.run.echo, routed, shape[1:])
         if record["warmup"]:
             self.warmup_s += record["seconds"]
         else:
@@ -900,13 +901,13 @@ class Log:
                 acc.update(s=acc["s"] + record["seconds"], steps=acc["steps"] + 1, tokens=acc["tokens"] + record["tokens"],
                            padded=acc["padded"] + record["padded_tokens"])
         if self.run.master:
-            self.write(record)
+            self.write(record, flops)
 
-    def write(self, record):
+    def write(self, record, flops):
         run, w, now = self.run, self.window, time.perf_counter()
         w["tokens"] += record["tokens"]
         w["padded"] += record["padded_tokens"]
-        w["flops"] += self.flops_per_token[record["routed"]] * record["padded_tokens"]
+        w["flops"] += flops
         elapsed = max(now - w["since"], 1e-9)
         record["tokens_per_s"] = round(w["tokens"] / elapsed, 1)
         record["padded_tokens_per_s"] = round(w["padded"] / elapsed, 1)
@@ -956,14 +957,19 @@ class Log:
             self.file.close()
 
 
-def flops_per_token(model, echo, routed):
-    """For MFU: 4·N FLOPs per token and pass (forward 2N, activation gradients 2N; the frozen weights get
-    no weight gradient); a routed step's Echo-on pass runs only the layers from the first target up."""
+def step_flops(model, echo, routed, micro_batches):
+    """For MFU: the FLOPs of one optimizer step over micro-batches [(B, T, P), ...] (batch_shape's). 4·N
+    per position and pass (forward 2N, activation gradients 2N; the frozen weights get no weight
+    gradient). A routed step's Echo-on pass runs the layers from the first target up, on the answer
+    window (B·P positions; see echo_loss) or, when it recomputes every position, on all B·T."""
     n_params = sum(p.numel() for p in model.parameters())
-    if not routed or echo is None:
-        return 4 * n_params
-    on_share = 1.0 if echo.cfg.separate_passes else 1 - echo.cfg.target_layers[0] / model.args.n_layers
-    return 4 * n_params * (1 + on_share)
+    flops = 0.0
+    for B, T, P in micro_batches:
+        flops += 4 * n_params * B * T
+        if routed and echo is not None:
+            layers = 1.0 if echo.cfg.separate_passes else 1 - echo.cfg.target_layers[0] / model.args.n_layers
+            flops += 4 * n_params * layers * B * (P if uses_answer_window(echo.cfg) else T)
+    return flops
 
 
 def parsed_step(line):

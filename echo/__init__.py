@@ -21,6 +21,7 @@ API (every equation is computed once, in the function named here; the tests call
     echo_objective(loss_off, loss_on, loss_kd, routed, lambda_kd)                 eq. 11
     echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None)
         -> (loss, sums [ΣCE_off, ΣCE_on, τ²ΣKL])   one micro-batch of training; echo=None = plain LoRA/DoRA
+    uses_answer_window(cfg)     whether the Echo-on pass recomputes only the answer window (echo_loss)
     save_echo(echo, out_dir) / load_echo(in_dir)   echo.safetensors + echo_config.json (analysis only)
 
 Training loop sketch (train.py):
@@ -37,8 +38,8 @@ Training loop sketch (train.py):
 """
 from echo.echo import (IGNORE, MODULES, EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources,
                        answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl,
-                       module_out_dim, routing_probability, save_echo, supervision)
+                       module_out_dim, routing_probability, save_echo, supervision, uses_answer_window)
 
 __all__ = ["IGNORE", "MODULES", "EchoConfig", "EchoInjector", "EchoModule", "Router", "aggregate_sources",
            "answer_mask", "echo_loss", "echo_norm", "echo_objective", "load_echo", "masked_kl",
-           "module_out_dim", "routing_probability", "save_echo", "supervision"]
+           "module_out_dim", "routing_probability", "save_echo", "supervision", "uses_answer_window"]

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.model import ATTENTION_MODULES, FFN_MODULES, EchoInject, canonical_module
+from model.model import ATTENTION_MODULES, FFN_MODULES, EchoInject, PromptKV, canonical_module, window_attention_mask
 
 IGNORE = -100
 MODULES = ATTENTION_MODULES + FFN_MODULES
@@ -84,6 +84,10 @@ class EchoConfig:
                              "(deep→deep, shallow→shallow)")
     separate_passes: bool = option(False, "run both passes from the embedding, with separate dropout "
                                    "draws (default: share the layers below the first target)")
+    answer_window: bool = option(True, "the Echo-on pass recomputes only positions t* … last answer "
+                                 "token and reads the prompt's keys/values from the Echo-off pass (exact: "
+                                 "eq. 8 leaves the prompt untouched; LoRA dropout draws on the prompt are "
+                                 "shared); --no-echo-answer-window recomputes every position")
     seed: int = field(default=0, metadata={"flag": False})   # the router's seed: train.py's --seed
 
     def resolve(self, n_layers):
@@ -182,8 +186,10 @@ def supervision(labels, bucket=1):
       targets  [B, P]  the tokens they predict (−100 in the padding slots),
       boundary [B]     t*_b = first answer position − 1 = the last prompt position (eq. 2).
 
-    P = max_b |A_b| rounded up to a multiple of `bucket` (a few shapes for torch.compile); padding
-    slots point at position 0 with target −100 (ignored by cross_entropy and masked_kl's `valid`).
+    P = the longest span t*_b … max A_b (= max_b |A_b| for answers without gaps) rounded up to a
+    multiple of `bucket` (a few shapes for torch.compile), so the Echo-on pass's answer window of P
+    positions from t*_b holds every supervised position; padding slots point at position 0 with
+    target −100 (ignored by cross_entropy and masked_kl's `valid`).
     Raises, naming the row, if a row has no answer token or is supervised from position 0 (no prompt,
     so t* would be −1): both would otherwise silently read the wrong hidden state.
     """
@@ -200,16 +206,22 @@ def supervision(labels, bucket=1):
                          f"so there is no answer boundary t* (eq. 2)")
     supervised = answer[:, 1:]                                       # logit t predicts y[t+1]
     counts = supervised.sum(dim=1)
-    P = -(-int(counts.max()) // bucket) * bucket
     pos = torch.arange(T - 1, device=labels.device).expand(B, -1)
+    boundary = supervised.int().argmax(dim=1)                        # first t with y[t+1] supervised
+    last = torch.where(supervised, pos, -1).amax(dim=1)
+    P = -(-int((last - boundary + 1).max()) // bucket) * bucket
     order = torch.where(supervised, pos, pos + T).argsort(dim=1, stable=True)[:, :P]   # supervised first
     if order.shape[1] < P:                                           # bucket rounding beyond T - 1
         order = F.pad(order, (0, P - order.shape[1]))
     valid = torch.arange(P, device=labels.device)[None, :] < counts[:, None]
     index = torch.where(valid, order, torch.zeros_like(order))
     targets = torch.where(valid, labels.gather(1, index + 1), torch.full_like(index, IGNORE))
-    boundary = supervised.int().argmax(dim=1)                        # first t with y[t+1] supervised
     return index, targets, boundary
+
+
+def at_least_fp32(x):
+    """bf16 / fp16 → fp32 for losses; fp32 and fp64 stay as they are (the fp64 tests compare to 1e-12)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------- eq. 2
@@ -220,7 +232,7 @@ def aggregate_sources(hiddens, t_star):
         raise ValueError("aggregate_sources got no source hidden states")
     idx = t_star.to(hiddens[0].device)[:, None, None].expand(-1, 1, hiddens[0].shape[-1])
     at_boundary = torch.stack([h.detach().gather(1, idx)[:, 0] for h in hiddens])    # [L, B, D]
-    return at_boundary.to(torch.promote_types(at_boundary.dtype, torch.float32)).mean(dim=0)   # ≥ fp32
+    return at_least_fp32(at_boundary).mean(dim=0)
 
 
 # ----------------------------------------------------------------------------- eqs. 3-6
@@ -398,7 +410,7 @@ def masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau=2.0, reduct
     reduction "mean" → scalar τ²/|A| Σ KL (0 when |A| = 0);
               "sum"  → (τ² Σ KL, |A|), so callers can normalise over micro-batches / ranks
               (|A| is a tensor with `valid`, so nothing waits for the device).
-    Computed in fp32.
+    Computed in fp32 (fp64 for fp64 logits).
     """
     if logits_on.shape != logits_off.shape:
         raise ValueError(f"masked_kl: logits shapes differ {list(logits_on.shape)} vs {list(logits_off.shape)}")
@@ -412,8 +424,8 @@ def masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau=2.0, reduct
         on, off = logits_on, logits_off
     else:
         on, off = logits_on.reshape(-1, V), logits_off.reshape(-1, V)
-    log_q_on = F.log_softmax(on.detach().float() / tau, dim=-1)
-    log_q_off = F.log_softmax(off.float() / tau, dim=-1)
+    log_q_on = F.log_softmax(at_least_fp32(on.detach()) / tau, dim=-1)
+    log_q_off = F.log_softmax(at_least_fp32(off) / tau, dim=-1)
     kl = (log_q_on.exp() * (log_q_on - log_q_off)).sum(dim=-1)
     if valid is not None and labels is None:
         kl, count = kl * valid, valid.sum()
@@ -437,16 +449,33 @@ def echo_objective(loss_off, loss_on, loss_kd, routed, lambda_kd=1.0):
     return loss_off + loss_on + lambda_kd * loss_kd
 
 
+def uses_answer_window(cfg):
+    """Whether the Echo-on pass runs on the answer window only (see echo_loss). Not with the ablations
+    that inject on prompt positions (all_positions) or want fully independent passes (separate_passes)."""
+    return cfg.answer_window and not cfg.all_positions and not cfg.separate_passes
+
+
 def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, attention_mask=None):
     """One micro-batch of training, LoRA / DoRA (echo=None) or Echo-LoRA / Echo-DoRA (eqs. 2-12).
 
     Echo-off pass → CE_off (and the source hidden states); if routed, Echo-on pass → CE_on and
-    τ²ΣKL (eq. 12). Both passes are identical below min(target layers) (no injection there), so those
-    layers run once and the passes branch from their output (with LoRA dropout they share its draw
-    there; cfg.separate_passes runs both from the embedding). Logits are computed only at the
-    supervised positions. Every term is a sum over answer tokens divided by `normalizer` (default:
-    this micro-batch's answer-token count; train.py passes the count of the whole global batch, so
-    the objective is a token mean over it whatever the number of micro-batches and ranks).
+    τ²ΣKL (eq. 12). Logits are computed only at the supervised positions. Every term is a sum over
+    answer tokens divided by `normalizer` (default: this micro-batch's answer-token count; train.py
+    passes the count of the whole global batch, so the objective is a token mean over it whatever the
+    number of micro-batches and ranks).
+
+    What the Echo-on pass recomputes — the two passes differ only where δ reaches (eq. 7):
+      * layers: both passes are identical below min(target layers), so those run once and the passes
+        branch from their output (with LoRA dropout they share its draw there);
+      * positions: M = 0 up to t* (eq. 8) and attention is causal, so every position ≤ t* has the same
+        hidden states in both passes. The Echo-on pass runs only the answer window t*_b … t*_b + P − 1
+        (P from `supervision`) and its attention reads the Echo-off pass's keys/values before t*_b.
+        Its cost is the window's share of the sequence (≈ P / T); gradients flow through those keys
+        into the Echo-off pass as they would through a recomputed prompt. With LoRA dropout the prompt
+        shares the Echo-off pass's draw, like the shared layers.
+    cfg.answer_window = False recomputes every position; cfg.separate_passes runs both passes from the
+    embedding, with their own dropout draws (the all_positions ablation injects on the prompt, so it
+    recomputes every position too).
 
     supervised: (index, targets, boundary) from `supervision(labels)`, precomputed on the host by
     train.py; computed (and validated) here when omitted.
@@ -459,31 +488,50 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
     index, targets, boundary = supervision(labels) if supervised is None else supervised
     normalizer = (targets != IGNORE).sum().clamp_min(1) if normalizer is None else normalizer
-    kw = dict(positions=model.positions_for(tokens, attention_mask), attention_mask=attention_mask)
+    positions = model.positions_for(tokens, attention_mask)
+    kw = dict(positions=positions, attention_mask=attention_mask)
     n_layers = model.args.n_layers
     split = 0 if echo is None or echo.cfg.separate_passes else echo.cfg.target_layers[0]
     sources = echo.cfg.source_layers if echo is not None else ()
-    hiddens = {}
+    window = routed and echo is not None and uses_answer_window(echo.cfg)
+    hiddens, keys = {}, {} if window else None
 
-    def ce_sum(h):
-        logits = model.head(h, logits_index=index)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    def ce_sum(h, logits_index):
+        logits = model.head(h, logits_index=logits_index)
+        ce = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                             reduction="sum")
         return ce, logits
 
     h_split = model.embed(tokens)
     if split > 0:
         h_split = model.run_layers(h_split, 0, split, hidden_layers=sources, hiddens=hiddens, **kw)
-    h_off = model.run_layers(h_split, split, n_layers, hidden_layers=sources, hiddens=hiddens, **kw)
-    off_sum, logits_off = ce_sum(h_off)
+    h_off = model.run_layers(h_split, split, n_layers, hidden_layers=sources, hiddens=hiddens, keys=keys, **kw)
+    off_sum, logits_off = ce_sum(h_off, index)
     if not routed:
         zero = torch.zeros((), device=off_sum.device)
         return echo_objective(off_sum, None, None, False) / normalizer, torch.stack([off_sum.detach(), zero, zero])
 
-    with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 2-8)
-        inject = echo([hiddens[l] for l in sources], boundary, labels, attention_mask)
-    h_start = h_split if split > 0 else model.embed(tokens)
-    h_on = model.run_layers(h_start, split, n_layers, echo_inject=inject, **kw)
-    on_sum, logits_on = ce_sum(h_on)
+    source_hiddens = [hiddens[l] for l in sources]
+    if window:
+        B, T = tokens.shape
+        P = index.shape[1]
+        slots = boundary[:, None] + torch.arange(P, device=tokens.device)        # t*_b … t*_b + P − 1
+        inside = slots < T                                # slots past the row's end: never supervised
+        slots = slots.clamp_max(T - 1)
+        with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 2-8)
+            inject = echo(source_hiddens, boundary, torch.where(inside, labels.gather(1, slots), IGNORE))
+        prompt = PromptKV(keys, window_attention_mask(boundary, P, T, attention_mask))
+        h_window = h_split.gather(1, slots[..., None].expand(-1, -1, h_split.shape[-1]))
+        h_on = model.run_layers(h_window, split, n_layers, positions=positions.gather(1, slots),
+                                echo_inject=inject, prompt=prompt)
+        on_index = torch.where(targets != IGNORE, index - boundary[:, None], 0)   # the same positions, in the window
+    else:
+        with torch.autocast(tokens.device.type, enabled=False):
+            inject = echo(source_hiddens, boundary, labels, attention_mask)
+        h_start = h_split if split > 0 else model.embed(tokens)
+        h_on = model.run_layers(h_start, split, n_layers, echo_inject=inject, **kw)
+        on_index = index
+    on_sum, logits_on = ce_sum(h_on, on_index)
     kd_sum, _ = masked_kl(logits_on, logits_off, valid=targets != IGNORE, tau=echo.cfg.tau, reduction="sum")
     loss = echo_objective(off_sum, on_sum, kd_sum, True, echo.cfg.lambda_kd) / normalizer     # eq. 11
     return loss, torch.stack([off_sum.detach(), on_sum.detach(), kd_sum.detach()])

@@ -5,6 +5,8 @@ and no renaming. Read top to bottom: config, RMSNorm, RoPE, attention (GQA), Swi
 
 Echo (eq. 7) enters through `echo_inject`, passed explicitly from `Transformer.forward` through each
 block to the projections: for each chosen (layer, module) the module output o becomes o + M·δ.
+A pass may also run on a window of positions only and read the other positions' keys and values from
+an earlier pass (`PromptKV`): the Echo-on pass recomputes only the answer, not the prompt.
 """
 import json
 import math
@@ -185,6 +187,30 @@ class EchoInject:
         return (deltas, self.mask) if deltas else None
 
 
+@dataclass
+class PromptKV:
+    """What a pass over a window of W positions per row reads besides its own keys and values: another
+    pass's keys/values of all T positions, of which each row sees only those before its window.
+
+    kv: {layer: (k, v) [B, n_kv_heads, T, head_dim]} (RoPE applied), as `run_layers(keys=...)` collects
+    them; mask: [B, 1, W, T + W] bool from `window_attention_mask`. The Echo-on pass uses it: eq. 8 leaves
+    every position up to t* untouched, so under causal attention their keys/values are the Echo-off pass's.
+    """
+    kv: dict
+    mask: torch.Tensor
+
+
+def window_attention_mask(starts, W, T, attention_mask=None):
+    """bool [B, 1, W, T + W] for a window of W positions starting at `starts` [B]: window slot j sees the
+    other pass's keys at positions < starts_b (real tokens only, when an attention_mask [B, T] is given),
+    then the window's own slots 0..j (causal within the window)."""
+    before = torch.arange(T, device=starts.device)[None, :] < starts[:, None]              # [B, T]
+    if attention_mask is not None:
+        before = before & attention_mask.bool()
+    causal = torch.ones(W, W, dtype=torch.bool, device=starts.device).tril()
+    return torch.cat([before[:, None, :].expand(-1, W, -1), causal.expand(starts.shape[0], -1, -1)], 2)[:, None]
+
+
 def add_echo(out, layer_echo, module):   # eq. 7
     if layer_echo is None or module not in layer_echo[0]:
         return out
@@ -235,7 +261,9 @@ class Attention(nn.Module):
         self.wv = make_linear(args, layer_id, "wv", args.dim, args.n_kv_heads * args.head_dim)
         self.wo = make_linear(args, layer_id, "wo", args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0):
+    def forward(self, x, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0, prompt_kv=None):
+        """Returns (output, (k, v)): this pass's own keys/values, which a later window pass may read.
+        prompt_kv: another pass's (k, v) to attend to first (a window pass; `mask` says which)."""
         B, T, _ = x.shape
         q = add_echo(self.wq(x), echo, "wq").view(B, T, self.n_heads, self.head_dim)
         k = add_echo(self.wk(x), echo, "wk").view(B, T, self.n_kv_heads, self.head_dim)
@@ -244,11 +272,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, cache_pos, k, v)
+        own = (k, v)
+        if prompt_kv is not None:
+            k, v = torch.cat([prompt_kv[0], k], 2), torch.cat([prompt_kv[1], v], 2)
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return add_echo(self.wo(y), echo, "wo")
+        return add_echo(self.wo(y), echo, "wo"), own
 
 
 class FeedForward(nn.Module):
@@ -275,10 +306,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0):
-        """echo: this block's share of the Echo signal, (module → δ, M), or None."""
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask, echo, kv_cache, cache_pos)
-        return h + self.feed_forward(self.ffn_norm(h), echo)
+    def forward(self, h, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0, prompt_kv=None):
+        """echo: this block's share of the Echo signal, (module → δ, M), or None. Returns (h, (k, v))."""
+        attended, kv = self.attention(self.attention_norm(h), cos, sin, mask, echo, kv_cache, cache_pos, prompt_kv)
+        h = h + attended
+        return h + self.feed_forward(self.ffn_norm(h), echo), kv
 
 
 def attention_mask_4d(attention_mask, T, cache_pos):
@@ -372,8 +404,10 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)
 
     def run_layers(self, h, start, end, *, positions, attention_mask=None, echo_inject=None,
-                   hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0):
-        """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`."""
+                   hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0, keys=None, prompt=None):
+        """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`, each block's
+        keys/values into `keys` (a dict) when given. prompt: a PromptKV, for a pass over a window of
+        positions (h [B, W, D], positions [B, W]) that attends to another pass's keys/values first."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         mask = None
         if kv_cache is not None:      # keys: the whole cache; slots not written yet are masked out
@@ -382,13 +416,18 @@ class Transformer(nn.Module):
                 attention_mask = torch.ones(B, written, dtype=torch.bool, device=h.device)
             unwritten = torch.zeros(B, kv_cache.max_len - written, dtype=torch.bool, device=h.device)
             mask = attention_mask_4d(torch.cat([attention_mask.bool(), unwritten], 1), h.shape[1], cache_pos)
+        elif prompt is not None:
+            mask = prompt.mask
         elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
         for i in range(start, end):
             layer_echo = None if echo_inject is None else echo_inject.at_layer(i)
-            h = self.layers[i](h, cos, sin, mask, layer_echo, kv_cache, cache_pos)
+            h, kv = self.layers[i](h, cos, sin, mask, layer_echo, kv_cache, cache_pos,
+                                   None if prompt is None else prompt.kv[i])
             if i in hidden_layers:
                 hiddens[i] = h
+            if keys is not None:
+                keys[i] = kv
         return h
 
     def head(self, h, logits_index=None):

@@ -89,8 +89,8 @@ def measure(opts, method, echo_mode, graphs):
     tokens = opts.batch * opts.seq
     return {"model": opts.model, "method": method, "echo": echo_mode, "graphs": graphs, "batch": opts.batch,
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
-            "mfu": round(train.flops_per_token(run.model, run.echo, routed) * tokens / (ms / 1000)
-                         / (opts.peak_tflops * 1e12), 3),
+            "mfu": round(train.step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
+                         / (ms / 1000) / (opts.peak_tflops * 1e12), 3),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "warmup_s": round(warmup_s, 1),
             "peak_gib_warmup": round(peak_warmup / 2**30, 2),
             "loss_off": round(stats[0].item() / mbs[0]["global_n_targets"], 4),

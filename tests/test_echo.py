@@ -1,6 +1,7 @@
 """Echo-LoRA (echo/): one test per equation 2-12 against values computed independently here
 (plain loops, dense fp64 algebra), plus gradient flow, router statistics, bad input and I/O."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -428,11 +429,22 @@ def test_eq12_masked_kl_values_and_gradients():
 
 # ----------------------------------------------------------------------------- the full step
 
-def test_echo_loss_equals_two_full_passes():
-    """echo_loss (shared lower layers, gathered logits) == eq. 11 from two plain model forwards."""
-    model = tiny_model()
+def fp64_echo(cfg=CFG, **model_kw):
+    """A tiny fp64 model and Echo module with λ = 5, so L_on and L_kd are far from rounding noise."""
+    model = tiny_model(**model_kw).double()
+    echo = EchoModule(cfg, model.args).double()
+    with torch.no_grad():
+        for inj in echo.injectors.values():
+            inj.lam.fill_(5.0)
+    return model, echo
+
+
+@pytest.mark.parametrize("window", [True, False])
+def test_echo_loss_equals_two_full_passes(window):
+    """echo_loss (shared lower layers, gathered logits, and by default an Echo-on pass over the answer
+    window only) == eq. 11 from two plain full-sequence model forwards, in fp64."""
+    model, echo = fp64_echo(replace(CFG, answer_window=window))
     tokens, labels, attn = batch()
-    echo = EchoModule(CFG, model.args)
     loss, sums = echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=True)
     n = (labels[:, 1:] != -100).sum().item()
 
@@ -440,19 +452,49 @@ def test_echo_loss_equals_two_full_passes():
     z = sum(h[torch.arange(3), supervision(labels)[2]] for h in hid).detach() / 2
     on = model(tokens, attn, echo_inject=echo.inject(z, labels, attn))
     shift_labels = labels[:, 1:].reshape(-1)
-    l_off = F.cross_entropy(off[:, :-1].reshape(-1, 97).double(), shift_labels, ignore_index=-100)
-    l_on = F.cross_entropy(on[:, :-1].reshape(-1, 97).double(), shift_labels, ignore_index=-100)
-    l_kd = masked_kl(on.double(), off.double(), labels, tau=2.0)
-    assert loss.item() == pytest.approx((l_off + l_on + l_kd).item(), rel=1e-5)
-    assert (sums / n).tolist() == pytest.approx([l_off.item(), l_on.item(), l_kd.item()], rel=1e-4)
-    assert echo_objective(*(sums / n), True, echo.cfg.lambda_kd).item() == pytest.approx(loss.item(), rel=1e-6)
+    l_off = F.cross_entropy(off[:, :-1].reshape(-1, 97), shift_labels, ignore_index=-100)
+    l_on = F.cross_entropy(on[:, :-1].reshape(-1, 97), shift_labels, ignore_index=-100)
+    l_kd = masked_kl(on, off, labels, tau=2.0)
+    assert l_kd.item() > 1e-4 and abs(l_on.item() - l_off.item()) > 1e-4     # far from a no-op (fp64 noise ~1e-15)
+    assert loss.item() == pytest.approx((l_off + l_on + l_kd).item(), rel=1e-12)
+    assert (sums / n).tolist() == pytest.approx([l_off.item(), l_on.item(), l_kd.item()], rel=1e-10)
+    assert echo_objective(*(sums / n), True, echo.cfg.lambda_kd).item() == pytest.approx(loss.item(), rel=1e-12)
 
     loss_skip, sums_skip = echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=False, normalizer=5)
-    assert loss_skip.item() == pytest.approx(l_off.item() * n / 5, rel=1e-5)
+    assert loss_skip.item() == pytest.approx(l_off.item() * n / 5, rel=1e-12)
     assert sums_skip[1:].tolist() == [0.0, 0.0]
     # plain LoRA (no Echo module): the same Echo-off term
     loss_lora, sums_lora = echo_loss(model, None, tokens, labels, attention_mask=attn, routed=False)
-    assert loss_lora.item() == pytest.approx(l_off.item(), rel=1e-5) and sums_lora[0] == sums_skip[0]
+    assert loss_lora.item() == pytest.approx(l_off.item(), rel=1e-12) and sums_lora[0] == sums_skip[0]
+
+
+def gradients(model, echo, loss):
+    params = [p for p in [*model.parameters(), *echo.parameters()] if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("targets, labels_gap, padding", [((0, 1), False, "right"), ((1, 2), False, "right"),
+                                                           ((1,), True, "right"), ((0, 1), False, "left")])
+def test_answer_window_gradients_equal_full_on_pass(targets, labels_gap, padding):
+    """The Echo-on pass over the answer window (prompt keys/values read from the Echo-off pass) gives the
+    same loss and the same gradient in every adapter and Echo weight as recomputing every position:
+    shared lower layers or not, an answer with a gap (a prompt token inside it), left padding."""
+    cfg = replace(CFG, target_layers=targets, source_layers=(-1,) if targets == (1, 2) else CFG.source_layers)
+    model, echo = fp64_echo(cfg)
+    tokens, labels, attn = batch(seed=3)
+    if labels_gap:                      # row 0: prompt 0-2, answer 3-9 with position 5 unsupervised
+        labels[0, 5] = -100
+    if padding == "left":               # shift each row right by its padding; positions follow the mask
+        for b in range(3):
+            k = int((~attn[b]).sum())
+            tokens[b], labels[b], attn[b] = tokens[b].roll(k), labels[b].roll(k), attn[b].roll(k)
+    window = echo_loss(model, echo, tokens, labels, attention_mask=attn, routed=True)[0]
+    full_echo = EchoModule(replace(cfg, answer_window=False), model.args).double()
+    full_echo.load_state_dict(echo.state_dict())
+    full = echo_loss(model, full_echo, tokens, labels, attention_mask=attn, routed=True)[0]
+    assert window.item() == pytest.approx(full.item(), rel=1e-12)
+    for g_window, g_full in zip(gradients(model, echo, window), gradients(model, full_echo, full)):
+        torch.testing.assert_close(g_window, g_full, rtol=1e-9, atol=1e-12)
 
 
 def test_gradients_reach_echo_only_on_routed_steps():
