@@ -63,9 +63,13 @@ def random_model(shape, tokenizer_dir, out):
             shutil.copy(f, out / f.name)
     args = ModelArgs.from_params_json(shape) if Path(shape).is_file() else ModelArgs.from_name(shape)
     args = dataclasses.replace(args, vocab_size=load_tokenizer(out).vocab_size)
-    model = build_model(args, "cpu", torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"     # 8B random numbers: seconds on a GPU, minutes on CPU
+    model = build_model(args, device, torch.bfloat16)
     model.reset_parameters(std=0.02)
     write_ours(model.state_dict(), args.to_params_json(), out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()          # train.py, a child process, gets the whole GPU
     return out
 
 
@@ -126,6 +130,10 @@ def main(argv=None):
          *(["routed", "unrouted"] if a.echo else ["off"]), "--graphs", "step", "--batch", batch, "--seq", *seqs,
          "--answer", answer, "--json", bench], scratch / "benchmark.log")
     dest.mkdir(parents=True, exist_ok=True)
+    (dest / "measured.json").write_text(json.dumps(
+        {"weights": "random" if a.shape else "real", "model": a.shape or Path(a.model).name,
+         "tokenizer": Path(a.tokenizer).name if a.tokenizer else None, "steps": a.steps,
+         "save_every": a.save_every, "train_command": " ".join(map(str, train))}, indent=2) + "\n")
     shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
     shutil.copy(bench, dest / "benchmark.jsonl")
     run([sys.executable, ROOT / "results" / "speed_table.py"], scratch / "speed_table.log")

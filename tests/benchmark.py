@@ -11,6 +11,7 @@ router forced on (routed: both passes) or off (unrouted), and times --steps step
 block a CUDA graph, the DDP path) | off (compiled, no graphs) | eager (not compiled).
 """
 import argparse
+import gc
 import itertools
 import json
 import sys
@@ -61,7 +62,9 @@ def batch(opts, vocab):
 
 
 def measure(opts, method, echo_mode, graphs):
-    torch.cuda.empty_cache()
+    gc.collect()                          # the previous configuration's model and graphs are gone before
+    torch.cuda.empty_cache()              # this one's memory is measured
+    torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
     run = make_run(opts, method, echo_mode != "off", graphs)
     mbs, routed = batch(opts, run.model.args.vocab_size), echo_mode == "routed"
