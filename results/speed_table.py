@@ -60,9 +60,15 @@ def table():
 
 
 def real_vs_step():
-    """The real loop against its own step: per batch shape the run's steady ms/step (summary.json's
-    steady_by_shape) next to the benchmark's at that [batch, seq]; overall, the run's padded tokens/s
-    over the matched steps against the benchmark's time for the same steps."""
+    """The real loop against its own step: an overview line per measurement, then per batch shape the
+    run's steady ms/step (summary.json's steady_by_shape) next to the benchmark's at that [batch, seq];
+    overall, the run's padded tokens/s over the matched steps against the benchmark's time for them."""
+    overview = ["", "The real-loop measurements (`results/measure_speed.py`, each in `results/speed/real-vs-step-*/`: "
+                "the run's summary.json, the benchmark's lines and, since measure_speed.py writes it, measured.json). "
+                "*tokens/s* counts non-padding tokens over the steps after warm-up; *peak GiB* includes each "
+                "shape's first, uncaptured step; *real / step*: see each run's table below:", "",
+                "| run | weights | steps | checkpoint every | tokens/s | padded tokens/s | real / step | peak GiB | "
+                "warm-up s | batch shapes | device |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     L = []
     for d in sorted((HERE / "speed").glob("real-vs-step-*")):
         s = json.loads((d / "summary.json").read_text())
@@ -87,6 +93,12 @@ def real_vs_step():
             steps += b["steps"]
         if not rows:
             continue
+        m = json.loads((d / "measured.json").read_text()) if (d / "measured.json").exists() else {}
+        weights = {"random": "random", "real": "real"}.get(m.get("weights"), "not recorded")
+        overview.append(f"| {d.name[len('real-vs-step-'):]} | {weights} | {s['steps']} | "
+                        f"{m.get('save_every') or 'none' if m else 'not recorded'} | {s['tokens_per_s']:,.0f} | "
+                        f"{s['padded_tokens_per_s']:,.0f} | {bench_s / real_s:.2f}× | {s['peak_gib']:.2f} | "
+                        f"{s['warmup_seconds']:.0f} | {s['batch_shapes']} | {s['device']} |")
         total = sum(b["steps"] for b in s["steady_by_shape"])
         L += ["", f"`train.py` on real data against its own step (`{d.name}`: {s.get('method')}"
                   f"{' + Echo' if s.get('echo') else ''}, {s['steps']} steps, micro-batch {s['micro_batch']}, "
@@ -96,7 +108,7 @@ def real_vs_step():
                   f"{padded / bench_s:,.0f}, so the real loop runs at **{bench_s / real_s:.2f}×** its step.", "",
               "| batch × seq (answer slots) | Echo | steps | real ms / step | benchmark ms / step | real speed / step's |",
               "|---|---|---:|---:|---:|---:|"] + rows
-    return L
+    return overview + L
 
 
 def default_run():

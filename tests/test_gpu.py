@@ -34,7 +34,12 @@ def test_cuda_graphs_train_like_the_compiled_step(setup, tmp_path, graphs):
     for x, y in zip(mr, mg):
         for key in ("loss_off", "loss_on", "loss_kd"):
             if x[key] is not None:
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+                # L_kd is a KL between two nearly equal distributions (λ starts at 0.1), ~1e-7 here: an fp32
+                # difference of O(1) log-probabilities, so kernels that round differently (graphed blocks
+                # split a reduction the ungraphed ones do not) move it by ~1e-7; it is judged at the
+                # precision of the O(1) loss it is added to (eq. 11)
+                tol = dict(rel=1e-5, abs=1e-6 if key == "loss_kd" else 1e-7)
+                assert y[key] == pytest.approx(x[key], **tol), (x["step"], key)
     for k, v in trained(ref).items():
         torch.testing.assert_close(trained(got)[k], v, atol=1e-6, rtol=1e-5, msg=k)
 

@@ -521,7 +521,10 @@ def test_speed_table_real_loop_against_its_step(tmp_path, monkeypatch):
                "padded_tokens": 200 * 16 * 128, "tokens": 1},
               {"routed": False, "micro_batches": [[16, 256, 16]], "steps": 7, "ms": 20.0, "padded_tokens": 1, "tokens": 1}]
     (d / "summary.json").write_text(json.dumps({"steps": 600, "micro_batch": 16, "device": "X", "method": "lora",
-                                                "echo": False, "steady_by_shape": shapes}))
+                                                "echo": False, "steady_by_shape": shapes, "tokens_per_s": 1234.4,
+                                                "padded_tokens_per_s": 2000.0, "peak_gib": 2.5,
+                                                "warmup_seconds": 30.2, "batch_shapes": 4}))
+    (d / "measured.json").write_text(json.dumps({"weights": "random", "save_every": 200}))
     (d / "benchmark.jsonl").write_text("".join(json.dumps({"echo": "off", "batch": 16, "seq": T, "ms": ms}) + "\n"
                                                for T, ms in ((96, 50.0), (96, 9.0), (128, 11.0))))
     monkeypatch.setattr(st, "HERE", tmp_path)
@@ -529,6 +532,8 @@ def test_speed_table_real_loop_against_its_step(tmp_path, monkeypatch):
     assert f"**{(300 * 9 + 200 * 11) / (300 * 10 + 200 * 12):.2f}×**" in text
     assert "cover 500 of the 507 steady steps" in text
     assert "| 16 × 96 (P 16) | off | 300 | 10.0 | 9.0 | 0.90 |" in text and "16 × 256" not in text
+    ratio = (300 * 9 + 200 * 11) / (300 * 10 + 200 * 12)
+    assert f"| x | random | 600 | 200 | 1,234 | 2,000 | {ratio:.2f}× | 2.50 | 30 | 4 | X |" in text   # the overview
 
 
 def test_compaction_folds_correctness_into_the_results_file(tmp_path):

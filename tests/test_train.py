@@ -677,3 +677,23 @@ def test_a_killed_rank_ends_the_others_at_once(setup, tmp_path):
     ours = [l for l in out.splitlines() if "[rank0]" in l or "lost contact" in l]
     assert any("lost contact with another process" in l for l in out.splitlines()), out[-3000:]
     assert not any("Traceback" in l for l in ours), out[-3000:]
+
+
+def test_step_flops_count_the_answer_window():
+    """MFU's FLOPs: 4·N per position and pass; a routed step adds the Echo-on pass over the layers from
+    the first target up, on B·P window positions (or all B·T when the window is off)."""
+    from dataclasses import replace
+
+    from echo import EchoConfig, EchoModule
+    from model.model import ModelArgs, Transformer
+    model = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16, adapter="lora"))
+    n = sum(p.numel() for p in model.parameters())
+    cfg = EchoConfig(target_layers=(1,), source_layers=(3,), bottleneck=4)
+    echo = EchoModule(cfg, model.args)
+    shapes = [(2, 40, 8), (3, 20, 4)]
+    plain = 4 * n * (2 * 40 + 3 * 20)
+    assert train.step_flops(model, None, False, shapes) == plain
+    assert train.step_flops(model, echo, False, shapes) == plain
+    assert train.step_flops(model, echo, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 8 + 3 * 4))
+    full = EchoModule(replace(cfg, answer_window=False), model.args)
+    assert train.step_flops(model, full, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 40 + 3 * 20))
