@@ -544,7 +544,8 @@ def compile_blocks(step_module, cuda_graphs):
 
 def pick_micro_batch(step_module, opts, world, device):
     """Rows per forward when --micro-batch is not given: 4 on CPU; on GPU the largest divisor of the
-    per-process batch whose routed (both passes) step at --max-len fits in memory."""
+    per-process batch whose routed (both passes) step at --max-len fits in memory, probed at the worst
+    case: every position after the first supervised, so the Echo-on window spans the whole row."""
     per_rank = opts.global_batch // world
     if not str(device).startswith("cuda") or per_rank < 1:
         return min(4, max(per_rank, 1))
@@ -553,7 +554,7 @@ def pick_micro_batch(step_module, opts, world, device):
         try:
             tokens = torch.randint(0, model.args.vocab_size, (mb, opts.max_len))
             labels = torch.full_like(tokens, IGNORE)
-            labels[:, opts.max_len // 2:] = tokens[:, opts.max_len // 2:]
+            labels[:, 1:] = tokens[:, 1:]
             batch = [t.to(device) for t in (tokens, labels, *supervision(labels, P_BUCKET))]
             with torch.autocast("cuda", torch.bfloat16, enabled=opts.dtype == "bf16"):
                 loss, _ = step_module(*batch, step_module.echo is not None, torch.tensor(1.0))
@@ -765,7 +766,12 @@ RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs
                      "save_every", "log_every", "eval_every"}
 
 
+# Options added after checkpoints were written without them: what those checkpoints were trained with.
+OLDER_CHECKPOINTS = {"echo_answer_window": False}     # before it, the Echo-on pass recomputed every position
+
+
 def check_resume_options(saved, opts):
+    saved = {**OLDER_CHECKPOINTS, **saved}
     for key in sorted(set(saved) | set(vars(opts))):
         if key in RESUME_MAY_CHANGE or saved.get(key) == getattr(opts, key, None):
             continue

@@ -697,3 +697,19 @@ def test_step_flops_count_the_answer_window():
     assert train.step_flops(model, echo, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 8 + 3 * 4))
     full = EchoModule(replace(cfg, answer_window=False), model.args)
     assert train.step_flops(model, full, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 40 + 3 * 20))
+
+
+def test_resume_of_a_checkpoint_from_before_the_answer_window(setup, tmp_path):
+    """A checkpoint written before --echo-answer-window existed was trained with the full Echo-on pass:
+    resuming it asks for --no-echo-answer-window (one line), and resumes with it."""
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "2", "--save-every", "1"))
+    path = out / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["opts"]["echo_answer_window"]
+    torch.save(state, path)
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, out, "--max-steps", "2", "--resume"))
+    assert one_line(e).startswith("--resume: --echo-answer-window is True but the checkpoint was trained with False")
+    train.main(args(setup, out, "--max-steps", "2", "--resume", "--no-echo-answer-window"))     # accepted
+    assert [m["step"] for m in metrics(out)] == [1, 2]
