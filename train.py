@@ -766,12 +766,13 @@ RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs
                      "save_every", "log_every", "eval_every"}
 
 
-# Options added after checkpoints were written without them: what those checkpoints were trained with.
-OLDER_CHECKPOINTS = {"echo_answer_window": False}     # before it, the Echo-on pass recomputed every position
-
-
 def check_resume_options(saved, opts):
-    saved = {**OLDER_CHECKPOINTS, **saved}
+    if "echo_answer_window" not in saved:     # a checkpoint from before the option: the full Echo-on pass
+        full_pass = saved.get("echo") and not saved.get("echo_all_positions") and not saved.get("echo_separate_passes")
+        if full_pass and opts.echo_answer_window:
+            raise ValueError("--resume: the checkpoint was trained before --echo-answer-window existed, with the "
+                             "Echo-on pass over every position: resume with --no-echo-answer-window")
+        saved = {**saved, "echo_answer_window": opts.echo_answer_window}
     for key in sorted(set(saved) | set(vars(opts))):
         if key in RESUME_MAY_CHANGE or saved.get(key) == getattr(opts, key, None):
             continue
@@ -919,7 +920,7 @@ class Log:
         record["padded_tokens_per_s"] = round(w["padded"] / elapsed, 1)
         record["padding"] = round(1 - record["tokens"] / max(record["padded_tokens"], 1), 4)
         if self.peak:
-            record["mfu"] = round(w["flops"] / elapsed / (self.peak * run.world), 4)     # per GPU
+            record["mfu"] = round(w["flops"] / elapsed / self.peak, 4)     # this rank's FLOPs on its GPU
         if run.cuda:
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         self.file.write(json.dumps(record) + "\n")

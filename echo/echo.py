@@ -513,14 +513,14 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
 
     source_hiddens = [hiddens[l] for l in sources]
     if window:
-        B, T = tokens.shape
-        P = index.shape[1]
+        T, P = tokens.shape[1], index.shape[1]
         slots = boundary[:, None] + torch.arange(P, device=tokens.device)        # t*_b … t*_b + P − 1
         inside = slots < T                                # slots past the row's end: never supervised
         slots = slots.clamp_max(T - 1)
         with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 2-8)
             inject = echo(source_hiddens, boundary, torch.where(inside, labels.gather(1, slots), IGNORE))
-        prompt = PromptKV(keys, window_attention_mask(boundary, P, T, attention_mask))
+        real = None if attention_mask is None else attention_mask.bool().gather(1, slots) & inside
+        prompt = PromptKV(keys, window_attention_mask(boundary, P, T, attention_mask, real))
         h_window = h_split.gather(1, slots[..., None].expand(-1, -1, h_split.shape[-1]))
         h_on = model.run_layers(h_window, split, n_layers, positions=positions.gather(1, slots),
                                 echo_inject=inject, prompt=prompt)
@@ -528,8 +528,7 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     else:
         with torch.autocast(tokens.device.type, enabled=False):
             inject = echo(source_hiddens, boundary, labels, attention_mask)
-        h_start = h_split if split > 0 else model.embed(tokens)
-        h_on = model.run_layers(h_start, split, n_layers, echo_inject=inject, **kw)
+        h_on = model.run_layers(h_split, split, n_layers, echo_inject=inject, **kw)
         on_index = index
     on_sum, logits_on = ce_sum(h_on, on_index)
     kd_sum, _ = masked_kl(logits_on, logits_off, valid=targets != IGNORE, tau=echo.cfg.tau, reduction="sum")

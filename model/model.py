@@ -200,15 +200,17 @@ class PromptKV:
     mask: torch.Tensor
 
 
-def window_attention_mask(starts, W, T, attention_mask=None):
+def window_attention_mask(starts, W, T, attention_mask=None, window_real=None):
     """bool [B, 1, W, T + W] for a window of W positions starting at `starts` [B]: window slot j sees the
-    other pass's keys at positions < starts_b (real tokens only, when an attention_mask [B, T] is given),
-    then the window's own slots 0..j (causal within the window)."""
+    other pass's keys at positions < starts_b, then the window's own slots 0..j (causal within the
+    window). With an attention_mask [B, T] only real tokens are seen (window_real [B, W]: which window
+    slots are real); every slot still sees itself, as in attention_mask_4d."""
     before = torch.arange(T, device=starts.device)[None, :] < starts[:, None]              # [B, T]
+    own = torch.ones(W, W, dtype=torch.bool, device=starts.device).tril().expand(starts.shape[0], -1, -1)
     if attention_mask is not None:
         before = before & attention_mask.bool()
-    causal = torch.ones(W, W, dtype=torch.bool, device=starts.device).tril()
-    return torch.cat([before[:, None, :].expand(-1, W, -1), causal.expand(starts.shape[0], -1, -1)], 2)[:, None]
+        own = (own & window_real.bool()[:, None, :]) | torch.eye(W, dtype=torch.bool, device=starts.device)
+    return torch.cat([before[:, None, :].expand(-1, W, -1), own], 2)[:, None]
 
 
 def add_echo(out, layer_echo, module):   # eq. 7
@@ -262,8 +264,9 @@ class Attention(nn.Module):
         self.wo = make_linear(args, layer_id, "wo", args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0, prompt_kv=None):
-        """Returns (output, (k, v)): this pass's own keys/values, which a later window pass may read.
-        prompt_kv: another pass's (k, v) to attend to first (a window pass; `mask` says which)."""
+        """Returns (output, (k, v)): the keys/values this pass computed (with a kv_cache, the whole cache),
+        which a later window pass may read. prompt_kv: another pass's (k, v) to attend to first (a window
+        pass; `mask` says which of them each query sees)."""
         B, T, _ = x.shape
         q = add_echo(self.wq(x), echo, "wq").view(B, T, self.n_heads, self.head_dim)
         k = add_echo(self.wk(x), echo, "wk").view(B, T, self.n_kv_heads, self.head_dim)

@@ -710,6 +710,15 @@ def test_resume_of_a_checkpoint_from_before_the_answer_window(setup, tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError) as e:
         train.main(args(setup, out, "--max-steps", "2", "--resume"))
-    assert one_line(e).startswith("--resume: --echo-answer-window is True but the checkpoint was trained with False")
+    assert one_line(e) == ("--resume: the checkpoint was trained before --echo-answer-window existed, with the "
+                           "Echo-on pass over every position: resume with --no-echo-answer-window")
     train.main(args(setup, out, "--max-steps", "2", "--resume", "--no-echo-answer-window"))     # accepted
     assert [m["step"] for m in metrics(out)] == [1, 2]
+    # plain LoRA, or an Echo ablation that never used the window: the option does not matter
+    for extra in (("--no-echo",), ("--echo-separate-passes",)):
+        other = tmp_path / extra[0]
+        train.main(args(setup, other, "--max-steps", "2", "--save-every", "1", *extra))
+        state = torch.load(other / "checkpoint" / "state.pt", weights_only=False)
+        del state["opts"]["echo_answer_window"]
+        torch.save(state, other / "checkpoint" / "state.pt")
+        train.main(args(setup, other, "--max-steps", "2", "--resume", *extra))
