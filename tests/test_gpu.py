@@ -46,15 +46,15 @@ def test_cuda_graphs_train_like_the_compiled_step(setup, tmp_path, graphs):
 
 @pytest.mark.parametrize("graphs", ["step", "blocks"])
 def test_cuda_graphs_agree_on_a_large_kd_term(setup, tmp_path, graphs):
-    """λ = 100 makes L_kd ~3e-3 here (CPU fp32), far above its ~1e-7 rounding: graphed and ungraphed
-    steps must agree on it to 1e-3 over the first 3 steps (all routed)."""
-    extra = ("--max-steps", "3", "--echo-lambda-init", "100", "--echo-p-end", "1", "--compile")
+    """λ = 100 makes L_kd 3e-3 and 4e-3 on the first two steps (CPU fp32), far above its ~1e-7 rounding:
+    graphed and ungraphed steps must agree on it to 1e-3 (on CPU, compiled and eager agree to 2e-5)."""
+    extra = ("--max-steps", "2", "--echo-lambda-init", "100", "--echo-p-end", "1", "--compile")
     ref = train.main(gpu_args(setup, tmp_path / "off", *extra, "--cuda-graphs", "off"))
     got = train.main(gpu_args(setup, tmp_path / graphs, *extra, "--cuda-graphs", graphs))
     mr, mg = metrics(ref), metrics(got)
-    assert all(m["routed"] for m in mr + mg) and len(mr) == 3
+    assert all(m["routed"] for m in mr + mg) and len(mr) == 2
     for x, y in zip(mr, mg):
-        assert x["loss_kd"] > 1e-4, x["step"]
+        assert x["loss_kd"] > 1e-3, x["step"]
         assert y["loss_kd"] == pytest.approx(x["loss_kd"], rel=1e-3), x["step"]
         assert y["loss_off"] == pytest.approx(x["loss_off"], rel=1e-5), x["step"]
 
