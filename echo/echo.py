@@ -17,6 +17,9 @@ One training step (`echo_loss` below does all of it for one micro-batch; train.p
     p_k = p_start + k/(K-1) (p_end - p_start)                                     eq. 10
     L   = L_off + r_k (L_on + λ_kd L_kd)      (r_k = 0: the Echo-on pass is skipped)  eq. 11
     L_kd = τ²/|A| Σ_{t∈A} KL(q_on ‖ q_off),  q = softmax(logits/τ), q_on detached   eq. 12
+The Echo-on pass computes only what eq. 7 can change: the layers from the first target up, and each
+row's answer window from t*, whose attention reads the prompt's keys/values from the Echo-off pass
+(echo_loss says why that is exact).
 """
 import argparse
 import json
