@@ -768,8 +768,8 @@ RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs
 
 def check_resume_options(saved, opts):
     if "echo_answer_window" not in saved:     # a checkpoint from before the option: the full Echo-on pass
-        full_pass = saved.get("echo") and not saved.get("echo_all_positions") and not saved.get("echo_separate_passes")
-        if full_pass and opts.echo_answer_window:
+        trained = EchoConfig.from_flags(argparse.Namespace(**{**vars(opts), **saved, "echo_answer_window": True}))
+        if saved.get("echo") and uses_answer_window(trained) and opts.echo_answer_window:   # it would differ
             raise ValueError("--resume: the checkpoint was trained before --echo-answer-window existed, with the "
                              "Echo-on pass over every position: resume with --no-echo-answer-window")
         saved = {**saved, "echo_answer_window": opts.echo_answer_window}
@@ -857,7 +857,7 @@ class Log:
                 if run.opts.resume and path.exists() else []
             atomic_file(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
             self.file = open(path, "a")
-        self.peak = peak_flops(run.device)
+        self.peak, self.n_params = peak_flops(run.device), sum(p.numel() for p in run.model.parameters())
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
         self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
         self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
@@ -900,7 +900,7 @@ class Log:
             raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']} (try a lower --lr); "
                                      f"{last_checkpoint(self.run)}")
         shape = record.pop("shape")
-        flops = step_flops(self.run.model, self.run.echo, routed, shape[1:])
+        flops = step_flops(self.run.model, self.run.echo, routed, shape[1:], self.n_params)
         if record["warmup"]:
             self.warmup_s += record["seconds"]
         else:
@@ -964,12 +964,13 @@ class Log:
             self.file.close()
 
 
-def step_flops(model, echo, routed, micro_batches):
+def step_flops(model, echo, routed, micro_batches, n_params=None):
     """For MFU: the FLOPs of one optimizer step over micro-batches [(B, T, P), ...] (batch_shape's). 4·N
     per position and pass (forward 2N, activation gradients 2N; the frozen weights get no weight
     gradient). A routed step's Echo-on pass runs the layers from the first target up, on the answer
-    window (B·P positions; see echo_loss) or, when it recomputes every position, on all B·T."""
-    n_params = sum(p.numel() for p in model.parameters())
+    window (B·P positions; see echo_loss) or, when it recomputes every position, on all B·T.
+    n_params: N, when the caller counted it once (the log calls this every step)."""
+    n_params = n_params or sum(p.numel() for p in model.parameters())
     flops = 0.0
     for B, T, P in micro_batches:
         flops += 4 * n_params * B * T

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.model import ATTENTION_MODULES, FFN_MODULES, EchoInject, PromptKV, canonical_module, window_attention_mask
+from model.model import (ATTENTION_MODULES, FFN_MODULES, EchoInject, PromptKV, at_least_fp32, canonical_module,
+                         window_attention_mask)
 
 IGNORE = -100
 MODULES = ATTENTION_MODULES + FFN_MODULES
@@ -220,11 +221,6 @@ def supervision(labels, bucket=1):
     index = torch.where(valid, order, torch.zeros_like(order))
     targets = torch.where(valid, labels.gather(1, index + 1), torch.full_like(index, IGNORE))
     return index, targets, boundary
-
-
-def at_least_fp32(x):
-    """bf16 / fp16 → fp32 for losses; fp32 and fp64 stay as they are (the fp64 tests compare to 1e-12)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------- eq. 2
@@ -522,8 +518,8 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
         slots = slots.clamp_max(T - 1)
         with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 2-8)
             inject = echo(source_hiddens, boundary, torch.where(inside, labels.gather(1, slots), IGNORE))
-        real = None if attention_mask is None else attention_mask.bool().gather(1, slots) & inside
-        prompt = PromptKV(keys, window_attention_mask(boundary, P, T, attention_mask, real))
+        real = inside if attention_mask is None else attention_mask.bool().gather(1, slots) & inside
+        prompt = PromptKV(keys, window_attention_mask(boundary, T, real, attention_mask))
         h_window = h_split.gather(1, slots[..., None].expand(-1, -1, h_split.shape[-1]))
         h_on = model.run_layers(h_window, split, n_layers, positions=positions.gather(1, slots),
                                 echo_inject=inject, prompt=prompt)

@@ -137,6 +137,11 @@ PRESETS = {
 }
 
 
+def at_least_fp32(x):
+    """bf16 / fp16 → fp32 for numerically sensitive steps (norms, RoPE, losses); fp32 / fp64 stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · g, computed in (at least) fp32."""
 
@@ -146,7 +151,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        x32 = at_least_fp32(x)
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -165,7 +170,7 @@ def rope_frequencies(head_dim, theta, use_scaled_rope=False):
 
 def apply_rope(x, cos, sin):
     """Rotate Meta's interleaved pairs (x_2i, x_2i+1) by angle pos·θ_i. x [B,T,H,D], cos/sin [B,T,D/2]."""
-    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    pairs = at_least_fp32(x).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
@@ -200,17 +205,16 @@ class PromptKV:
     mask: torch.Tensor
 
 
-def window_attention_mask(starts, W, T, attention_mask=None, window_real=None):
+def window_attention_mask(starts, T, window_real, attention_mask=None):
     """bool [B, 1, W, T + W] for a window of W positions starting at `starts` [B]: window slot j sees the
-    other pass's keys at positions < starts_b, then the window's own slots 0..j (causal within the
-    window). With an attention_mask [B, T] only real tokens are seen (window_real [B, W]: which window
-    slots are real); every slot still sees itself, as in attention_mask_4d."""
+    other pass's keys at positions < starts_b (real tokens only, when an attention_mask [B, T] is given),
+    then the window's own slots as attention_mask_4d does (causal, real ones — window_real [B, W] — and
+    itself)."""
     before = torch.arange(T, device=starts.device)[None, :] < starts[:, None]              # [B, T]
-    own = torch.ones(W, W, dtype=torch.bool, device=starts.device).tril().expand(starts.shape[0], -1, -1)
     if attention_mask is not None:
         before = before & attention_mask.bool()
-        own = (own & window_real.bool()[:, None, :]) | torch.eye(W, dtype=torch.bool, device=starts.device)
-    return torch.cat([before[:, None, :].expand(-1, W, -1), own], 2)[:, None]
+    W = window_real.shape[1]
+    return torch.cat([before[:, None, None, :].expand(-1, 1, W, -1), attention_mask_4d(window_real, W, 0)], 3)
 
 
 def add_echo(out, layer_echo, module):   # eq. 7

@@ -94,9 +94,9 @@ def real_vs_step():
         if not rows:
             continue
         m = json.loads((d / "measured.json").read_text()) if (d / "measured.json").exists() else {}
-        weights = {"random": "random", "real": "real"}.get(m.get("weights"), "not recorded")
-        overview.append(f"| {d.name[len('real-vs-step-'):]} | {weights} | {s['steps']} | "
-                        f"{m.get('save_every') or 'none' if m else 'not recorded'} | {s['tokens_per_s']:,.0f} | "
+        weights = m.get("weights", "not recorded")
+        every = (m.get("save_every") or "none") if m else "not recorded"
+        overview.append(f"| {d.name[len('real-vs-step-'):]} | {weights} | {s['steps']} | {every} | {s['tokens_per_s']:,.0f} | "
                         f"{s['padded_tokens_per_s']:,.0f} | {bench_s / real_s:.2f}× | {s['peak_gib']:.2f} | "
                         f"{s['warmup_seconds']:.0f} | {s['batch_shapes']} | {s['device']} |")
         total = sum(b["steps"] for b in s["steady_by_shape"])
