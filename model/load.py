@@ -1,56 +1,12 @@
 """Load a model directory (params.json + tokenizer + weights) or build a preset with random weights."""
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
+from .io import DAMAGED, first_line, read_json, read_pth, read_safetensors  # noqa: F401 (re-exported)
 from .lora import ADAPTER_KEYS, load_adapter, read_adapter_config
 from .model import PARAMS_FIELDS, PRESETS, ModelArgs, Transformer
-
-DAMAGED = "the file is damaged or truncated: re-download it, or re-convert it with convert_weights.py"
-
-
-def read_json(path):
-    """A JSON file; a parse error names the file and the position (one line, no traceback)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: invalid JSON (not UTF-8 text)") from None
-
-
-def read_safetensors(path, what="checkpoint"):
-    """All tensors of a .safetensors file. safetensors reads lazily, so a truncated file can fail on
-    open or on the first tensor past the end; both become one line naming the file."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # SafetensorError / OSError: the header or the data region is cut short
-        raise ValueError(f"{path}: cannot read this {what} ({_first_line(e)}); {DAMAGED}") from None
-
-
-def read_pth(path):
-    """A torch.save'd state dict, memory-mapped when possible (pre-zipfile pickles cannot be)."""
-    try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):   # only the old pickle format is retried without mmap
-                raise
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, EOF: torch's multi-line errors, shortened
-        raise ValueError(f"{path}: cannot read this checkpoint ({_first_line(e)}); {DAMAGED}") from None
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def args_from_params(params, **overrides):
@@ -93,7 +49,8 @@ def default_dtype(dtype):
 def adapter_overrides(adapter_dir):
     cfg = read_adapter_config(adapter_dir)
     return cfg, dict(adapter=cfg["method"], lora_rank=cfg["rank"], lora_alpha=cfg["alpha"],
-                     lora_dropout=cfg["dropout"], lora_modules=tuple(cfg["modules"]), lora_layers=cfg["layers"])
+                     lora_dropout=cfg.get("dropout", 0.0), lora_modules=tuple(cfg["modules"]),
+                     lora_layers=cfg.get("layers"))
 
 
 def read_state_dict(model_dir):

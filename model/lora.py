@@ -14,13 +14,14 @@ and reused for both terms.
 """
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .io import publish, read_json, read_safetensors
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "magnitude")
 
@@ -164,24 +165,71 @@ def save_adapter(model, out_dir, tensors=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False).name
     save_file(adapter_state_dict(model) if tensors is None else tensors, tmp)
-    os.replace(tmp, out_dir / "adapter.safetensors")
+    publish(tmp, out_dir / "adapter.safetensors")      # the umask's mode, not tempfile's 0600
     tmp = out_dir / "adapter_config.json.tmp"
     tmp.write_text(json.dumps(adapter_config(model.args), indent=2))
-    os.replace(tmp, out_dir / "adapter_config.json")
+    publish(tmp, out_dir / "adapter_config.json")
 
 
 def read_adapter_config(adapter_dir):
-    from .load import read_json   # load.py imports this module, so import at call time
+    """adapter_dir/adapter_config.json, checked (check_adapter_config): a wrong type is one line naming the
+    file and the key, never a traceback deep inside the model code."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}")
-    return read_json(path)
+    return check_adapter_config(read_json(path), path)
+
+
+def _json_type(value):
+    return {str: "a string", bool: "a boolean", list: "a list", dict: "an object", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _json_kind(value):
+    """How a JSON value reads in an error message: '"4" (a string)', 'null', '[1, 2] (a list)'."""
+    kind = _json_type(value)
+    text = json.dumps(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return text if value is None else f"{text} ({kind})"
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+ADAPTER_CONFIG_RULES = {   # key: (required, check, what it must be)
+    "method": (True, lambda v: v in ("lora", "dora"), '"lora" or "dora"'),
+    "rank": (True, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "alpha": (True, _is_number, "a finite number"),
+    "dropout": (False, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "modules": (True, lambda v: isinstance(v, list) and v and all(isinstance(m, str) for m in v),
+                "a non-empty list of module names"),
+    "layers": (False, lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)), "null or a list of layer indices"),
+    "base": (False, lambda v: v is None or isinstance(v, dict), "null or an object (the base's params.json)"),
+}
+
+
+def check_adapter_config(cfg, path="adapter_config.json"):
+    """Types and values of an adapter_config.json dict (model/lora.py adapter_config writes it): returns cfg,
+    or raises one ValueError naming the file and the key."""
+    fix = "fix the file, or save the adapter again (train.py, convert_weights.py)"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object with method, rank, alpha, modules; got "
+                         f"{_json_type(cfg)}: {fix}")
+    for key, (required, ok, what) in ADAPTER_CONFIG_RULES.items():
+        if key not in cfg:
+            if required:
+                raise ValueError(f'{path}: missing key "{key}" ({what}): {fix}')
+            continue
+        if not ok(cfg[key]):
+            raise ValueError(f'{path}: "{key}" must be {what}, got {_json_kind(cfg[key])}: {fix}')
+    return cfg
 
 
 def read_adapter_tensors(path):
     """{name: tensor} of an adapter.safetensors; a damaged file or a NaN/inf tensor is a one-line error.
     A non-finite adapter (a diverged run) would silently turn every logit into NaN, so it is refused."""
-    from .load import read_safetensors
     return check_finite(read_safetensors(path, what="adapter"), path)
 
 

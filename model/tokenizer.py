@@ -29,6 +29,8 @@ import base64
 import re
 from pathlib import Path
 
+from .io import read_json   # no torch: the tokenizer alone needs none
+
 # Meta llama3 tokenizer.py: split pattern and special tokens
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -284,7 +286,6 @@ def load_tokenizer(path_or_dir) -> Tokenizer:
     config = {}
     cfg_path = path.parent / "tokenizer_config.json"
     if cfg_path.is_file():
-        from .load import read_json   # imported here: the tokenizer alone needs no torch
         config = read_json(cfg_path)
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_path}: expected a JSON object")
