@@ -21,10 +21,11 @@ Too-long prompts: a row whose prompt tokens + max_new_tokens exceed the model's 
 not generated; it is SKIPPED and COUNTED WRONG, so `total` is always the whole test set and accuracies
 stay comparable with the published ones. Each task's result carries `skipped`; the table shows them.
 
-Results: RUN/eval/results-<settings>.json (runs/eval-base/ without an adapter), named after the tasks,
-decoding and the options that change the numbers (e.g. results-commonsense-beam4.json,
+Results: RUN/eval/results-<settings>.json (runs/eval-base/<model folder name>/ without an adapter), named
+after the tasks, decoding and the options that change the numbers (e.g. results-commonsense-beam4.json,
 results-boolq+piqa-greedy-limit100.json), so runs with other settings never overwrite each other;
---out FILE.json puts it elsewhere. Beside it: <stem>-predictions/<task>.jsonl (every prompt, response,
+--out FILE.json puts it elsewhere. A results file (or a side file) that already exists is refused before
+anything is evaluated, unless --force. Beside it: <stem>-predictions/<task>.jsonl (every prompt, response,
 prediction), <stem>-boundary.json, <stem>-layer_probs.csv/.png. Progress goes to stderr.
 
 Boundary-layer LoRA dropping (Chen et al., "Not All LoRA Parameters Are Essential"): with --lora-layers K
@@ -44,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -525,10 +527,10 @@ def base_model_of(run_dir, cfg):
 
 
 def build_parser():
+    from model.load import DTYPE_NAMES, CliParser, HelpFormatter, dtype_arg
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Protocol, results files, skipped rows, validation rows: "
-                                       "see eval.py's docstring.")
+    p = CliParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                  epilog="Protocol, results files, skipped rows, validation rows: see eval.py's docstring.")
     p.add_argument("--model", help="base model dir: params.json, tokenizer, weights (default: the run's base model)")
     p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder (default: runs/default when "
                                      "neither --model nor --adapter is given, else none: the base model)")
@@ -555,10 +557,14 @@ def build_parser():
     p.add_argument("--val-data", nargs="+", metavar="FILE", help="validation files for --search-boundary / "
                    "--layer-probs, matched to tasks by folder name (default: the run's held-out rows)")
     p.add_argument("--out", metavar="FILE.json", help="results file (default: RUN/eval/results-<settings>.json, "
-                                                      "runs/eval-base/... without an adapter)")
-    p.add_argument("--device", default="cuda" if cuda else "cpu", help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="base weight / compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+                                                      "runs/eval-base/<model name>/... without an adapter)")
+    p.add_argument("--force", action="store_true", help="overwrite a results file (and its side files) that "
+                                                        "already exists (default: off, refused before evaluating)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", type=dtype_arg, choices=list(DTYPE_NAMES),
+                   help="base weight / compute dtype; bfloat16, float16, float32, float64 are accepted too "
+                        "(default: bf16 on cuda, fp32 on cpu)")
     return p
 
 
@@ -568,13 +574,15 @@ def parse_args(argv):
 
 def check_args(args):
     """Flag errors before anything is loaded; fills in the device-dependent defaults."""
+    from model.load import DTYPE_NAMES, check_device
+    check_device(args.device)
     if args.greedy and args.num_beams not in (None, 1):
         raise ValueError(f"--greedy means 1 beam; it contradicts --num-beams {args.num_beams}: drop one")
     args.num_beams = 1 if args.greedy else (4 if args.num_beams is None else args.num_beams)
     cuda = str(args.device).startswith("cuda")
     # On a GPU a decoding step costs about the same for 16 or 256 rows (kernel-launch bound), so fill 256 rows.
     args.batch_size = (max(256 // args.num_beams, 1) if cuda else 16) if args.batch_size is None else args.batch_size
-    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.dtype = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if cuda else "float32")  # torch's name
     for flag, value, low in (("--num-beams", args.num_beams, 1), ("--batch-size", args.batch_size, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 0),
                              ("--lora-layers", args.lora_layers, 0), ("--search-boundary", args.search_boundary, 1),
@@ -632,10 +640,8 @@ def resolve_setup(args):
     if args.adapter is not None:
         run_dir, adapter_dir = find_run(args.adapter)
         run_cfg = run_config(run_dir) if run_dir else {}
-        try:
-            adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{adapter_dir / 'adapter_config.json'}: invalid JSON ({e.msg})") from None
+        from model.lora import read_adapter_config
+        adapter_cfg = read_adapter_config(adapter_dir)        # types and values checked, one line naming the key
     if (args.search_boundary or args.lora_layers is not None) and adapter_dir is None:
         raise ValueError("--search-boundary / --lora-layers drop adapter layers: pass --adapter")
     model_path = args.model or base_model_of(run_dir or adapter_dir, run_cfg)
@@ -648,11 +654,55 @@ def resolve_setup(args):
     else:
         task_names = COMMONSENSE
     tasks = [resolve_task(t, data_dir, run_dir) for t in task_names]
-    out_dir = (run_dir or adapter_dir) / "eval" if adapter_dir else Path("runs") / "eval-base"
+    out_dir = (run_dir or adapter_dir) / "eval" if adapter_dir else Path("runs") / "eval-base" / model_name(model_path)
     results_path = Path(args.out) if args.out else out_dir / f"results-{results_tag(task_names, args)}.json"
     template = args.template or run_cfg.get("opts", {}).get("template") or "alpaca"
     return Setup(run_dir, run_cfg, adapter_dir, adapter_cfg, str(model_path), template, task_names, tasks,
                  results_path)
+
+
+def model_name(model_path):
+    """A model as a folder name under runs/eval-base/: its folder's name (a preset: its name), e.g. llama3-8b;
+    a run's base/ folder is named after the run (runs/x/base -> x-base)."""
+    path = Path(model_path)
+    name = f"{path.parent.name}-base" if path.name == "base" and path.parent.name else path.name
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name) or "model"
+
+
+def output_files(setup, args):
+    """Every file this evaluation will write: the results file, its predictions, boundary and layer-probs files."""
+    files = []
+    if args.limit != 0:
+        files.append(setup.results_path)
+        files += [side_file(setup, "-predictions") / f"{t.name}.jsonl" for t in setup.tasks]
+    if args.search_boundary:
+        files.append(side_file(setup, "-boundary.json"))
+    if args.layer_probs:
+        files += [side_file(setup, "-layer_probs.csv"), side_file(setup, "-layer_probs.png")]
+    return files
+
+
+def check_outputs(setup, args):
+    """Before anything is loaded or evaluated: the results file is not a folder, its folder can be written, and
+    no file this evaluation writes exists already (unless --force)."""
+    flag = f"--out {args.out}" if args.out else f"results file {setup.results_path} (--out chooses another)"
+    if setup.results_path.is_dir():
+        raise ValueError(f"{flag} is a folder: name a .json results file, e.g. {setup.results_path / 'results.json'}")
+    folder = setup.results_path.parent
+    while not folder.exists() and folder != folder.parent:        # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: {folder} is a file, not a folder: choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write in {folder} (read-only or not yours): choose another --out")
+    existing = [f for f in output_files(setup, args) if f.exists()]
+    if existing and not args.force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]}{more} exists from an earlier evaluation: pass --force to overwrite it, "
+                         f"or --out OTHER.json")
+    for f in existing:
+        if f.is_dir():
+            raise ValueError(f"{f} is a folder: it cannot be overwritten by a file; move it or choose another --out")
 
 
 def load_deployable(setup, args):
@@ -756,6 +806,7 @@ def write_results(setup, args, results, lora_layers, label):
 def run(args):
     check_args(args)
     setup = resolve_setup(args)
+    check_outputs(setup, args)
     val = (validation_sets(setup.tasks, args.search_boundary, setup.run_cfg, args.val_data, "--search-boundary")
            if args.search_boundary else None)          # before loading: a refusal should come fast
     model, tokenizer = load_deployable(setup, args)
@@ -775,7 +826,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:      # FileNotFoundError, PermissionError included
         sys.exit(f"error: {e}")
 
 

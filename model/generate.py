@@ -4,13 +4,16 @@ command line to try a model (and adapter) on a prompt:
     python -m model.generate --model DIR [--adapter RUN_OR_ADAPTER_DIR] [--chat] "prompt"
     python -m model.generate --model DIR "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1
     python -m model.generate --model DIR "Once upon a time" --num-beams 4
+    python -m model.generate --model DIR --adapter RUN_DIR --template alpaca "Is the sky blue?"
 
 Greedy is the default; --temperature > 0 samples (with optional --top-k / --top-p, reproducible by
 --seed); --num-beams > 1 runs beam search. Greedy and sampled text streams to stdout token by token;
 beam search prints when it ends (its best hypothesis is only known then). Generation stops at the
 tokenizer's EOS / end-of-turn tokens (stop_ids). Without --chat the prompt is encoded as plain text
 (with BOS if the tokenizer wants one) and echoed; with --chat it is wrapped in the model's chat format
-(chat_text) and only the reply is printed.
+(chat_text) and only the reply is printed; with --template the prompt is the instruction of the
+fine-tuning prompt template (data/prompts.py, as eval.py builds it; --input fills its input field) and
+only the response is printed.
 
 Prompts of different lengths are LEFT-padded into one [B, T] batch, so every row's last prompt token
 sits at column T-1 and all rows step together. The attention mask spans every key written so far
@@ -33,8 +36,8 @@ early_stopping False, no sampling):
 Both searches return the chosen tokens (EOS stripped) and their sequence log-prob
 sum_t log p(y_t | prompt, y_<t) (including the EOS term when EOS ended the sequence).
 """
-import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -443,15 +446,22 @@ class TextStream:
 # ---------------------------------------------------------------- command line -----------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m model.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Generate text from a model (+ adapter); streams to stdout.\n\n" +
-                                __doc__.split("\n\n")[1])
-    p.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    from data.prompts import TEMPLATES
+    from .load import DTYPE_NAMES, CliParser, HelpFormatter, dtype_arg
+    p = CliParser(prog="python -m model.generate", formatter_class=HelpFormatter,
+                  description="Generate text from a model (+ adapter); streams to stdout.\n\n" +
+                  __doc__.split("\n\n")[1])
+    p.add_argument("prompt", help="the prompt text (with --chat: the user's message; with --template: the instruction)")
     p.add_argument("--model", required=True, help="model dir: params.json, tokenizer, weights (required)")
     p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder (default: none, the base model)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format, print the "
                                                        "reply only (default: off, plain continuation)")
     p.add_argument("--system", help="with --chat: a system message (default: none)")
+    p.add_argument("--template", choices=list(TEMPLATES),
+                   help="wrap the prompt, as the instruction, in this fine-tuning template (data/prompts.py, the "
+                        "eval-time string) and print the response only; use the run's train.py --template "
+                        "(default: none, the prompt as typed)")
+    p.add_argument("--input", help="with --template: the template's optional input field (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="at most this many new tokens, and no further than the context (default: %(default)s)")
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search, printed at the end (default: 1, greedy)")
@@ -461,9 +471,10 @@ def build_parser():
                    help="sample from the most likely tokens covering this probability (default: 1, all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu (here: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="compute dtype of the base weights (default: %(default)s)")
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu; here: %(default)s)")
+    p.add_argument("--dtype", default="fp32", type=dtype_arg, choices=list(DTYPE_NAMES),
+                   help="compute dtype of the base weights; bfloat16, float16, float32, float64 are accepted too "
+                        "(default: %(default)s)")
     return p
 
 
@@ -472,22 +483,29 @@ def parse_args(argv):
 
 
 def check_args(args):
+    """Every flag checked before anything is loaded; one-line ValueErrors naming the flag."""
+    from .load import check_device
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
         raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:            # NaN fails this too
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature > 0 and args.num_beams > 1:
         raise ValueError("--temperature > 0 samples and --num-beams > 1 searches: choose one")
     if args.temperature == 0 and (args.top_k != 0 or args.top_p != 1.0):
         raise ValueError("--top-k / --top-p filter sampling: also pass --temperature > 0 (e.g. 1.0)")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.system and not args.chat:
         raise ValueError("--system needs --chat")
+    if args.template and args.chat:
+        raise ValueError("--template and --chat both wrap the prompt: choose one")
+    if args.input is not None and not args.template:
+        raise ValueError("--input fills a --template's input field: also pass --template (e.g. alpaca)")
+    check_device(args.device)
 
 
 def prompt_ids(args, tokenizer):
@@ -496,6 +514,10 @@ def prompt_ids(args, tokenizer):
     if args.chat:
         text = chat_text(args.model, tokenizer, args.prompt, args.system)
         return tokenizer.encode(text, bos=False, allow_special=True), False
+    if args.template:
+        from data.prompts import build_prompt
+        text = build_prompt({"instruction": args.prompt, "input": args.input or ""}, args.template, for_eval=True)
+        return tokenizer.encode(text, bos=tokenizer.add_bos), False
     return tokenizer.encode(args.prompt, bos=tokenizer.add_bos), True
 
 
@@ -503,7 +525,8 @@ def run(args, out=None):
     out = out or sys.stdout
     check_args(args)
     adapter_dir = find_adapter_dir(args.adapter) if args.adapter else None
-    model, tokenizer = load_for_inference(args.model, adapter_dir, args.device, getattr(torch, args.dtype))
+    from .load import torch_dtype
+    model, tokenizer = load_for_inference(args.model, adapter_dir, args.device, torch_dtype(args.dtype))
     ids, echo = prompt_ids(args, tokenizer)
     if not ids:
         raise ValueError("the prompt is empty")
@@ -541,7 +564,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:      # FileNotFoundError, PermissionError included
         sys.exit(f"error: {e}")
 
 

@@ -1,4 +1,5 @@
 """Load a model directory (params.json + tokenizer + weights) or build a preset with random weights."""
+import argparse
 import contextlib
 from pathlib import Path
 
@@ -123,3 +124,57 @@ def load_dir_tokenizer(model_dir):
             and read_json(config).get("type") == "byte":
         return ByteTokenizer()
     return load_tokenizer(model_dir)
+
+
+# ---------------------------------------------------------------- command-line helpers ----------------------
+# shared by eval.py, `python -m model.generate` and convert_weights.py
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+def dtype_arg(text):
+    """argparse type of --dtype: the short spelling (bf16 fp16 fp32 fp64), or torch's (bfloat16 float16
+    float32 float64), which becomes the short one; anything else is left for argparse's choices to refuse."""
+    return {long: short for short, long in DTYPE_NAMES.items()}.get(text, text)
+
+
+def torch_dtype(name):
+    """torch dtype of a --dtype value in either spelling."""
+    return getattr(torch, DTYPE_NAMES.get(name, name))
+
+
+def check_device(device, flag="--device"):
+    """A usable torch device, or a one-line ValueError saying what to pass instead (checked before anything
+    is loaded: without it, `--device cuda` on a machine without CUDA ends in a traceback from deep in torch)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {device}: not a device (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available on this machine (no GPU, or a CPU-only "
+                             f"build of torch): use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"{flag} {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {device}: MPS is not available on this machine: use --device cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"{flag} {device}: not supported here (use cpu, cuda or cuda:N)")
+    return d
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the commands: 'error: ... (see --help)'."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default (added unless its help already states it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)

@@ -61,7 +61,8 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         gen.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())               # undo argparse's line wrapping
-    assert "default: 256" in text and "default: 1, greedy" in text and "default: float32" in text
+    assert "default: 256" in text and "default: 1, greedy" in text and "default: fp32" in text
+    assert "--template {alpaca," in text and "bfloat16, float16, float32, float64 are accepted too" in text
     for action in gen.build_parser()._actions:
         if action.dest not in ("help", "prompt"):
             assert "default" in action.help or "required" in action.help, action.dest
