@@ -18,7 +18,14 @@ Export (MODEL_DIR is our layout, or any layout above; RUN_DIR/adapter is what tr
       merged model: base + adapter folded in fp32 (LoRA eq. 1, DoRA), written in --dtype (default: the
       base's dtype); a bf16/fp16 merge prints the logit drift it causes
     python convert_weights.py --export peft --model MODEL_DIR --adapter RUN_DIR/adapter OUT
-      adapter only, PEFT key names, for PeftModel.from_pretrained / vLLM on the HF base model
+                              [--base-model-name-or-path HF_REPO_ID_OR_HF_FOLDER]
+      adapter only, PEFT key names, for PeftModel.from_pretrained / vLLM on the HF base model. Its
+      base_model_name_or_path (what AutoPeftModelForCausalLM loads) is the flag's value; else the hub id
+      params.json records ("hf_repo_id", kept from an HF import's config.json "_name_or_path"), an HF-layout
+      MODEL_DIR itself, or -- with a warning -- MODEL_DIR (our layout, which transformers cannot load).
+A GGUF file is converted to a Meta-layout folder first, e.g. with gguf_to_meta.py, then imported from there.
+--dtype takes bf16 / fp16 / fp32 (or bfloat16 / float16 / float32). OUT must not exist (or be empty) unless
+--force; that is checked before anything is read.
 
 Two layouts of the q/k rows. Meta applies RoPE to interleaved pairs (2i, 2i+1) of each head; HF's
 rotate-half RoPE pairs (i, i + head_dim/2). The same model in HF layout has the rows of each q/k head
@@ -36,6 +43,7 @@ import base64
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -45,9 +53,10 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from model.load import (args_from_params, expected_adapter_shapes, expected_shapes, load_dir_tokenizer,
-                        read_json, read_pth, read_safetensors)
-from model.lora import check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight
+from model.load import (CliParser, args_from_params, dtype_arg, expected_adapter_shapes, expected_shapes,
+                        load_dir_tokenizer, read_json, read_pth, read_safetensors)
+from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight,
+                        read_adapter_config)
 from model.model import ATTENTION_MODULES, FFN_MODULES, MODULE_ALIASES, Transformer, canonical_module
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -313,6 +322,12 @@ def merge_meta_shards(shard_paths, params, dtype=None):
 def detect_layout(src):
     """'meta' | 'hf' | 'ours' | 'peft' | 'adapter' for a folder, from the files it holds."""
     if not os.path.isdir(src):
+        if str(src).lower().endswith(".gguf"):
+            raise ValueError(f"{src} is a GGUF file: convert it to a Meta-layout folder first, e.g. with "
+                             f"gguf_to_meta.py (python gguf_to_meta.py {src} DIR), then run convert_weights.py DIR OUT")
+        if os.path.isfile(src):
+            raise ValueError(f"{src} is a file: pass the checkpoint's folder (Meta: consolidated.*.pth + params.json; "
+                             f"HF: config.json + *.safetensors)")
         raise FileNotFoundError(f"{src} is not a folder")
     has = lambda pat: bool(glob.glob(os.path.join(glob.escape(src), pat)))  # noqa: E731
     if has("consolidated.*.pth"):
@@ -348,6 +363,9 @@ def read_hf(src):
     """(Meta state dict, params) of an HF checkpoint folder (single or sharded safetensors / .bin)."""
     config = read_json(os.path.join(src, "config.json"))
     params = hf_config_to_params(config)
+    repo = config.get("_name_or_path")        # a hub id is kept, for --export peft's base_model_name_or_path
+    if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not os.path.exists(repo):
+        params["hf_repo_id"] = repo
     files = sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))
     files = files or sorted(glob.glob(os.path.join(glob.escape(src), "pytorch_model*.bin")))
     sd = {}
@@ -677,7 +695,7 @@ def read_adapter(adapter_dir):
     """(state dict, config) of our adapter folder; a damaged file or NaN/inf tensors are refused (naming the
     file). Echo parameters, if any were saved, are left out: they are never part of an export."""
     from model.lora import read_adapter_tensors
-    cfg = read_json(os.path.join(adapter_dir, "adapter_config.json"))
+    cfg = read_adapter_config(adapter_dir)           # types and values checked, one line naming the key
     path = os.path.join(adapter_dir, "adapter.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing adapter.safetensors in {adapter_dir}")
@@ -795,6 +813,7 @@ def adapter_to_peft(adapter_sd, adapter_cfg, params, base_model_name_or_path=Non
 
 def peft_to_adapter(peft_sd, peft_cfg, params, origin="PEFT adapter"):
     """Inverse of adapter_to_peft: a PEFT LoRA/DoRA adapter -> (our adapter state dict, config)."""
+    check_peft_config(peft_cfg)
     if peft_cfg.get("peft_type") != "LORA":
         raise ValueError(f"adapter_config.json: peft_type '{peft_cfg.get('peft_type')}' is not LORA")
     for flag in ("use_rslora", "fan_in_fan_out"):
@@ -802,18 +821,6 @@ def peft_to_adapter(peft_sd, peft_cfg, params, origin="PEFT adapter"):
             raise ValueError(f"adapter_config.json: {flag} is not supported")
     if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern"):
         raise ValueError("adapter_config.json: per-module rank_pattern/alpha_pattern are not supported")
-    parts = {v: k for k, v in _PEFT_PARTS.items()}
-    parts["lora_magnitude_vector.weight"] = "magnitude"
-    sd = {}
-    for k, t in peft_sd.items():
-        m = _PEFT_KEY.fullmatch(k)
-        if not m or m[3] not in OUR_MODULES:
-            raise ValueError(f"PEFT adapter: unknown key '{k}'")
-        module, part = OUR_MODULES[m[3]], parts[m[4]]
-        n_heads = _qk_heads(module, params)
-        if n_heads and part != "lora_a":
-            t = unpermute_rotate_half(t, n_heads)
-        sd[f"layers.{m[1]}.{MODULE_PATHS[module]}.{part}"] = t.contiguous()
     targets = peft_cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     unknown = [t for t in targets if t not in OUR_MODULES]
@@ -821,11 +828,50 @@ def peft_to_adapter(peft_sd, peft_cfg, params, origin="PEFT adapter"):
         raise ValueError(f"adapter_config.json: target module '{unknown[0]}' is not a LLaMA linear layer")
     layers = peft_cfg.get("layers_to_transform")
     cfg = {"method": "dora" if peft_cfg.get("use_dora") else "lora", "rank": int(peft_cfg["r"]),
-           "alpha": float(peft_cfg["lora_alpha"]), "dropout": float(peft_cfg.get("lora_dropout", 0.0)),
+           "alpha": float(peft_cfg["lora_alpha"]), "dropout": float(peft_cfg.get("lora_dropout") or 0.0),
            "modules": [OUR_MODULES[t] for t in sorted(targets, key=list(OUR_MODULES).index)],
            "layers": [layers] if isinstance(layers, int) else layers, "base": params}
+    # shapes are checked on the PEFT tensors, before the q/k rows are reordered (a wrong shape cannot be)
+    want = expected_adapter_shapes(adapter_args(cfg, params, origin))
+    parts = {v: k for k, v in _PEFT_PARTS.items()}
+    parts["lora_magnitude_vector.weight"] = "magnitude"
+    sd = {}
+    for k, t in peft_sd.items():
+        m = _PEFT_KEY.fullmatch(k)
+        if not m or m[3] not in OUR_MODULES:
+            raise ValueError(f"{origin}: unknown key '{k}'")
+        module, part = OUR_MODULES[m[3]], parts[m[4]]
+        ours = f"layers.{m[1]}.{MODULE_PATHS[module]}.{part}"
+        if ours in want and tuple(t.shape) != want[ours]:
+            raise ValueError(f"{origin}: {k} has shape {tuple(t.shape)}, but adapter_config.json (r={cfg['rank']}) "
+                             f"and the base model need {want[ours]}: wrong --model, or a damaged adapter")
+        n_heads = _qk_heads(module, params)
+        if n_heads and part != "lora_a":
+            t = unpermute_rotate_half(t, n_heads)
+        sd[ours] = t.contiguous()
     check_adapter(sd, cfg, params, origin)
     return sd, cfg
+
+
+def check_peft_config(peft_cfg, path="adapter_config.json"):
+    """The PEFT adapter_config.json keys the import reads, with their types: one line naming the key."""
+    if not isinstance(peft_cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object (PEFT's LoraConfig), got a {type(peft_cfg).__name__}")
+    rules = {"r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer (the rank)"),
+             "lora_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                            "a finite number"),
+             "target_modules": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and
+                                                                 all(isinstance(m, str) for m in v)),
+                                "a module name or a list of them (q_proj, v_proj, ...)")}
+    for key, (ok, what) in rules.items():
+        if key not in peft_cfg:
+            raise ValueError(f'{path}: missing key "{key}" ({what}); is this a PEFT LoRA adapter_config.json?')
+        if not ok(peft_cfg[key]):
+            raise ValueError(f'{path}: "{key}" must be {what}, got {json.dumps(peft_cfg[key])[:40]}')
+    dropout = peft_cfg.get("lora_dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f'{path}: "lora_dropout" must be a number in [0, 1), got {json.dumps(dropout)[:40]}')
+    return peft_cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -891,12 +937,26 @@ def write_adapter(adapter_sd, adapter_cfg, out):
     _write_json(adapter_cfg, os.path.join(out, "adapter_config.json"))
 
 
-@contextlib.contextmanager
-def atomic_dir(out, force=False):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
+def check_out(out, force=False):
+    """OUT may be written: it does not exist or is an empty folder (or --force), and its parent folder can be
+    written. Called before anything is read, so a refusal comes before a long merge, not after it."""
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise ValueError(f"{out} exists and is not empty (use --force to replace it)")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{out}: {parent} is a file, not a folder: choose another OUT")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write in {parent} (read-only or not yours): choose another OUT")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out, force=False):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
+    out = check_out(out, force)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
     umask = os.umask(0)
@@ -922,11 +982,13 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
     checkpoint's. The tokenizer comes from SRC, or from `tokenizer` (a tokenizer.model or a folder); a model
     without one is refused unless no_tokenizer."""
     layout = detect_layout(src)
+    check_out(out, force)
     if layout == "peft":
         if model_dir is None:
             raise ValueError("converting a PEFT adapter needs --model MODEL_DIR (the base it was trained on)")
+        cfg_path = os.path.join(src, "adapter_config.json")
+        cfg = check_peft_config(read_json(cfg_path), cfg_path)     # before the base model is read
         _, params, _ = read_model(model_dir)
-        cfg = read_json(os.path.join(src, "adapter_config.json"))
         path = sorted(glob.glob(os.path.join(glob.escape(src), "adapter_model.*")))[-1]
         sd, acfg = peft_to_adapter(check_finite(_load_tensor_file(path), path), cfg, params, path)
         with atomic_dir(out, force) as tmp:
@@ -955,16 +1017,38 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
                                  f"{params['vocab_size']}: wrong --tokenizer?")
 
 
-def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False):
+def peft_base_name(model_dir, params, layout, given=None):
+    """base_model_name_or_path of a PEFT export (what AutoPeftModelForCausalLM loads): `given`, else the hub id
+    params.json records ("hf_repo_id"), else an HF-layout MODEL_DIR itself; else MODEL_DIR with a warning, since
+    transformers cannot load our layout."""
+    if given:
+        return given
+    if isinstance(params.get("hf_repo_id"), str) and params["hf_repo_id"]:
+        return params["hf_repo_id"]
+    if layout == "hf":
+        return os.path.abspath(model_dir)
+    print(f"warning: adapter_config.json's base_model_name_or_path is {os.path.abspath(model_dir)} ({layout} layout, "
+          f"which transformers cannot load): pass --base-model-name-or-path HF_REPO_ID (or an HF folder) "
+          f"for AutoPeftModelForCausalLM", file=sys.stderr)
+    return os.path.abspath(model_dir)
+
+
+def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_model_name_or_path=None):
     """Our model (+ adapter) -> merged HF or Meta layout, or the adapter alone in PEFT layout.
     The merge is computed in fp32 and written in `dtype` (default: the base's dtype)."""
+    if fmt == "peft" and adapter_dir is None:
+        raise ValueError("--export peft needs --adapter RUN_DIR/adapter")
+    if base_model_name_or_path and fmt != "peft":
+        raise ValueError("--base-model-name-or-path names the base of a PEFT adapter: it needs --export peft")
+    check_out(out, force)                       # before reading anything: a merge can take minutes
+    if adapter_dir is not None:
+        read_adapter_config(adapter_dir)        # a broken config is refused before the base is read
     if fmt == "peft":
-        if adapter_dir is None:
-            raise ValueError("--export peft needs --adapter RUN_DIR/adapter")
-        params = read_model(model_dir)[1]
+        _, params, layout = read_model(model_dir)
         adapter_sd, adapter_cfg = read_adapter(adapter_dir)
+        base_name = peft_base_name(model_dir, params, layout, base_model_name_or_path)
         with atomic_dir(out, force) as tmp:
-            export_peft(adapter_sd, adapter_cfg, params, tmp, os.path.abspath(model_dir))
+            export_peft(adapter_sd, adapter_cfg, params, tmp, base_name)
         return
     sd, params, layout = read_model(model_dir)
     note_dtype_change(sd, dtype, model_dir)
@@ -1003,16 +1087,21 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def main(argv=None):
     usage = ("%(prog)s SRC OUT [--dtype D] [--tokenizer PATH | --no-tokenizer] [--model BASE_DIR]\n"
              "       %(prog)s --export {hf,meta,peft} --model MODEL_DIR [--adapter ADAPTER_DIR] [--dtype D] OUT")
-    ap = argparse.ArgumentParser(usage=usage, description=__doc__, formatter_class=_HelpFormatter)
+    ap = CliParser(usage=usage, description=__doc__, formatter_class=_HelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT (import) or OUT (export)")
     ap.add_argument("--export", choices=["hf", "meta", "peft"], help="write MODEL_DIR (+ adapter) in this layout")
     ap.add_argument("--model", help="our model folder (export) or the base model (PEFT import)")
     ap.add_argument("--adapter", help="adapter folder saved by train.py (RUN_DIR/adapter)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None,
-                    help="dtype of the written weights; None keeps the checkpoint's (merges are computed in fp32)")
+    ap.add_argument("--dtype", type=dtype_arg, choices=list(DTYPES), default=None,
+                    help="dtype of the written weights, bfloat16 / float16 / float32 accepted too; None keeps the "
+                         "checkpoint's (merges are computed in fp32)")
     ap.add_argument("--tokenizer", help="import: take the tokenizer from this tokenizer.model or folder")
     ap.add_argument("--no-tokenizer", action="store_true", help="import: allow a model without a tokenizer")
-    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT (checked before anything is read)")
+    ap.add_argument("--base-model-name-or-path", metavar="NAME",
+                    help="--export peft: the adapter_config.json base_model_name_or_path, the HF hub id (or HF "
+                         "folder) AutoPeftModelForCausalLM loads; None: params.json's hf_repo_id, else MODEL_DIR "
+                         "with a warning")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
@@ -1021,10 +1110,13 @@ def main(argv=None):
                 ap.error("--export takes --model MODEL_DIR and one OUT path")
             if args.tokenizer or args.no_tokenizer:
                 ap.error("--tokenizer / --no-tokenizer are for imports; an export takes MODEL_DIR's tokenizer")
-            export(args.export, args.model, args.paths[0], args.adapter, dtype, args.force)
+            export(args.export, args.model, args.paths[0], args.adapter, dtype, args.force,
+                   args.base_model_name_or_path)
         else:
             if len(args.paths) != 2:
                 ap.error("expected SRC OUT")
+            if args.base_model_name_or_path:
+                ap.error("--base-model-name-or-path is for --export peft")
             convert(args.paths[0], args.paths[1], dtype, args.force, args.model, args.tokenizer, args.no_tokenizer)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")
