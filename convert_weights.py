@@ -857,7 +857,7 @@ def check_peft_config(peft_cfg, path="adapter_config.json"):
     """The PEFT adapter_config.json keys the import reads, with their types: one line naming the key."""
     if not isinstance(peft_cfg, dict):
         raise ValueError(f"{path}: expected a JSON object (PEFT's LoraConfig), got a {type(peft_cfg).__name__}")
-    rules = {"r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer (the rank)"),
+    rules = {"r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "the rank, a positive integer"),
              "lora_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
                             "a finite number"),
              "target_modules": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and

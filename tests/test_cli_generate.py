@@ -82,6 +82,22 @@ def test_sampling_seeds_and_top_k_1_is_greedy(tiny_dir, capsys):
     assert greedy.startswith("hello") and len(greedy.encode()) >= len("hello") + 1
 
 
+def test_template_wraps_the_instruction_as_eval_does(tiny_dir, capsys):
+    """--template builds the fine-tuning prompt (data.build_prompt, eval-time string) around the instruction
+    (and --input), and prints the response only: the same tokens as greedy decoding of that prompt."""
+    from data import build_prompt
+    tok = ByteTokenizer()
+    model = gen.load_for_inference(tiny_dir)[0]
+    for template, extra, example in (("alpaca-short", [], {"instruction": "Say hi", "input": ""}),
+                                     ("alpaca-short", ["--input", "2x"], {"instruction": "Say hi", "input": "2x"})):
+        ids = tok.encode(build_prompt(example, template, for_eval=True), bos=tok.add_bos)
+        want = gen.greedy_search(model, [ids], max_new_tokens=64 - len(ids), eos_ids=gen.stop_ids(tok))[0][0]
+        got = cli(capsys, "--model", str(tiny_dir), "Say hi", "--template", template, *extra, "--max-new-tokens", "64")
+        # the stream holds back a trailing incomplete UTF-8 character (U+FFFD), as TextStream documents
+        assert got == tok.decode(want, skip_special=True).rstrip("\ufffd") + "\n" and len(got) > 3
+        assert "### Instruction" not in got
+
+
 def test_sample_next_filters_match_their_definition():
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]])).expand(20000, 4)
     g = torch.Generator().manual_seed(0)

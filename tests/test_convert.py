@@ -368,6 +368,37 @@ def test_peft_export_follows_peft_layout(tmp_path):
         assert sorted(ours_cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
 
 
+def test_peft_export_names_a_base_transformers_can_load(tmp_path, capsys):
+    """base_model_name_or_path: --base-model-name-or-path; else params.json's hf_repo_id (an HF import keeps
+    config.json's hub id there); else the HF folder itself; else our folder, with a one-line warning."""
+    m = tiny_model("lora")
+    save_ours(m, tmp_path / "model")
+    adapter = tmp_path / "model" / "adapter"
+
+    def exported(*flags, model=tmp_path / "model"):
+        out = tmp_path / f"peft{len(list(tmp_path.glob('peft*')))}"
+        assert run_cli("--export", "peft", "--model", model, "--adapter", adapter, *flags, out) is None
+        return json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+    assert exported("--base-model-name-or-path", "org/name") == "org/name"
+    assert "warning" not in capsys.readouterr().err
+    assert exported() == str(tmp_path / "model")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning:" in err and "--base-model-name-or-path" in err
+    hf = tmp_path / "hf"
+    assert run_cli("--export", "hf", "--model", tmp_path / "model", hf) is None
+    capsys.readouterr()                                                  # (the export's no-tokenizer warning)
+    assert exported(model=hf) == str(hf)                                 # transformers loads an HF folder
+    assert "warning" not in capsys.readouterr().err
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-llama"}))
+    assert run_cli(hf, tmp_path / "imported", "--no-tokenizer") is None
+    assert json.loads((tmp_path / "imported" / "params.json").read_text())["hf_repo_id"] == "org/tiny-llama"
+    capsys.readouterr()
+    assert exported(model=tmp_path / "imported") == "org/tiny-llama"
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def peft_export(tmp_path_factory):
     """A DoRA adapter trained here (attention modules) and its PEFT export."""

@@ -184,6 +184,22 @@ def test_cli_results_json_and_table(run_dir, tmp_path, capsys):
     assert results["average"] == pytest.approx(sum(accs) / 2)
 
 
+def test_existing_results_are_kept_unless_force(run_dir, tmp_path, capsys):
+    """A second evaluation into the same results file is refused before it runs (the file keeps its bytes);
+    --force overwrites it with the same numbers."""
+    out = tmp_path / "r.json"
+    argv = ["--adapter", str(run_dir), "--device", "cpu", "--greedy", "--max-new-tokens", "4", "--limit", "2",
+            "--out", str(out)]
+    ev.main(argv)
+    first = out.read_bytes()
+    msg = run_main_error(argv)
+    assert str(out) in msg and "pass --force to overwrite it" in msg and out.read_bytes() == first
+    ev.main(argv + ["--force"])
+    numbers = lambda r: {t: (v["correct"], v["total"]) for t, v in r["tasks"].items()}  # noqa: E731
+    assert numbers(json.loads(out.read_text())) == numbers(json.loads(first))
+    capsys.readouterr()
+
+
 # ------------------------------------------------------------- boundary-layer dropping --------------------
 
 def test_lora_layers_k_equals_full_adapter_and_zero_equals_base(run_dir):
