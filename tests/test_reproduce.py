@@ -1,4 +1,4 @@
-"""results/reproduce.py: statistics against known values, the JSON/table builder on synthetic eval files,
+"""experiments/ (python -m experiments.reproduce): statistics against known values, the JSON/table builder on synthetic eval files,
 skip/resume decisions, --dry-run command lines, one-line failures. No training, no torch, CPU, fast."""
 import importlib.util
 import json
@@ -15,11 +15,10 @@ import pytest
 
 from conftest import ROOT, SHARED, needs_shared
 
-_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "results" / "reproduce.py")
-rp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rp)
+from experiments import collect as CO, common as C, evals as E, figures as F, recipes as RC, reproduce as rp, \
+    runs as R, stats as S, tables as T
 
-TASKS = rp.TASKS
+TASKS = C.TASKS
 SIZES = {"boolq": 40, "piqa": 30, "social_i_qa": 30, "hellaswag": 50, "winogrande": 20, "ARC-Easy": 30,
          "ARC-Challenge": 20, "openbookqa": 20}
 
@@ -73,19 +72,19 @@ def accs_run(accs, seed, **kw):
 
 
 def make_finished(runs, name, seed, per_task, summary=None, **kw):
-    rd = rp.run_dir(runs, name, seed)
+    rd = R.run_dir(runs, name, seed)
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "summary.json").write_text(json.dumps(summary or {"steps": 10, "train_seconds": 120.0,
                                                             "tokens_per_s": 1000.0, "peak_gib": 1.5,
                                                             "device": "cpu"}))
-    write_eval(rp.eval_file(rd, "greedy"), per_task, **kw)
+    write_eval(E.eval_file(rd, "greedy"), per_task, **kw)
     return rd
 
 
 def build(tmp_path, runs, **kw):
-    res = rp.collect(runs, list(rp.METHODS), [0, 1, 2], model="m", train_files=["a", "b"],
+    res = CO.collect(runs, list(RC.METHODS), [0, 1, 2], model="m", train_files=["a", "b"],
                      recipe={"lr": 2e-4, "epochs": 3}, **kw)
-    return res, rp.build_table(res)
+    return res, T.build_table(res)
 
 
 BASE_ACC = {"boolq": 20, "piqa": 15, "social_i_qa": 12, "hellaswag": 20, "winogrande": 10, "ARC-Easy": 15,
@@ -99,49 +98,49 @@ def shifted(delta_by_seed):
 # ------------------------------------------------------------------ statistics
 
 def test_mcnemar_exact_known_values():
-    assert rp.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096, abs=1e-12)
-    assert rp.mcnemar_exact(10, 2) == pytest.approx(0.0386, abs=5e-5)
-    assert rp.mcnemar_exact(2, 10) == rp.mcnemar_exact(10, 2)            # two-sided: symmetric
-    assert rp.mcnemar_exact(0, 0) == 1.0 and rp.mcnemar_exact(5, 5) == 1.0 and rp.mcnemar_exact(1, 0) == 1.0
-    assert rp.mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+    assert S.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096, abs=1e-12)
+    assert S.mcnemar_exact(10, 2) == pytest.approx(0.0386, abs=5e-5)
+    assert S.mcnemar_exact(2, 10) == S.mcnemar_exact(10, 2)            # two-sided: symmetric
+    assert S.mcnemar_exact(0, 0) == 1.0 and S.mcnemar_exact(5, 5) == 1.0 and S.mcnemar_exact(1, 0) == 1.0
+    assert S.mcnemar_exact(6, 0) == pytest.approx(2 / 64)
     for b, c in [(3, 9), (17, 4), (40, 25)]:                                # against the textbook sum
         n = b + c
         ref = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
-        assert rp.mcnemar_exact(b, c) == pytest.approx(ref, rel=1e-12)
+        assert S.mcnemar_exact(b, c) == pytest.approx(ref, rel=1e-12)
     # large n: close to the continuity-corrected chi-square (normal) approximation
     b, c = 5200, 4800
     z = (abs(b - c) - 1) / math.sqrt(b + c)
-    assert rp.mcnemar_exact(b, c) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.02)
+    assert S.mcnemar_exact(b, c) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.02)
 
 
 def test_binomial_cdf_edges():
-    assert rp.binom_half_cdf(-1, 5) == 0.0 and rp.binom_half_cdf(5, 5) == 1.0
-    assert rp.binom_half_cdf(2, 4) == pytest.approx(11 / 16)
+    assert S.binom_half_cdf(-1, 5) == 0.0 and S.binom_half_cdf(5, 5) == 1.0
+    assert S.binom_half_cdf(2, 4) == pytest.approx(11 / 16)
 
 
 def test_two_proportion_z_known_value():
-    z, p = rp.two_proportion_z(60, 100, 50, 100)
+    z, p = S.two_proportion_z(60, 100, 50, 100)
     assert z == pytest.approx(1.4213, abs=1e-4) and p == pytest.approx(0.1552, abs=1e-4)
 
 
 def test_mean_sd():
-    assert rp.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert rp.mean_sd([4.0]) == (4.0, None) and rp.mean_sd([]) == (None, None)
+    assert S.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert S.mean_sd([4.0]) == (4.0, None) and S.mean_sd([]) == (None, None)
 
 
 def test_paired_bootstrap_deterministic_and_sane():
     rng = np.random.default_rng(1)
     diffs = [rng.choice([-1.0, 0.0, 0.0, 1.0, 1.0], size=n) for n in (200, 50, 500)]
-    a, b = rp.paired_bootstrap_ci(diffs), rp.paired_bootstrap_ci(diffs)
+    a, b = S.paired_bootstrap_ci(diffs), S.paired_bootstrap_ci(diffs)
     assert a == b                                                           # fixed seed
-    assert rp.paired_bootstrap_ci(diffs, seed=7) != a
+    assert S.paired_bootstrap_ci(diffs, seed=7) != a
     point = np.mean([d.mean() for d in diffs])
     assert a[0] < point < a[1]
     # same spread as resampling example indices directly
     idx_stats = [np.mean([d[rng.integers(0, len(d), len(d))].mean() for d in diffs]) for _ in range(2000)]
     lo, hi = np.quantile(idx_stats, [0.025, 0.975])
     assert abs((a[1] - a[0]) - (hi - lo)) < 0.25 * (hi - lo)
-    assert rp.paired_bootstrap_ci([np.zeros(30)]) == (0.0, 0.0)
+    assert S.paired_bootstrap_ci([np.zeros(30)]) == (0.0, 0.0)
 
 
 # ------------------------------------------------------------------ JSON + table
@@ -171,7 +170,7 @@ def test_json_shape_and_partial(tmp_path, partial_runs):
     assert r["train_seconds"] == 120.0 and r["peak_gib"] == 1.5 and r["device"] == "cpu"
     assert res["base"]["tasks"]["piqa"]["correct"] == BASE_ACC["piqa"]
     path = tmp_path / "out.json"
-    rp.write_json(res, path)
+    CO.write_json(res, path)
     assert json.loads(path.read_text())["partial"] is True
 
 
@@ -181,7 +180,7 @@ def test_table_means_sd_and_averages(tmp_path, partial_runs):
     cells = [c.strip() for c in lora_row.strip("|").split("|")]
     # boolq: (20, 21, 22)/40 -> 50.0, 52.5, 55.0: mean 52.5, sd 2.5
     assert cells[1] == "3" and cells[2] == "52.5 ± 2.5"
-    avg5 = [np.mean([100 * (BASE_ACC[t] + s) / SIZES[t] for t in rp.IN_FORMAT]) for s in (0, 1, 2)]
+    avg5 = [np.mean([100 * (BASE_ACC[t] + s) / SIZES[t] for t in C.IN_FORMAT]) for s in (0, 1, 2)]
     avg8 = [np.mean([100 * (BASE_ACC[t] + s) / SIZES[t] for t in TASKS]) for s in (0, 1, 2)]
     assert cells[7] == f"**{np.mean(avg5):.1f} ± {np.std(avg5, ddof=1):.1f}**"
     assert cells[-1] == f"**{np.mean(avg8):.1f} ± {np.std(avg8, ddof=1):.1f}**"
@@ -206,13 +205,13 @@ def test_table_deltas_and_paired_test(tmp_path, partial_runs):
     assert "| Echo-DoRA − DoRA | — |" in table and "+2.7" in table
     stats = next(l for l in table.splitlines() if l.startswith("| Echo-LoRA − LoRA | 8 tasks |"))
     cells = [c.strip() for c in stats.strip("|").split("|")]
-    treated = {s: r for s, r in rp.by_name(res, "greedy")["echo-lora"].items()}
-    control = rp.by_name(res, "greedy")["lora"]
-    c = rp.compare(treated, control, TASKS)
+    treated = {s: r for s, r in T.by_name(res, "greedy")["echo-lora"].items()}
+    control = T.by_name(res, "greedy")["lora"]
+    c = T.compare(treated, control, TASKS)
     assert c["paired"] and c["pairs"] == 3 * sum(SIZES.values())
     assert c["b"] - c["c"] == 3 * 3 * len(TASKS)                          # net +3 per task per seed
     assert cells[5] == f"{c['b']:,}" and cells[6] == f"{c['c']:,}"
-    assert cells[7] == rp._p(rp.mcnemar_exact(c["b"], c["c"]))
+    assert cells[7] == T._p(S.mcnemar_exact(c["b"], c["c"]))
     lo, hi = c["ci"]
     assert lo < d8 < hi
     assert "unpaired" not in table
@@ -230,16 +229,16 @@ def test_zero_accuracy_deltas_are_numbers(tmp_path):
 
 def test_eval_older_than_adapter_is_redone(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp.subprocess, "call", fake_call(calls))
+    monkeypatch.setattr(R.subprocess, "call", fake_call(calls))
     rd = make_finished(tmp_path / "runs", "lora", 0, accs_run(BASE_ACC, 0))
     (rd / "adapter").mkdir()
     (rd / "adapter" / "adapter_config.json").write_text("{}")
     args = rp.parse_args(["--model", "M", "--runs-dir", str(tmp_path / "runs")])
-    past = rp.eval_file(rd, "greedy").stat().st_mtime - 100
-    os.utime(rp.eval_file(rd, "greedy"), (past, past))
-    rp.ensure_eval(args, rd, "greedy", "eval lora-s0 greedy")
+    past = E.eval_file(rd, "greedy").stat().st_mtime - 100
+    os.utime(E.eval_file(rd, "greedy"), (past, past))
+    R.ensure_eval(args, rd, "greedy", "eval lora-s0 greedy")
     assert len(calls) == 1
-    rp.ensure_eval(args, rd, "greedy", "eval lora-s0 greedy")            # now newer: kept
+    R.ensure_eval(args, rd, "greedy", "eval lora-s0 greedy")            # now newer: kept
     assert len(calls) == 1
 
 
@@ -255,8 +254,8 @@ def test_limits_come_from_the_eval_files(tmp_path):
 
 def test_complete_sweep_not_partial(tmp_path):
     runs = tmp_path / "runs"
-    for name in rp.MAIN_METHODS:
-        for s in rp.MAIN_SEEDS:
+    for name in RC.MAIN_METHODS:
+        for s in RC.MAIN_SEEDS:
             make_finished(runs, name, s, accs_run(shifted(s), s))
     res, table = build(tmp_path, runs)
     assert res["partial"] is False and res["main_runs_done"] == 12
@@ -270,9 +269,9 @@ def test_unpaired_fallback_without_per_example(tmp_path):
     res, table = build(tmp_path, runs)
     assert all(t["per_example"] is None for r in res["runs"] for t in r["tasks"].values())
     assert "*unpaired*" in table and "paired test needs" in table and "two-proportion z-test" in table
-    c = rp.compare(rp.by_name(res, "greedy")["echo-lora"], rp.by_name(res, "greedy")["lora"], TASKS)
+    c = T.compare(T.by_name(res, "greedy")["echo-lora"], T.by_name(res, "greedy")["lora"], TASKS)
     n = sum(SIZES.values())
-    ref = rp.two_proportion_z(sum(BASE_ACC.values()) + 40, n, sum(BASE_ACC.values()), n)
+    ref = S.two_proportion_z(sum(BASE_ACC.values()) + 40, n, sum(BASE_ACC.values()), n)
     assert not c["paired"] and c["p"] == pytest.approx(ref[1])
 
 
@@ -284,7 +283,7 @@ def test_eval_layouts(tmp_path, layout, per_example):
     per = accs_run(BASE_ACC, 3)
     out = tmp_path / "run" / "eval-greedy.json"
     write_eval(out, per, layout=layout, per_example=per_example, unextracted={"piqa": 4})
-    ev = rp.load_eval(out)
+    ev = E.load_eval(out)
     assert ev["tasks"]["piqa"]["unextracted"] == 4
     assert ev["tasks"]["boolq"]["per_example"] == "".join(map(str, per["boolq"]))
     assert ev["tasks"]["boolq"]["correct"] == BASE_ACC["boolq"]
@@ -294,13 +293,12 @@ def test_eval_layouts(tmp_path, layout, per_example):
 def test_layer_probs_merge(tmp_path):
     runs = tmp_path / "runs"
     for n, scale in (("lora", 1.0), ("echo-lora", 2.0)):
-        d = rp.run_dir(runs, n, 0)
+        d = R.run_dir(runs, n, 0)
         d.mkdir(parents=True)
         (d / "layer-probs-layer_probs.csv").write_text("layer,boolq,mean\n" + "".join(
             f"{l},{0.01 * l * scale:.6f},{0.02 * l * scale:.6f}\n" for l in range(4)))
-    args = rp.parse_args(["--model", "m", "--runs-dir", str(runs), "--layer-probs", "5",
-                          "--layer-png", str(tmp_path / "lp.png"), "--layer-csv", str(tmp_path / "lp.csv")])
-    info = rp.layer_probs_outputs(args, ["lora", "echo-lora"])
+    info = F.layer_probs_outputs(runs, ["lora", "echo-lora"], tmp_path / "lp.csv", tmp_path / "lp.png", 5,
+                                 {"lora": "LoRA", "echo-lora": "Echo-LoRA"})
     assert info["runs"] == ["lora", "echo-lora"] and info["n"] == 5
     if info["file"].endswith(".csv"):
         lines = (tmp_path / "lp.csv").read_text().splitlines()
@@ -308,26 +306,26 @@ def test_layer_probs_merge(tmp_path):
         assert lines[3].split(",")[:3] == ["2", "0.040000", "0.080000"]
     else:
         assert (tmp_path / "lp.png").stat().st_size > 0
-    res = rp.collect(runs, ["lora"], [0], model="m", train_files=[], recipe={}, layer_probs=info)
-    assert "LoRA vs Echo-LoRA" in rp.build_table(res)
+    res = CO.collect(runs, ["lora"], [0], model="m", train_files=[], recipe={}, layer_probs=info)
+    assert "LoRA vs Echo-LoRA" in T.build_table(res)
 
 
 # ------------------------------------------------------------------ decisions and commands
 
 def test_train_decision(tmp_path):
     rd = tmp_path / "run"
-    assert rp.train_decision(rd) == "fresh"
+    assert R.train_decision(rd) == "fresh"
     (rd / "checkpoint").mkdir(parents=True)
     (rd / "checkpoint" / "state.pt.tmp").write_text("")                  # half-written: nothing to resume
-    assert rp.train_decision(rd) == "fresh"
+    assert R.train_decision(rd) == "fresh"
     (rd / "checkpoint" / "state.pt").write_text("")
-    assert rp.train_decision(rd) == "resume"
+    assert R.train_decision(rd) == "resume"
     (rd / "summary.json").write_text("{}")
-    assert rp.train_decision(rd) == "skip"
+    assert R.train_decision(rd) == "skip"
 
 
 def dry_run(tmp_path, *extra):
-    cmd = [sys.executable, str(ROOT / "results" / "reproduce.py"), "--model", "M", "--data-dir", "D",
+    cmd = [sys.executable, "-m", "experiments.reproduce", "--recipe", "1epoch-lr1e-3", "--model", "M", "--data-dir", "D",
            "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"),
            "--table", str(tmp_path / "t.md"), "--dry-run", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -348,7 +346,7 @@ def test_dry_run_command_lines(tmp_path):
     assert len(train) == 11                                              # 12 minus the finished one
     assert any("lora-s0" in l and "skipped" in l for l in lines)
     el = next(l for l in train if "[train echo-lora-s2]" in l)
-    data = " ".join(f"D/{t}/train.json" for t in rp.TRAIN_TASKS)
+    data = " ".join(f"D/{t}/train.json" for t in C.TRAIN_TASKS)
     assert f"train.py --model M --data {data} --method lora --echo --seed 2 --lr 0.001 --epochs 1 " in el
     assert f"--out {runs / 'echo-lora-s2'}" in el and "--resume" not in el
     assert "--val-split 0.02" in el
@@ -361,7 +359,7 @@ def test_dry_run_command_lines(tmp_path):
     assert "--adapter" not in base and base.endswith(f"--out {runs / 'base' / 'eval-greedy.json'}")
     g = next(l for l in evals if "[eval echo-dora-s1 greedy]" in l)
     assert (f"eval.py --model M --adapter {runs / 'echo-dora-s1'} --data-dir D --tasks "
-            + " ".join(rp.TASKS) + " --greedy") in g and "--limit" not in g
+            + " ".join(C.TASKS) + " --greedy") in g and "--limit" not in g
     assert g.endswith(f"--out {runs / 'echo-dora-s1' / 'eval-greedy.json'}")
     beams = [l for l in evals if "beam4]" in l]
     assert len(beams) == 4 and all("-s0 beam4" in l for l in beams)
@@ -390,15 +388,39 @@ def test_beam_limit_zero_skips_beam(tmp_path):
 
 # ------------------------------------------------------------------ orchestration with fake subprocesses
 
+def opts_of(cmd):
+    """What train.py records in config.json's opts for a command line (the subset the tables check)."""
+    i = cmd.index("--data")
+    data, j = [], i + 1
+    while not cmd[j].startswith("--"):
+        data.append(cmd[j])
+        j += 1
+    opts = {"data": data, "echo": "--echo" in cmd}
+    k = 0
+    while k < len(cmd):
+        if cmd[k].startswith("--") and cmd[k] not in ("--data", "--echo", "--out", "--resume", "--force") \
+                and k + 1 < len(cmd) and not cmd[k + 1].startswith("--"):
+            v = cmd[k + 1]
+            try:
+                v = float(v) if any(ch in v for ch in ".e") else int(v)
+            except ValueError:
+                pass
+            opts[cmd[k][2:].replace("-", "_")] = v
+        k += 1
+    opts.update(RC.extra_opts(cmd[cmd.index("--seed"):]))
+    return opts
+
+
 def fake_call(log):
     """Stands in for subprocess.call: train writes summary.json + adapter/, eval writes its results."""
-    def call(cmd, stdout=None, stderr=None):
+    def call(cmd, stdout=None, stderr=None, env=None):
         log.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1])
         if cmd[1].endswith("train.py"):
             if out.exists() and any(out.iterdir()) and not {"--resume", "--force"} & set(cmd):
                 return 1                                  # train.py refuses to overwrite a folder
             out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({"opts": opts_of(cmd)}))
             (out / "adapter").mkdir(exist_ok=True)
             (out / "summary.json").write_text(json.dumps({"train_seconds": 3.0, "device": "fake"}))
         else:
@@ -411,11 +433,12 @@ def fake_call(log):
 
 def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp.subprocess, "call", fake_call(calls))
-    argv = ["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
-            "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--methods", "lora",
-            "echo-lora", "--seeds", "0", "1"]
-    for t in rp.TRAIN_TASKS:
+    monkeypatch.setattr(R.subprocess, "call", fake_call(calls))
+    (tmp_path / "M").mkdir()
+    argv = ["--recipe", "1epoch-lr1e-3", "--model", str(tmp_path / "M"), "--data-dir", str(tmp_path / "data"),
+            "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"),
+            "--methods", "lora", "echo-lora", "--seeds", "0", "1"]
+    for t in C.TRAIN_TASKS:
         (tmp_path / "data" / t).mkdir(parents=True)
         (tmp_path / "data" / t / "train.json").write_text("[]")
     rp.main(argv)
@@ -432,10 +455,10 @@ def test_orchestration_skips_what_exists(tmp_path, monkeypatch):
     assert calls == []
     rp.main(argv + ["--only-table"])
     assert calls == []
-    no_model = [a for a in argv if a != "M"]
+    no_model = [a for a in argv if a != str(tmp_path / "M")]
     no_model.remove("--model")
     rp.main(no_model + ["--only-table"])                                    # the model recorded in the JSON
-    assert json.loads((tmp_path / "r.json").read_text())["model"] == "M"
+    assert json.loads((tmp_path / "r.json").read_text())["model"].endswith("/M")
 
 
 def test_jobs_run_at_once_and_are_recorded(tmp_path, monkeypatch):
@@ -444,7 +467,10 @@ def test_jobs_run_at_once_and_are_recorded(tmp_path, monkeypatch):
     calls, inflight, most = [], [0], [0]
     inner, lock = fake_call(calls), __import__("threading").Lock()
 
-    def slow(cmd, stdout=None, stderr=None):
+    envs = []
+
+    def slow(cmd, stdout=None, stderr=None, env=None):
+        envs.append(env)
         with lock:
             inflight[0] += 1
             most[0] = max(most[0], inflight[0])
@@ -455,16 +481,17 @@ def test_jobs_run_at_once_and_are_recorded(tmp_path, monkeypatch):
         finally:
             with lock:
                 inflight[0] -= 1
-    monkeypatch.setattr(rp.subprocess, "call", slow)
-    for t in rp.TRAIN_TASKS:
+    monkeypatch.setattr(R.subprocess, "call", slow)
+    for t in C.TRAIN_TASKS:
         (tmp_path / "data" / t).mkdir(parents=True)
         (tmp_path / "data" / t / "train.json").write_text("[]")
-    rp.main(["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
-             "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--methods", "lora",
-             "echo-lora", "dora", "--seeds", "0", "1", "--jobs", "3"])
+    rp.main(["--recipe", "1epoch-lr1e-3", "--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir",
+             str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"),
+             "--methods", "lora", "echo-lora", "dora", "--seeds", "0", "1", "--jobs", "3"])
     assert sum(c[1].endswith("train.py") for c in calls) == 6
     assert sum(c[1].endswith("eval.py") for c in calls) == 1 + 6 + 3
     assert most[0] >= 2
+    assert all(e is not None and int(e["OMP_NUM_THREADS"]) >= 1 for e in envs)   # few threads per job
     res = json.loads((tmp_path / "r.json").read_text())
     assert {r["concurrent_jobs"] for r in res["runs"]} == {3} and res["main_runs_done"] == 6
     assert "| runs at once |" in (tmp_path / "t.md").read_text()
@@ -473,13 +500,13 @@ def test_jobs_run_at_once_and_are_recorded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("makes_folder", [False, True])
 def test_failure_is_one_line(tmp_path, monkeypatch, makes_folder):
-    def failing(cmd, stdout=None, stderr=None):
+    def failing(cmd, stdout=None, stderr=None, env=None):
         if makes_folder:
             Path(cmd[cmd.index("--out") + 1]).mkdir(parents=True)
         stdout.write("Traceback ... boom\n")
         return 3
-    monkeypatch.setattr(rp.subprocess, "call", failing)
-    for t in rp.TRAIN_TASKS:
+    monkeypatch.setattr(R.subprocess, "call", failing)
+    for t in C.TRAIN_TASKS:
         (tmp_path / "data" / t).mkdir(parents=True)
         (tmp_path / "data" / t / "train.json").write_text("[]")
     write_eval(tmp_path / "runs" / "base" / "eval-greedy.json", accs_run(BASE_ACC, 0))
@@ -491,7 +518,7 @@ def test_failure_is_one_line(tmp_path, monkeypatch, makes_folder):
     assert str(e.value) == f"error: train lora-s0 failed (exit 3); see {log}"
     assert "boom" in log.read_text()
     calls = []
-    monkeypatch.setattr(rp.subprocess, "call", fake_call(calls))           # the next attempt succeeds
+    monkeypatch.setattr(R.subprocess, "call", fake_call(calls))           # the next attempt succeeds
     rp.main(["--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
              "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"), "--seeds", "0"])
     assert "--force" not in calls[0]
@@ -508,11 +535,9 @@ def test_eval_made_with_another_limit_is_refused(tmp_path):
 
 
 def test_speed_table_real_loop_against_its_step(tmp_path, monkeypatch):
-    """results/speed_table.py: per shape real ms vs benchmark ms, and the overall ratio = the benchmark's
+    """experiments/speed_table.py: per shape real ms vs benchmark ms, and the overall ratio = the benchmark's
     time over the real time for the same steps (here 300·9 + 200·11 ms against 300·10 + 200·12 ms)."""
-    spec = importlib.util.spec_from_file_location("speed_table", ROOT / "results" / "speed_table.py")
-    st = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(st)
+    from experiments import speed_table as st
     d = tmp_path / "speed" / "real-vs-step-x"
     d.mkdir(parents=True)
     shapes = [{"routed": False, "micro_batches": [[16, 96, 16]], "steps": 300, "ms": 10.0, "padded_tokens": 300 * 16 * 96,
@@ -548,20 +573,18 @@ def test_compaction_folds_correctness_into_the_results_file(tmp_path):
                                                                 "skipped": True},
             {"pred": "false", "answer": "false", "correct": True}]
     (pred / "boolq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    before = rp.load_eval(res)
-    rp.compact_predictions(res)
+    before = E.load_eval(res)
+    E.compact_predictions(res)
     for f in pred.iterdir():
         f.unlink()
     pred.rmdir()
-    after = rp.load_eval(res)
+    after = E.load_eval(res)
     assert after["tasks"] == before["tasks"]
     assert after["tasks"]["boolq"]["per_example"] == "1001" and after["tasks"]["boolq"]["unextracted"] == 1
 
 
 def _measure_speed():
-    spec = importlib.util.spec_from_file_location("measure_speed", ROOT / "results" / "measure_speed.py")
-    ms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ms)
+    from experiments import measure_speed as ms
     return ms
 
 
@@ -603,13 +626,13 @@ def test_jobs_stop_starting_runs_after_an_unexpected_error(tmp_path, monkeypatch
     """--jobs: an error other than a failed run (here: in the first unit) starts no further unit."""
     started = []
 
-    def boom(args, name, seed, recipe_argv):
-        started.append((name, seed))
+    def boom(args, unit):
+        started.append((unit.name, unit.seed))
         time.sleep(0.05)
         raise RuntimeError("boom")
-    monkeypatch.setattr(rp, "run_one", boom)
+    monkeypatch.setattr(R, "run_one", boom)
     args = rp.parse_args(["--model", "M", "--runs-dir", str(tmp_path), "--json", str(tmp_path / "r.json"),
                           "--table", str(tmp_path / "t.md"), "--jobs", "2", "--seeds", "0", "1", "2"])
     with pytest.raises(RuntimeError, match="boom"):
-        rp.run_all(args, [], {})
+        R.run_all(args, RC.main_units(RC.MAIN_METHODS, [0, 1, 2]))
     assert len(started) <= 3                      # the 2 in flight, at most one more; not all 12

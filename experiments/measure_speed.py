@@ -1,16 +1,18 @@
-#!/usr/bin/env python
-"""The real loop against its own step, in one command on one GPU (issue 13's side-by-side):
+"""`python -m experiments.measure_speed`: the real loop against its own step on one GPU; owns results/speed/
+real-vs-step-<tag>/ (summary.json, benchmark.jsonl, measured.json). Refuses up front without CUDA.
+
+The real loop against its own step, in one command on one GPU (issue 13's side-by-side):
 
 1. train.py on the real commonsense mix for --steps steps (GPU defaults: micro-batch picked, length
    grouping, whole-step CUDA graphs), into a scratch folder;
 2. tests/benchmark.py at the batch shapes that run used (read from its summary.json's steady_by_shape),
    in the same process tree, on the same GPU, right after it;
-3. results/speed/real-vs-step-<tag>/{summary.json, benchmark.jsonl}, then results/speed_table.py
+3. results/speed/real-vs-step-<tag>/{summary.json, benchmark.jsonl}, then experiments/speed_table.py
    rebuilds README's speed tables from them.
 
-    python results/measure_speed.py --model models/smollm2 --tag smollm2-lora
-    python results/measure_speed.py --model models/smollm2 --echo --tag smollm2-echo-lora
-    python results/measure_speed.py --shape llama3-8b --tokenizer ../shared/tokenizers/llama3 --tag llama3-8b-shape
+    python -m experiments.measure_speed --model models/smollm2 --tag smollm2-lora
+    python -m experiments.measure_speed --model models/smollm2 --echo --tag smollm2-echo-lora
+    python -m experiments.measure_speed --shape llama3-8b --tokenizer ../shared/tokenizers/llama3 --tag llama3-8b-shape
 
 --shape builds a model folder with random weights (a preset name or a params.json) and the given
 tokenizer, for models whose checkpoint is not at hand: the speed of a step does not depend on the
@@ -26,10 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-SPEED = ROOT / "results" / "speed"
-TRAIN_TASKS = ["boolq", "social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+from .common import RESULTS, ROOT, TRAIN_TASKS
+
+SPEED = RESULTS / "speed"
 
 
 def benchmark_shapes(summary):
@@ -52,6 +53,8 @@ def benchmark_shapes(summary):
 def random_model(shape, tokenizer_dir, out):
     """A model folder (params.json, tokenizer, model.safetensors) with random weights."""
     import torch
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from convert_weights import write_ours
     from model import ModelArgs
     from model.load import build_model
@@ -82,8 +85,21 @@ def run(cmd, log):
         sys.exit(f"error: {Path(cmd[1]).name} failed (exit {code}): {tail[0]} (log {log})")
 
 
+class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def cuda_available():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.measure_speed", description=__doc__,
+                                formatter_class=Fmt)
     p.add_argument("--model", help="model folder (real weights)")
     p.add_argument("--shape", help="preset name or params.json: random weights (with --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer folder for --shape")
@@ -107,6 +123,9 @@ def main(argv=None):
         p.error(f"train file not found: {missing[0]} (--data-dir)")
     if not a.tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
         p.error(f"--tag {a.tag!r}: letters, digits, '-', '_' and '.' only (it names a folder)")
+    if not a.dry_run and not cuda_available():
+        p.exit(2, "error: measure_speed needs a CUDA GPU (none is visible here): it times the GPU loop; "
+                  "--dry-run prints the command\n")
     dest = SPEED / f"real-vs-step-{a.tag}"
     scratch = Path("<scratch>") if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
     model = a.model or scratch / "model"
@@ -136,7 +155,7 @@ def main(argv=None):
          "save_every": a.save_every, "train_command": " ".join(map(str, train))}, indent=2) + "\n")
     shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
     shutil.copy(bench, dest / "benchmark.jsonl")
-    run([sys.executable, ROOT / "results" / "speed_table.py"], scratch / "speed_table.log")
+    run([sys.executable, "-m", "experiments.speed_table"], scratch / "speed_table.log")
     for big in ([scratch / "model"] if a.shape else []) + [scratch / "run" / "checkpoint", scratch / "run" / "adapter"]:
         shutil.rmtree(big, ignore_errors=True)           # a random 8B model is 16 GB; the logs stay
     print(f"wrote {dest} and README's speed tables (the run's logs: {scratch})")

@@ -1,0 +1,158 @@
+"""Numbers derived from the records beyond accuracy: per-run metrics summaries (validation curve, L_on − L_off
+early and late), the validation sweep, the capacity probes, the test's power, GPU-minutes, and the rule that
+queues seeds 1-2 of an ablation."""
+import json
+import math
+from pathlib import Path
+
+from .common import IN_FORMAT, TASKS, read_json, read_jsonl
+from .evals import eval_file, eval_seconds
+from .recipes import ABLATIONS, MAIN_METHODS, MAIN_SEEDS, PROBES, SWEEP_GRID, sweep_folder
+from .runs import JOBS_FILE, train_summary
+from .stats import mean_sd, min_detectable_delta
+
+SUMMARY_FILE = "metrics-summary.json"     # committed: metrics.jsonl itself is not
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def metrics_summary(run):
+    """-> {"steps", "val": [...], "gap_first10", "gap_last10", "kd_first10", "kd_last10", "routed_first10",
+    "routed_last10"} from RUN/metrics.jsonl (written to RUN/metrics-summary.json, which is committed), or
+    from that file when metrics.jsonl is absent; None when neither exists. gap = L_on − L_off over the
+    routed steps among the first / last 10 % of the steps."""
+    run = Path(run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    if not rows:
+        s = read_json(run / SUMMARY_FILE)
+        return s if isinstance(s, dict) else None
+    steps = [r for r in rows if isinstance(r.get("step"), int)]
+    total = max((r["step"] for r in steps), default=0)
+    out = {"steps": total, "val": [{k: r[k] for k in ("step", "val_loss", "val_exact", "val_rows") if k in r}
+                                   for r in steps if "val_loss" in r]}
+    cut = max(1, math.ceil(0.1 * total))
+    for part, keep in (("first10", lambda s: s <= cut), ("last10", lambda s: s > total - cut)):
+        routed = [r for r in steps if keep(r["step"]) and r.get("routed") and r.get("loss_on") is not None
+                  and r.get("loss_off") is not None]
+        out[f"gap_{part}"] = _mean([r["loss_on"] - r["loss_off"] for r in routed])
+        out[f"kd_{part}"] = _mean([r["loss_kd"] for r in routed if r.get("loss_kd") is not None])
+        out[f"routed_{part}"] = len(routed)
+    if (run / "summary.json").is_file():
+        (run / SUMMARY_FILE).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def sweep_points(recipe, sweep_dir, runs_dir, legacy_sweep=None):
+    """The validation sweep (LoRA, seed 0): [(epochs, lr, folder, summary)] for each grid point that has a
+    validation curve. The point equal to the recipe is its lora-s0 run; 1-epoch points reuse the earlier
+    1-epoch sweep's folders (lora-lr<lr>) when there is no new one."""
+    out = []
+    for epochs, lr in SWEEP_GRID:
+        cands = [Path(sweep_dir) / sweep_folder(epochs, lr)]
+        if (epochs, lr) == (recipe.flags.get("epochs"), recipe.flags.get("lr")):
+            cands.insert(0, Path(runs_dir) / "lora-s0")
+        if epochs == 1 and legacy_sweep is not None:
+            cands.append(Path(legacy_sweep) / f"lora-lr{lr:g}")
+        for d in cands:
+            s = metrics_summary(d) if (d / "summary.json").is_file() else None
+            opts = (read_json(d / "config.json") or {}).get("opts") or {}
+            if opts and (not math.isclose(float(opts.get("lr", -1)), lr) or float(opts.get("epochs", -1)) != epochs):
+                continue                              # a folder of another point: not this one
+            if s and s.get("val"):
+                out.append((epochs, lr, d, s))
+                break
+    return out
+
+
+def sweep_pick(points):
+    """The point with the lowest final validation loss, or None."""
+    return min(points, key=lambda p: p[3]["val"][-1]["val_loss"]) if points else None
+
+
+def probes(runs_dir):
+    """{probe name: metrics summary + final validation loss} for the finished capacity probes."""
+    out = {}
+    for p in PROBES:
+        d = Path(runs_dir) / f"{p}-s0"
+        s = metrics_summary(d) if (d / "summary.json").is_file() else None
+        if s:
+            out[p] = {**{k: s.get(k) for k in ("steps", "gap_first10", "gap_last10", "kd_first10", "kd_last10",
+                                               "routed_first10", "routed_last10")},
+                      "final_val_loss": s["val"][-1]["val_loss"] if s.get("val") else None}
+    return out
+
+
+def _acc(t):
+    return 100.0 * t["correct"] / t["total"] if t and t.get("total") else None
+
+
+def avg(run, tasks):
+    accs = [_acc(run["tasks"].get(t)) for t in tasks]
+    return None if any(a is None for a in accs) else sum(accs) / len(accs)
+
+
+def power(results, seeds=len(MAIN_SEEDS), alpha=0.05, target=0.8):
+    """The smallest in-format Δ (points) the paired test detects with 80 % power at α 0.05 over `seeds`
+    seeds of these test sizes, at the discordance rate pooled over the Echo − baseline comparisons."""
+    g = {}
+    for r in results["runs"]:
+        if r["decoding"] == "greedy":
+            g.setdefault(r["name"], {})[r["seed"]] = r
+    disc = pairs = 0
+    for a, b in (("echo-lora", "lora"), ("echo-dora", "dora")):
+        for s in set(g.get(a, {})) & set(g.get(b, {})):
+            for t in IN_FORMAT:
+                x, y = g[a][s]["tasks"].get(t, {}).get("per_example"), g[b][s]["tasks"].get(t, {}).get("per_example")
+                if x and y and len(x) == len(y):
+                    disc += sum(1 for u, v in zip(x, y) if u != v)
+                    pairs += len(x)
+    sizes = {}
+    for r in results["runs"]:
+        if r["decoding"] == "greedy":
+            for t in IN_FORMAT:
+                if t in r["tasks"]:
+                    sizes[t] = r["tasks"][t]["total"]
+    if not pairs or len(sizes) < len(IN_FORMAT):
+        return None
+    n = seeds * sum(sizes.values())
+    d = min_detectable_delta(n, disc / pairs, alpha, target)
+    return {"discordance": disc / pairs, "pairs_observed": pairs, "pairs_at_seeds": n, "seeds": seeds,
+            "alpha": alpha, "power": target, "min_delta_points": None if d is None else 100 * d}
+
+
+def cost(folders):
+    """GPU-minutes: train + eval wall minutes from the records, grouped by the --jobs they shared the GPU
+    with (wall minutes under --jobs N overlap, so their sum over-counts the GPU's time by up to N×)."""
+    by_jobs, total = {}, 0.0
+    for d in folders:
+        d = Path(d)
+        secs = (train_summary(d)["train_seconds"] or 0.0) if (d / "summary.json").is_file() else 0.0
+        secs += sum(eval_seconds(eval_file(d, k)) or 0.0 for k in ("greedy", "beam4"))
+        if not secs:
+            continue
+        jobs = (read_json(d / JOBS_FILE) or {}).get("concurrent_jobs", 1)
+        e = by_jobs.setdefault(str(jobs), {"runs": 0, "wall_minutes": 0.0})
+        e["runs"] += 1
+        e["wall_minutes"] += secs / 60
+        total += secs / 60
+    return {"wall_minutes": total, "by_jobs": by_jobs,
+            "gpu_minutes_if_shared_evenly": sum(v["wall_minutes"] / int(k) for k, v in by_jobs.items())}
+
+
+def ablation_rule(results):
+    """Seeds 1-2 of a variant are queued when |Δ 8-task avg against full Echo-LoRA| at seed 0 exceeds the
+    seed-to-seed sd of the main runs (pooled over the 4 methods). -> {"sd", "deltas", "queue": [...]}."""
+    g = {}
+    for r in results["runs"]:
+        if r["decoding"] == "greedy":
+            g.setdefault(r["name"], {})[r["seed"]] = r
+    var = [mean_sd([avg(r, TASKS) for r in g.get(m, {}).values()])[1] for m in MAIN_METHODS]
+    var = [v for v in var if v is not None]
+    sd = math.sqrt(sum(v * v for v in var) / len(var)) if var else None
+    full = g.get("echo-lora", {}).get(0)
+    deltas = {a: (avg(g[a][0], TASKS) - avg(full, TASKS)) if full and 0 in g.get(a, {}) and avg(g[a][0], TASKS)
+              is not None and avg(full, TASKS) is not None else None for a in ABLATIONS}
+    queue = [a for a, d in deltas.items() if d is not None and sd is not None and abs(d) > sd]
+    return {"sd": sd, "deltas": deltas, "queue": queue}

@@ -1,0 +1,148 @@
+"""Reading eval.py's outputs: results files in either layout, per-example correctness folded into the results
+JSON (compaction), the --limit an eval was made with, and the layer-probability CSVs."""
+import csv
+import json
+import os
+from pathlib import Path
+
+from .common import StepFailed, read_json
+
+
+def eval_file(run, decoding):
+    return Path(run) / f"eval-{decoding}.json"
+
+
+def eval_results_path(path):
+    """eval.py --out PATH: a JSON file (the results), or — with an eval.py whose --out is a folder — a
+    folder PATH/ holding results.json (+ predictions_<task>.jsonl). -> the results file or None."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "results.json").is_file():
+        return path / "results.json"
+    return None
+
+
+def eval_limit(raw):
+    """The --limit an eval file was made with (top level or under "settings"), or 'unrecorded'."""
+    for where in (raw, raw.get("settings") if isinstance(raw.get("settings"), dict) else {}):
+        if "limit" in where:
+            return where["limit"]
+    return "unrecorded"
+
+
+def _predictions(results_file, task):
+    """eval.py's per-example records for a task: <stem>-predictions/<task>.jsonl beside the results file
+    (today's eval.py), or predictions_<task>.jsonl in the results file's folder (older layout)."""
+    res = Path(results_file)
+    for p in (res.with_name(res.stem + "-predictions") / f"{task}.jsonl", res.parent / f"predictions_{task}.jsonl"):
+        if p.is_file():
+            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return None
+
+
+def _unextracted(preds):
+    return sum(1 for r in preds if r.get("pred") in ("", None) and not r.get("skipped"))
+
+
+def load_eval(path):
+    """-> {"tasks": {task: {"correct", "total", "unextracted", "per_example"}}, "settings": {...}} or None.
+    per_example is a string of '0'/'1' (one per evaluated example, test-file order) or None: from the
+    task's "per_example" list in the results JSON, else from eval.py's prediction records beside it
+    (<stem>-predictions/<task>.jsonl, field "correct"). unextracted: the task's "unextracted", else the
+    count of records with an empty prediction that were not skipped."""
+    res = eval_results_path(path)
+    if res is None:
+        return None
+    raw = read_json(res)
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+        return None
+    tasks = {}
+    for name, t in raw["tasks"].items():
+        if not isinstance(t, dict) or "correct" not in t or "total" not in t:
+            continue
+        per = t.get("per_example")
+        preds = None
+        if per is None or t.get("unextracted") is None:
+            preds = _predictions(res, name)
+        if per is None and preds is not None:
+            per = [r.get("correct") for r in preds]
+        if isinstance(per, str):
+            per = [int(ch) for ch in per]
+        per_str = "".join("1" if v else "0" for v in per) if per is not None else None
+        if per_str is not None and len(per_str) != int(t["total"]):
+            per_str = None                                    # cannot be trusted to line up
+        unex = t.get("unextracted")
+        if unex is None and preds is not None:
+            unex = _unextracted(preds)
+        tasks[name] = {"correct": int(t["correct"]), "total": int(t["total"]),
+                       "unextracted": None if unex is None else int(unex), "per_example": per_str}
+        if t.get("skipped") is not None:
+            tasks[name]["skipped"] = int(t["skipped"])
+    settings = dict(raw.get("settings") or {})
+    for k in ("decoding", "num_beams", "max_new_tokens", "limit", "template", "dtype", "device", "batch_size",
+              "seconds", "examples_per_s"):
+        if k in raw and k not in settings:
+            settings[k] = raw[k]
+    return {"tasks": tasks, "settings": settings}
+
+
+def compact_predictions(results_file):
+    """Fold what the statistics read of eval.py's per-example records into the results JSON itself: per
+    task a '0'/'1' string (test-file order) and the unextracted count. The committed run records then need
+    no predictions folder (~2 MB per run; git-ignored in the committed runs folder, kept on disk)."""
+    res = Path(results_file)
+    raw = read_json(res)
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+        return
+    changed = False
+    for name, t in raw["tasks"].items():
+        if not isinstance(t, dict) or (isinstance(t.get("per_example"), str) and t.get("unextracted") is not None):
+            continue
+        preds = _predictions(res, name)
+        if preds is None or len(preds) != int(t.get("total", -1)):
+            continue
+        t["per_example"] = "".join("1" if r.get("correct") else "0" for r in preds)
+        if t.get("unextracted") is None:
+            t["unextracted"] = _unextracted(preds)
+        changed = True
+    if changed:
+        tmp = res.with_name(res.name + ".tmp")
+        tmp.write_text(json.dumps(raw, indent=1) + "\n")
+        os.replace(tmp, res)
+
+
+def check_eval_limit(path, wanted, what):
+    """An existing eval made with another --limit would silently mix protocols: refuse."""
+    res = eval_results_path(path)
+    raw = read_json(res) if res else None
+    if not isinstance(raw, dict):
+        return
+    got = eval_limit(raw)
+    if got != "unrecorded" and (got or None) != (wanted or None):
+        raise StepFailed(f"{what}: {path} was made with --limit {got}, this call asks for {wanted}; "
+                         f"delete it or use another --runs-dir")
+
+
+def eval_seconds(path):
+    """Wall seconds an evaluation took, as eval.py recorded them (None if not recorded)."""
+    ev = load_eval(path)
+    s = (ev or {}).get("settings", {}).get("seconds")
+    return float(s) if isinstance(s, (int, float)) else None
+
+
+def find_layer_csv(out):
+    """eval.py --layer-probs --out RUN/layer-probs.json writes RUN/layer-probs-layer_probs.csv (beside the
+    would-be results file); an older eval.py wrote <out folder>/layer_probs.csv."""
+    out = Path(out)
+    cands = [out.with_name(out.stem + "-layer_probs.csv"), out / "layer_probs.csv"]
+    cands += sorted(out.parent.glob(f"{out.stem}*layer_probs*.csv"))
+    for cand in cands:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_layer_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,345 @@
+"""`python -m experiments.reproduce`: the small-scale reproduction in one resumable command — train and evaluate
+what is missing (in priority order, --jobs at once), then rebuild every table and figure from the run records.
+
+    python -m experiments.reproduce --model models/smollm2 --jobs 4          # the paper's recipe: the whole queue
+    python -m experiments.reproduce --model models/smollm2 --dry-run         # print the queue and its state
+    python -m experiments.reproduce --only-table                             # rebuild JSON + tables, run nothing
+    python -m experiments.reproduce --model M --only seed0 ablation --max-runs 6     # a subset this sitting
+    python -m experiments.reproduce --recipe 1epoch-lr1e-3 --only-table      # the earlier 1-epoch recipe
+
+Queue of the paper recipe (3 epochs, lr 2e-4, train.py's defaults, --val-split 0.02): seed 0 of LoRA,
+Echo-LoRA, DoRA and Echo-DoRA (greedy on the full 8 test sets + beam 4 on the first 500), the ablations A-1…A-8
+(seed 0, greedy), the capacity probes (training only), the validation sweep (epochs {1,3} x lr {2e-4,1e-3},
+LoRA seed 0), seeds 1 and 2 of the 4 methods, then seeds 1-2 of any ablation whose seed-0 Δ against full
+Echo-LoRA exceeds the main runs' seed-to-seed sd. A finished run (RUN/summary.json) is skipped, a run with a
+checkpoint resumes (train.py --resume), an evaluation that exists is kept. A run folder is tabled only when its
+config.json records the recipe and data the table claims.
+
+With a --runs-dir of your own, the results JSON and tables are written beside it (<runs-dir>-results.json,
+<runs-dir>-table.md) and README.md is not touched, unless --results / --table say otherwise.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import analysis, figures
+from .collect import collect, write_json
+from .common import ROOT, StepFailed, file_name, fingerprint, read_json, shown_path
+from .recipes import (DEFAULT_RECIPE, MAIN_METHODS, MAIN_SEEDS, METHODS, RECIPES, Unit, main_units, plan,
+                      select)
+from .runs import (claim, check_record, ensure_eval, layer_probs_command, run_all, run_logged, status,
+                   train_files, unit_dir)
+from .tables import build_table, splice_into_readme
+from .tables_paper import (ablation_tables, cost_sentence, diagnostics_note, legacy_sweep_table, power_sentence,
+                           probe_table, sweep_table)
+
+RECIPE_FLAGS = ["lr", "epochs", "rank", "alpha", "dropout", "global_batch", "micro_batch", "max_len",
+                "warmup_steps", "max_steps", "template", "val_split"]
+
+
+class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__, formatter_class=Fmt)
+    a = p.add_argument
+    a("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+      help="paper: 3 epochs, lr 2e-4 (+ ablations, probes, sweep); 1epoch-lr1e-3: the earlier recipe")
+    a("--model", help="Meta-layout model folder (see ../shared/tools/gguf_to_meta.py); required unless "
+                      "--only-table (then: the one recorded in the results JSON or the runs' config.json)")
+    a("--data-dir", default=os.path.relpath(ROOT.parent / "shared" / "data" / "commonsense"),
+      help="folder with <task>/train.json and <task>/test.json")
+    a("--methods", nargs="+", default=None, choices=list(METHODS),
+      help="train just these x --seeds instead of the recipe's queue")
+    a("--seeds", nargs="+", type=int, default=None, help="with --methods (default 0 1 2)")
+    a("--only", nargs="+", default=None, metavar="NAME",
+      help="a subset of the queue: run folders (lora-s0, A-3-s0), methods/variants (A-3), groups (main, "
+           "ablation, probe, sweep) or seed<N>")
+    a("--max-runs", type=int, default=None, help="train at most N unfinished runs of the queue this sitting")
+    a("--runs-dir", default=None, help="run folders (default: the recipe's committed folder under results/)")
+    a("--sweep-lr", nargs="+", type=float, default=None, metavar="LR",
+      help="the earlier 1-epoch lr sweep: train LoRA (seed 0) at each LR and tabulate validation only")
+    a("--only-table", action="store_true", help="rebuild the JSON and the tables from existing files; run nothing")
+    a("--dry-run", action="store_true", help="print the queue, each run's state and the commands; write nothing")
+    a("--jobs", type=int, default=1, help="runs trained and evaluated at once (on one GPU they share it, so "
+                                          "their recorded speed is not a benchmark; the table says so)")
+    a("--beam-limit", default="500", help="published-protocol eval (seed 0) on the first N examples per task; "
+                                          "'all' = full test sets, 0 = skip it")
+    a("--limit", type=int, default=None, help="smoke test: evaluate the first N examples per task (also caps "
+                                              "training at N steps unless --max-steps is given)")
+    a("--layer-probs", type=int, default=None, metavar="N",
+      help="also the per-layer answer probability of seed-0 lora and echo-lora on N examples per task")
+    g = p.add_argument_group("recipe (train.py flags; default: the --recipe's value, "
+                             "paper = " + ", ".join(f"{k} {v:g}" for k, v in RECIPES["paper"].flags.items()) + ")")
+    for k, kind in (("lr", float), ("epochs", float), ("rank", int), ("alpha", float), ("dropout", float),
+                    ("global_batch", int), ("micro_batch", int), ("max_len", int), ("warmup_steps", int),
+                    ("max_steps", int), ("template", str), ("val_split", float)):
+        g.add_argument("--" + k.replace("_", "-"), type=kind, default=None)
+    g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (None: eval.py's)")
+    e.add_argument("--eval-extra", default=None, help="more eval.py flags, one quoted string")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--results", "--json", dest="json", default=None,
+                   help="results JSON (default: the recipe's under results/, or beside a --runs-dir of your own)")
+    o.add_argument("--table", default=None, help="README fragment (spliced into README.md only at its default)")
+    o.add_argument("--layer-png", default=None, help="default: beside the results JSON")
+    o.add_argument("--layer-csv", default=None, help="default: beside the results JSON")
+    args = p.parse_args(argv)
+    try:
+        resolve(args)
+    except StepFailed as e:
+        p.exit(2, f"error: {e}\n")
+    return args
+
+
+def resolve(args):
+    """Fill the paths and the recipe from --recipe / --runs-dir, and refuse bad inputs before anything runs."""
+    rec = args.recipe = RECIPES[args.recipe]
+    default_runs = args.runs_dir is None or Path(args.runs_dir).resolve() == rec.runs.resolve()
+    args.runs_dir = os.path.relpath(rec.runs) if args.runs_dir is None else args.runs_dir
+    runs = Path(args.runs_dir)
+    if runs.exists() and not runs.is_dir():
+        raise StepFailed(f"--runs-dir {runs} is a file, not a folder")
+    if default_runs:
+        args.sweep_dir, json_default, table_default = rec.sweep, rec.json, rec.table
+    else:
+        args.sweep_dir = runs.parent / f"{runs.name}-sweep"
+        json_default, table_default = runs.parent / f"{runs.name}-results.json", runs.parent / f"{runs.name}-table.md"
+    args.json = args.json or str(json_default)
+    args.table = args.table or str(table_default)
+    for flag, path in (("--results", args.json), ("--table", args.table)):
+        if Path(path).is_dir():
+            raise StepFailed(f"{flag} {path} is a folder; give a file name")
+    args.splice = Path(args.table).resolve() == rec.table.resolve()
+    stem = Path(args.json).with_suffix("")
+    lp = rec.layer_stem if Path(args.json).resolve() == rec.json.resolve() else stem.name + "-layer-probs"
+    args.layer_png = args.layer_png or str(stem.parent / f"{lp}.png")
+    args.layer_csv = args.layer_csv or str(stem.parent / f"{lp}.csv")
+    args.diag_stem = stem.parent / f"{stem.name}-echo-diagnostics"
+    if args.model is not None and args.only_table and not Path(args.model).is_dir():
+        raise StepFailed(f"--model {args.model} does not exist (with --only-table leave it out: the recorded one "
+                         f"is used)")
+    if args.model is None:
+        if not args.only_table:
+            raise StepFailed("--model is required (the Meta-layout model folder to train)")
+        args.model = recorded_model(args.json, args.runs_dir) or "(none recorded yet)"
+    bl = str(args.beam_limit).lower()
+    try:
+        args.beam_limit = None if bl == "all" else int(bl)
+    except ValueError:
+        raise StepFailed(f"--beam-limit: an integer or 'all', got {args.beam_limit!r}") from None
+    if args.beam_limit is not None and args.beam_limit < 0:
+        raise StepFailed("--beam-limit must be >= 0")
+    args.run_beam = args.beam_limit != 0
+    if args.beam_limit == 0:
+        args.beam_limit = None
+    for flag, v in (("--jobs", args.jobs), ("--limit", args.limit), ("--max-runs", args.max_runs)):
+        if v is not None and v < 1:
+            raise StepFailed(f"{flag} must be >= 1")
+    if args.limit and args.max_steps is None:
+        args.max_steps = args.limit
+    args.recipe_overrides = {k: getattr(args, k) for k in RECIPE_FLAGS}
+    if args.methods is not None or args.seeds is not None:
+        args.methods = list(dict.fromkeys(args.methods or MAIN_METHODS))
+        args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else MAIN_SEEDS))
+    args.data_claim = data_claim(args)
+
+
+def recorded_model(json_path, runs_dir):
+    prev = read_json(json_path) if Path(json_path).is_file() else None
+    if isinstance(prev, dict) and isinstance(prev.get("model"), str):
+        return prev["model"]
+    for d in sorted(Path(runs_dir).glob("*-s*")) if Path(runs_dir).is_dir() else []:
+        model = ((read_json(d / "config.json") or {}).get("opts") or {}).get("model")
+        if isinstance(model, str):
+            return model
+    return None
+
+
+def recorded_name(model):
+    """The model as the results JSON records it: project-relative, or a recorded placeholder, never an
+    absolute path of this or another machine."""
+    if Path(str(model)).exists():
+        return shown_path(model)
+    return Path(str(model)).name if Path(str(model)).is_absolute() else str(model)
+
+
+def data_claim(args):
+    """The train files a table claims: names, and content fingerprints from --data-dir (or, without the
+    files here, from the results JSON that recorded them)."""
+    files = train_files(args.data_dir)
+    names = [file_name(f) for f in files]
+    if all(f.is_file() for f in files):
+        fps = [fingerprint(f) for f in files]
+    else:
+        prev = read_json(args.json) if Path(args.json).is_file() else None
+        rec = (prev or {}).get("train_files") or []
+        fps = [{"bytes": r["bytes"], "sha256": r["sha256"]} for r in rec if isinstance(r, dict) and r.get("sha256")]
+        fps = fps if len(fps) == len(files) else None
+    return {"names": names, "fingerprints": fps}
+
+
+def queue(args, results=None):
+    """The units this call is about, in priority order."""
+    if args.methods is not None:
+        units = main_units(args.methods, args.seeds, args.run_beam)
+    else:
+        extra = analysis.ablation_rule(results)["queue"] if results else []
+        units = plan(args.recipe, beam=args.run_beam, extra_ablation_seeds=extra)
+    units = select(units, args.only)
+    if args.max_runs is not None:
+        left, out = args.max_runs, []
+        for u in units:
+            if status(args, u) == "finished":
+                out.append(u)
+            elif left > 0:
+                out.append(u)
+                left -= 1
+        units = out
+    return units
+
+
+def print_queue(args, units):
+    print(f"queue ({len(units)} runs, priority order; recipe {args.recipe.key}, runs in {args.runs_dir}):")
+    for i, u in enumerate(units, 1):
+        evals = "+".join(u.evals) or "train only"
+        print(f"  {i:3d}. {u.run_name:32s} {u.group:9s} {evals:13s} {status(args, u)}")
+
+
+def check_fn(args):
+    def check(name, seed, folder):
+        return check_record(folder, claim(args, Unit(name, seed, "main")), args.data_claim)
+    return check
+
+
+def build_results(args, layer_probs=None):
+    prev = read_json(args.json) if Path(args.json).is_file() else None
+    if layer_probs is None and isinstance(prev, dict):
+        layer_probs = prev.get("layer_probs")
+    tf = [{"name": n, **fp} for n, fp in zip(args.data_claim["names"], args.data_claim["fingerprints"])] \
+        if args.data_claim["fingerprints"] else [{"name": n} for n in args.data_claim["names"]]
+    names = list(dict.fromkeys(MAIN_METHODS + (args.methods or [])))
+    res = collect(args.runs_dir, names, sorted(set(MAIN_SEEDS) | set(args.seeds or [])),
+                  model=recorded_name(args.model),
+                  train_files=tf, recipe={k: v for k, v in analysis_recipe(args).items()},
+                  limit=args.limit, beam_limit=(args.beam_limit if args.limit is None else min(
+                      args.limit, args.beam_limit or args.limit)) if args.run_beam else None,
+                  layer_probs=layer_probs, check=check_fn(args), recipe_label=args.recipe.label)
+    res["json_name"] = shown_path(args.json)
+    folders = [d for d in Path(args.runs_dir).iterdir() if d.is_dir()] if Path(args.runs_dir).is_dir() else []
+    sweep_dirs = [Path(args.sweep_dir)] + ([RECIPES["1epoch-lr1e-3"].sweep] if args.recipe.plan == "paper" else [])
+    if args.recipe.plan == "paper":
+        pts = analysis.sweep_points(args.recipe, args.sweep_dir, args.runs_dir,
+                                    RECIPES["1epoch-lr1e-3"].sweep if Path(args.runs_dir).resolve()
+                                    == args.recipe.runs.resolve() else None)
+        res["sweep"] = [{"epochs": e, "lr": lr, "folder": shown_path(d), "steps": s["steps"],
+                         "final_val_loss": s["val"][-1]["val_loss"], "final_val_exact": s["val"][-1].get("val_exact"),
+                         "val_rows": s["val"][-1].get("val_rows"),
+                         "best_val_loss": min(v["val_loss"] for v in s["val"]),
+                         "best_step": min(s["val"], key=lambda v: v["val_loss"])["step"]} for e, lr, d, s in pts]
+        res["probes"] = analysis.probes(args.runs_dir)
+        res["ablation_rule"] = analysis.ablation_rule(res)
+        folders += [d for sd in sweep_dirs[:1] if sd.is_dir() for d in sd.iterdir() if d.is_dir()]
+    res["power"] = analysis.power(res)
+    res["cost"] = analysis.cost(folders)
+    diag = Path(args.runs_dir) / "echo-lora-s0" / "echo_diagnostics.jsonl"
+    if diag.is_file():
+        res["diagnostics"] = figures.echo_diagnostics(diag, args.diag_stem.with_suffix(".csv"),
+                                                      args.diag_stem.with_suffix(".png"),
+                                                      f"Echo-LoRA seed 0 — {res['model_name']}")
+        if res["diagnostics"]:
+            res["diagnostics"]["run"] = "echo-lora-s0"
+    return res
+
+
+def analysis_recipe(args):
+    from .runs import recipe_values
+    return {k: v for k, v in recipe_values(args).items() if v is not None}
+
+
+def tabulate(args, layer_probs=None):
+    res = build_results(args, layer_probs)
+    write_json(res, args.json)
+    table = build_table(res)
+    if args.recipe.plan == "paper":
+        sw = res.get("sweep") or []
+        table += sweep_table(sw, "the headline recipe" if sw and analysis.sweep_pick(
+            [(p["epochs"], p["lr"], None, {"val": [{"val_loss": p["final_val_loss"]}]}) for p in sw])[:2]
+            == (args.recipe.flags["epochs"], args.recipe.flags["lr"]) else "not the headline recipe")
+        table += ablation_tables(res) + probe_table(res.get("probes")) + diagnostics_note(res.get("diagnostics"))
+    else:
+        table += legacy_sweep_table(args.sweep_dir)
+    table += power_sentence(res.get("power")) + cost_sentence(res.get("cost"))
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table).write_text(table)
+    if args.splice:                       # the real table, not a trial run's
+        splice_into_readme(table, args.recipe.readme_marker)
+    state = f"PARTIAL ({res['main_runs_done']} of {res['main_runs_total']} runs)" if res["partial"] else "complete"
+    print(f"wrote {args.json} and {args.table}: {state}", flush=True)
+    return res
+
+
+def legacy_sweep(args):
+    """--sweep-lr: LoRA, seed 0, one run per learning rate (recipe epochs), scored on validation only."""
+    units = [Unit("lora", 0, "sweep", (), {"lr": lr, "eval_every": 800}, f"lora-lr{lr:g}") for lr in args.sweep_lr]
+    run_all(args, units)
+    if not args.dry_run:
+        print(legacy_sweep_table(args.sweep_dir))
+
+
+def layer_probs(args):
+    names = ["lora", "echo-lora"]
+    if not args.only_table:
+        from .evals import find_layer_csv
+        for n in names:
+            rd = Path(args.runs_dir) / f"{n}-s0"
+            out = rd / "layer-probs.json"
+            if find_layer_csv(out) is not None:
+                print(f"[layer-probs {n}-s0] kept {find_layer_csv(out)}")
+                continue
+            if not (rd / "adapter").is_dir() and not args.dry_run:
+                raise StepFailed(f"layer-probs {n}-s0: {rd} has no adapter/ (train it first: --methods {n} --seeds 0)")
+            run_logged(layer_probs_command(args, rd, out), rd / "eval-layer-probs.log", f"layer-probs {n}-s0",
+                       args.dry_run)
+    if args.dry_run:
+        return None
+    return figures.layer_probs_outputs(args.runs_dir, names, args.layer_csv, args.layer_png, args.layer_probs,
+                                       {n: METHODS[n][3] for n in names})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.sweep_lr:
+            return legacy_sweep(args)
+        prev = build_results(args) if (args.methods is None and not args.only_table
+                                       and Path(args.runs_dir).is_dir()) else None
+        units = queue(args, prev)
+        if args.dry_run:
+            print_queue(args, units)
+        if not args.only_table:
+            for f in train_files(args.data_dir):
+                if not f.is_file() and not args.dry_run:
+                    raise StepFailed(f"train file {f} not found (--data-dir)")
+            ensure_eval(args, None, "greedy", "eval base greedy")
+            run_all(args, units, after_each=lambda: tabulate(args))
+            if not args.dry_run and args.methods is None and not args.only and args.max_runs is None:
+                done = {u.run_name for u in units}        # seeds 1-2 of ablations that now qualify
+                more = [u for u in queue(args, build_results(args)) if u.run_name not in done]
+                if more:
+                    print(f"queued from this sitting's results: {', '.join(u.run_name for u in more)}")
+                    run_all(args, more, after_each=lambda: tabulate(args))
+        lp = layer_probs(args) if args.layer_probs else None
+        if args.dry_run:
+            print(f"(dry run: nothing ran; would write {args.json} and {args.table})")
+            return
+        tabulate(args, lp)
+    except StepFailed as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

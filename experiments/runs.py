@@ -1,0 +1,341 @@
+"""Run folders and their records: skip / resume / fresh decisions, the train.py and eval.py command lines,
+the check that a record matches what a table claims (recipe + data fingerprints), and running the queue."""
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .common import IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, file_name, read_json, script
+from .evals import check_eval_limit, compact_predictions, eval_file, eval_results_path
+from .recipes import METHODS, extra_opts
+
+SUMMARY_KEYS = ["steps", "train_seconds", "tokens_per_s", "peak_gib", "device", "warmup_seconds"]
+RECIPE_KEYS = ["method", "rank", "alpha", "dropout", "modules", "lr", "epochs", "max_steps", "warmup_steps",
+               "global_batch", "micro_batch", "max_len", "val_split", "template", "dtype", "echo_target_layers",
+               "echo_source_layers", "echo_target_modules", "echo_p_start", "echo_p_end"]
+CLAIM_KEYS = ["lr", "epochs", "rank", "alpha", "dropout", "global_batch", "max_len", "val_split", "max_steps",
+              "warmup_steps", "template"]
+JOBS_FILE = "reproduce-jobs.json"   # written beside a run trained under --jobs N: its speed figures are shared
+RECIPE_ORDER = [("lr", "--lr"), ("epochs", "--epochs"), ("rank", "--rank"), ("alpha", "--alpha"),
+                ("dropout", "--dropout"), ("global_batch", "--global-batch"), ("micro_batch", "--micro-batch"),
+                ("max_len", "--max-len"), ("warmup_steps", "--warmup-steps"), ("max_steps", "--max-steps"),
+                ("template", "--template"), ("val_split", "--val-split"), ("eval_every", "--eval-every")]
+
+
+def run_dir(runs, name, seed):
+    return Path(runs) / f"{name}-s{seed}"
+
+
+def unit_dir(args, unit):
+    return (Path(args.sweep_dir) if unit.group == "sweep" else Path(args.runs_dir)) / unit.run_name
+
+
+def train_decision(run):
+    """'skip' (RUN/summary.json: finished), 'resume' (RUN/checkpoint/ without summary.json) or 'fresh'."""
+    run = Path(run)
+    if (run / "summary.json").is_file():
+        return "skip"
+    ckpt = run / "checkpoint"
+    if ckpt.is_dir() and any(p.is_file() and not p.name.endswith(".tmp") for p in ckpt.iterdir()):
+        return "resume"
+    return "fresh"           # (a checkpoint/ holding only a half-written .tmp: nothing to resume from)
+
+
+def train_summary(run):
+    s = read_json(Path(run) / "summary.json")
+    s = s if isinstance(s, dict) else {}
+    out = {k: s.get(k) for k in SUMMARY_KEYS}
+    jobs = read_json(Path(run) / JOBS_FILE)
+    out["concurrent_jobs"] = jobs.get("concurrent_jobs", 1) if isinstance(jobs, dict) else 1
+    return out
+
+
+def recipe_of(run):
+    cfg = read_json(Path(run) / "config.json")
+    opts = cfg.get("opts") if isinstance(cfg, dict) else None
+    if not isinstance(opts, dict):
+        return None
+    out = {k: opts.get(k) for k in RECIPE_KEYS if k in opts}
+    if "train_rows" in cfg:
+        out["train_rows"] = cfg["train_rows"]
+    return out
+
+
+# ------------------------------------------------------------------ claims: what a table says a run is
+
+def recipe_values(args, overrides=None):
+    """The effective recipe: the preset's flags, the CLI's overrides, then the unit's (the sweep's)."""
+    vals = dict(args.recipe.flags)
+    vals.update({k: v for k, v in (args.recipe_overrides or {}).items() if v is not None})
+    vals.update(overrides or {})
+    return vals
+
+
+def recipe_argv(args, overrides=None):
+    vals = recipe_values(args, overrides)
+    argv = []
+    for key, flag in RECIPE_ORDER:
+        v = vals.get(key)
+        if v is None:
+            continue
+        argv += [flag, str(int(v)) if isinstance(v, float) and v.is_integer() and flag != "--lr" else str(v)]
+    return argv + (shlex.split(args.train_extra) if args.train_extra else [])
+
+
+def claim(args, unit):
+    """The config.json opts a run of `unit` must have recorded to be tabled as it."""
+    method, echo, extra, _ = METHODS[unit.name]
+    vals = recipe_values(args, unit.overrides)
+    want = {k: vals[k] for k in CLAIM_KEYS if vals.get(k) is not None}
+    want.update(method=method, echo=echo, seed=unit.seed)
+    want.update(extra_opts(extra + (shlex.split(args.train_extra) if args.train_extra else [])))
+    return want
+
+
+def _same(a, b):
+    if isinstance(b, bool) or isinstance(a, bool):
+        return bool(a) == bool(b)
+    if isinstance(b, (int, float)) and isinstance(a, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)):
+        return [str(x) for x in a] == [str(x) for x in b]
+    return a == b
+
+
+def check_record(run, want, data):
+    """None when RUN/config.json records the claimed recipe (`want`) and data (`data`: {"names": [...],
+    "fingerprints": [{"bytes", "sha256"}, ...] or None}); else a short reason. Data are compared by content
+    (config.json's data_fingerprints, written by train.py) where both sides have it, else by file name."""
+    cfg = read_json(Path(run) / "config.json")
+    opts = cfg.get("opts") if isinstance(cfg, dict) else None
+    if not isinstance(opts, dict):
+        return "no config.json"
+    for k, v in want.items():
+        if k not in opts and k.startswith("echo_") and not want.get("echo"):
+            continue
+        if not _same(opts.get(k), v):
+            return f"{k} {opts.get(k)!r} ≠ {v!r}"
+    fps = cfg.get("data_fingerprints")
+    if isinstance(fps, dict) and data.get("fingerprints"):
+        got = [(int(f.get("bytes", -1)), f.get("sha256")) for f in fps.values() if isinstance(f, dict)]
+        exp = [(int(f["bytes"]), f["sha256"]) for f in data["fingerprints"]]
+        if got != exp:
+            return "data fingerprints differ"
+        return None
+    names = [file_name(f) for f in opts.get("data") or []]
+    if names != list(data.get("names") or []):
+        return f"data {', '.join(names) or 'none'} ≠ {', '.join(data.get('names') or [])}"
+    return None
+
+
+# ------------------------------------------------------------------ commands
+
+def train_files(data_dir):
+    return [Path(data_dir) / t / "train.json" for t in TRAIN_TASKS]
+
+
+def train_command(args, unit, decision):
+    method, echo, extra, _ = METHODS[unit.name]
+    cmd = [sys.executable, script("train.py"), "--model", str(args.model), "--data",
+           *[str(f) for f in train_files(args.data_dir)], "--method", method]
+    cmd += ["--echo"] if echo else []
+    cmd += ["--seed", str(unit.seed), *recipe_argv(args, unit.overrides), *extra, "--out", str(unit_dir(args, unit))]
+    if decision == "resume":
+        cmd.append("--resume")
+    return cmd
+
+
+def beam_limit(args):
+    lim = args.beam_limit
+    if args.limit:
+        lim = args.limit if lim is None else min(lim, args.limit)
+    return lim
+
+
+def eval_command(args, adapter, decoding, out):
+    cmd = [sys.executable, script("eval.py"), "--model", str(args.model)]
+    if adapter is not None:
+        cmd += ["--adapter", str(adapter)]
+    cmd += ["--data-dir", str(args.data_dir), "--tasks", *TASKS]
+    if decoding == "greedy":
+        cmd += ["--greedy"]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+    else:
+        cmd += ["--num-beams", "4", "--max-new-tokens", "32"]
+        lim = beam_limit(args)
+        if lim:
+            cmd += ["--limit", str(lim)]
+    if args.eval_batch_size:
+        cmd += ["--batch-size", str(args.eval_batch_size)]
+    cmd += shlex.split(args.eval_extra) if args.eval_extra else []
+    return cmd + ["--out", str(out)]
+
+
+def layer_probs_command(args, adapter, out):
+    cmd = [sys.executable, script("eval.py"), "--model", str(args.model), "--adapter", str(adapter),
+           "--data-dir", str(args.data_dir), "--tasks", *IN_FORMAT, "--layer-probs", str(args.layer_probs),
+           "--limit", "0"]
+    if args.eval_batch_size:
+        cmd += ["--batch-size", str(args.eval_batch_size)]
+    return cmd + ["--out", str(out)]
+
+
+def child_env(args):
+    """Each job gets few CPU threads: N processes of 16 threads each on a shared host only fight."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (2 * max(args.jobs, 1)))))
+    return env
+
+
+def run_logged(cmd, log, what, dry_run, move_to=None, env=None):
+    """Run cmd with stdout+stderr appended to log; a failure is a one-line StepFailed. With move_to, the
+    log is appended to move_to afterwards (when move_to's folder exists) and removed."""
+    print(("would run: " if dry_run else "") + f"[{what}] " + shlex.join(cmd), flush=True)
+    if dry_run:
+        return
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        f.flush()
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, **({"env": env} if env else {}))
+    if move_to is not None and Path(move_to).parent.is_dir():
+        with open(move_to, "a") as f:
+            f.write(log.read_text())
+        log.unlink()
+        log = Path(move_to)
+    if code != 0:
+        raise StepFailed(f"{what} failed (exit {code}); see {log}")
+    print(f"  [{what}] done in {time.time() - t0:.0f}s (log {log})", flush=True)
+
+
+def train(args, unit, decision):
+    """One training run. train.py refuses an --out that holds anything unless --resume / --force, so a
+    fresh run logs beside its folder (RUNS/<run>.train.log) and the log moves to RUN/train.log when
+    train.py has made the folder; a folder holding a run that died before its first checkpoint is
+    restarted with --force (train.py then clears only its own files)."""
+    rd = unit_dir(args, unit)
+    what = f"train {unit.run_name}"
+    cmd = train_command(args, unit, decision)
+    env = child_env(args) if args.jobs > 1 else None
+    if decision == "resume":
+        return run_logged(cmd, rd / "train.log", what + " (resume)", args.dry_run, env=env)
+    log = rd.parent / f"{rd.name}.train.log"
+    if rd.is_dir() and not args.dry_run and (rd / "train.log").is_file():     # an earlier failed attempt's log
+        with open(log, "a") as f:
+            f.write((rd / "train.log").read_text())
+        (rd / "train.log").unlink()
+    if rd.is_dir() and not any(p.name != "train.log" for p in rd.iterdir()):
+        if not args.dry_run:
+            rd.rmdir()                               # an empty folder left by an earlier attempt
+    elif rd.is_dir():
+        cmd.append("--force")
+        what += " (restart: no checkpoint yet)"
+    run_logged(cmd, log, what, args.dry_run, move_to=rd / "train.log", env=env)
+
+
+def _newest(folder):
+    """Latest modification time of the files in folder (0 if none)."""
+    times = [f.stat().st_mtime for f in Path(folder).glob("*") if f.is_file()] if Path(folder).is_dir() else []
+    return max(times, default=0.0)
+
+
+def ensure_eval(args, adapter, decoding, what):
+    out = eval_file(adapter if adapter is not None else Path(args.runs_dir) / "base", decoding)
+    wanted = args.limit if decoding == "greedy" else beam_limit(args)
+    res = eval_results_path(out)
+    if res is not None:
+        check_eval_limit(out, wanted, what)
+        if adapter is not None and _newest(Path(adapter) / "adapter") > res.stat().st_mtime:
+            print(f"[{what}] {out} is older than {Path(adapter) / 'adapter'}: evaluating again")
+        else:
+            print(f"[{what}] kept {out}")
+            compact_predictions(res)
+            return
+    if adapter is not None and not (Path(adapter) / "adapter").is_dir() and not args.dry_run:
+        print(f"[{what}] skipped: {adapter} keeps no adapter/ (adapters are not committed); delete its "
+              f"summary.json to train it again", flush=True)
+        return
+    run_logged(eval_command(args, adapter, decoding, out), out.with_suffix(".log"), what, args.dry_run,
+               env=child_env(args) if args.jobs > 1 else None)
+    if not args.dry_run and eval_results_path(out):
+        compact_predictions(eval_results_path(out))
+
+
+def status(args, unit):
+    """'finished' / 'resume' / 'fresh', or 'mismatch: <reason>' for a finished folder whose record is not
+    what this queue claims (it is neither retrained over nor tabled)."""
+    rd = unit_dir(args, unit)
+    decision = train_decision(rd)
+    if decision == "skip":
+        why = check_record(rd, claim(args, unit), args.data_claim) if (rd / "config.json").is_file() else None
+        return f"mismatch: {why}" if why else "finished"
+    return decision
+
+
+def run_one(args, unit):
+    """Train one unit unless finished, then its evaluations (missing ones only)."""
+    rd = unit_dir(args, unit)
+    state = status(args, unit)
+    if state.startswith("mismatch"):
+        print(f"[train {unit.run_name}] {rd} holds another run ({state[10:]}): not tabled; move it away to "
+              f"train this one", flush=True)
+        return
+    if state == "finished":
+        print(f"[train {unit.run_name}] finished ({rd / 'summary.json'}): skipped")
+    else:
+        train(args, unit, state)
+        if not args.dry_run:
+            (rd / JOBS_FILE).write_text(json.dumps({"concurrent_jobs": args.jobs}) + "\n")
+    for decoding in unit.evals:
+        if decoding == "beam4" and not args.run_beam:
+            continue
+        ensure_eval(args, rd, decoding, f"eval {unit.run_name} {decoding}")
+
+
+def run_all(args, units, after_each=None):
+    """The units in queue order, --jobs of them at once; after_each() (the tables) after each. A failed
+    run does not stop the others; the first failure is raised at the end. Ctrl-C, or any other error,
+    starts no further run."""
+    lock, failures, stopping = threading.Lock(), [], threading.Event()
+
+    def one(unit):
+        if stopping.is_set():
+            return
+        try:
+            run_one(args, unit)
+        except StepFailed as e:
+            print(f"error: {e}", flush=True)
+            failures.append(e)
+        except BaseException:
+            stopping.set()                       # before this worker takes the next unit
+            raise
+        if not args.dry_run and after_each is not None:
+            with lock:
+                after_each()
+
+    if args.jobs == 1 or args.dry_run:
+        for unit in units:
+            one(unit)
+    else:
+        pool = ThreadPoolExecutor(max_workers=args.jobs)
+        try:
+            for f in [pool.submit(one, unit) for unit in units]:
+                f.result()
+        except BaseException:
+            stopping.set()                       # the runs in flight got the signal themselves
+            pool.shutdown(wait=False, cancel_futures=True)
+            for e in failures:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            raise
+        pool.shutdown()
+    if failures:
+        raise failures[0]
