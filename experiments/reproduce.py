@@ -278,7 +278,11 @@ def tabulate(args, layer_probs=None):
     if args.splice:                       # the real table, not a trial run's
         splice_into_readme(table, args.recipe.readme_marker)
     state = f"PARTIAL ({res['main_runs_done']} of {res['main_runs_total']} runs)" if res["partial"] else "complete"
-    print(f"wrote {args.json} and {args.table}: {state}", flush=True)
+    c = res.get("cost") or {}
+    print(f"wrote {args.json} and {args.table}: {state}; GPU-minutes so far (train + eval wall, from the records): "
+          f"{c.get('wall_minutes', 0):.0f}, by --jobs: " + (", ".join(f"{k}: {v['wall_minutes']:.0f}" for k, v in
+                                                                   sorted(c.get("by_jobs", {}).items())) or "none"),
+          flush=True)
     return res
 
 
