@@ -23,8 +23,8 @@ row's answer window from t*, whose attention reads the prompt's keys/values from
 """
 import argparse
 import json
+import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -126,6 +126,19 @@ class EchoConfig:
         if not self.any_depth and min(sources) <= max(targets):
             raise ValueError(f"{where('source_layers')} {sources} must all be deeper than every target layer "
                              f"{targets} ({where('any_depth')} allows the deep→deep / shallow→shallow ablations)")
+        self.check_values()
+        return replace(self, target_layers=targets, source_layers=sources, target_modules=modules)
+
+    def check_values(self):
+        """The checks that need no model: every number finite and in range (NaN fails every one)."""
+        for name in ("gate_bias_init", "lambda_init", "norm_eps", "tau", "lambda_kd", "p_start", "p_end"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{where(name)} must be a finite number, got {getattr(self, name)}")
+        if self.lambda_init == 0:
+            raise ValueError(f"{where('lambda_init')} must be non-zero: with λ = 0 no Echo weight but λ gets a "
+                             f"gradient (see EchoConfig)")
+        if self.norm_eps <= 0:
+            raise ValueError(f"{where('norm_eps')} must be > 0, got {self.norm_eps}")
         if self.norm not in ("layernorm", "rms"):
             raise ValueError(f"{where('norm')} must be 'layernorm' or 'rms', got {self.norm!r}")
         if self.bottleneck < 1:
@@ -137,7 +150,6 @@ class EchoConfig:
             raise ValueError(f"{where('tau')} must be > 0, got {self.tau}")
         if self.lambda_kd < 0:
             raise ValueError(f"{where('lambda_kd')} must be >= 0, got {self.lambda_kd}")
-        return replace(self, target_layers=targets, source_layers=sources, target_modules=modules)
 
     # -- the flags, derived from the fields above --
 
@@ -268,8 +280,11 @@ class EchoInjector(nn.Module):
     def forward(self, z):
         z_bar = echo_norm(z.to(self.b.dtype), self.norm, self.norm_eps)     # eq. 3
         e = self.W2(torch.tanh(self.W1(z_bar)))                              # eq. 4
-        g = torch.sigmoid(self.U2(torch.tanh(self.U1(z_bar))) + self.b)      # eq. 5
-        return self.lam * (e * g)                                            # eq. 6
+        return self.lam * (e * self.gate(z_bar))                             # eq. 6
+
+    def gate(self, z_bar):
+        """eq. 5: g = σ(U2 tanh(U1 z̄) + b), from the normalised z̄ of eq. 3."""
+        return torch.sigmoid(self.U2(torch.tanh(self.U1(z_bar))) + self.b)
 
 
 # ----------------------------------------------------------------------------- eq. 8
@@ -545,8 +560,8 @@ def save_echo(echo, out_dir, tensors=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     if tensors is None:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in echo.state_dict().items()}
-    tmp = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False).name
-    save_file(tensors, tmp)
+    tmp = out_dir / "echo.safetensors.tmp"        # opened normally, so the file follows the umask
+    save_file(tensors, str(tmp))
     os.replace(tmp, out_dir / "echo.safetensors")
     tmp = out_dir / "echo_config.json.tmp"
     tmp.write_text(json.dumps(echo.config_dict(), indent=2))

@@ -184,12 +184,16 @@ class EchoInject:
     """
     deltas: dict
     mask: torch.Tensor
+    norms: dict = None     # analysis only (echo.diagnostics): {(layer, module): (Σ (M o)², Σ (M δ)²)} filled in
 
     def at_layer(self, layer_id):
-        """(module → δ, M) for one block, or None. Blocks never see their own index, so one compiled
-        block graph serves every layer (torch.compile would otherwise specialise per layer)."""
+        """(module → δ, M, where to record norms or None) for one block, or None. Blocks never see their
+        own index, so one compiled block graph serves every layer (torch.compile would otherwise
+        specialise per layer)."""
         deltas = {module: d for (layer, module), d in self.deltas.items() if layer == layer_id}
-        return (deltas, self.mask) if deltas else None
+        if not deltas:
+            return None
+        return deltas, self.mask, None if self.norms is None else self.norms.setdefault(layer_id, {})
 
 
 @dataclass
@@ -220,8 +224,11 @@ def window_attention_mask(starts, T, window_real, attention_mask=None):
 def add_echo(out, layer_echo, module):   # eq. 7
     if layer_echo is None or module not in layer_echo[0]:
         return out
-    deltas, mask = layer_echo
-    return out + mask[..., None].to(out.dtype) * deltas[module][:, None, :].to(out.dtype)
+    deltas, mask, norms = layer_echo
+    added = mask[..., None].to(out.dtype) * deltas[module][:, None, :].to(out.dtype)
+    if norms is not None:          # the module's own output and δ at the injected positions (diagnostics)
+        norms[module] = ((mask[..., None] * out).float().pow(2).sum(), added.float().pow(2).sum())
+    return out + added
 
 
 def make_linear(args, layer_id, module, d_in, d_out):

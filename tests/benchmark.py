@@ -48,7 +48,7 @@ def make_run(opts, method, echo_on, graphs):
     params, echo_params, optimizers = train.make_trainer(step_module, topts, "cuda", graphs != "eager", graphs)
     run = train.Run(topts, None, 0, 1, "cuda", model, echo, step_module, step_module, params, echo_params,
                     optimizers, None, None, None, None, 1, 1, graphs == "blocks")
-    run.graphs = train.StepGraphs(run) if graphs == "step" else None
+    run.graphs = train.StepGraphs(run, train.step_once) if graphs == "step" else None
     return run
 
 

@@ -3,13 +3,14 @@ resume = uninterrupted run, the loss is a token mean over the global batch howev
 micro-batches, the built-in default run learns, and bad input stops with a one-line error."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data
 import train
@@ -554,12 +555,37 @@ def test_resume_refuses_changed_options(setup, tmp_path, change, flag):
     with pytest.raises(ValueError) as e:
         train.main(args(setup, out, "--max-steps", "2", "--save-every", "1", "--resume", *change))
     assert one_line(e).startswith(f"--resume: {flag} is ")
-    other_data = tmp_path / "other.json"
-    other_data.write_text((setup / "ds.json").read_text())
+
+
+def test_resume_compares_data_and_model_by_content(setup, tmp_path, monkeypatch):
+    """--resume checks what --data and --model hold, not how they are spelled: the same bytes under another
+    path (relative or a copy) resume; the data file changed in place (64 -> 40 rows) or other base weights
+    are refused, naming the file."""
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-steps", "2", "--save-every", "1"))
+    copy = tmp_path / "copy.json"
+    copy.write_text((setup / "ds.json").read_text())
+    for data_path in (str(copy), os.path.relpath(setup / "ds.json")):
+        argv = args(setup, out, "--max-steps", "2", "--resume")
+        argv[argv.index("--data") + 1] = data_path
+        train.main(argv)                                     # accepted: the same content
+    rows = json.loads(copy.read_text())
+    copy.write_text(json.dumps(rows[:10]))
     argv = args(setup, out, "--max-steps", "2", "--resume")
-    argv[argv.index("--data") + 1] = str(other_data)
-    with pytest.raises(ValueError, match="--resume: --data is"):
+    argv[argv.index("--data") + 1] = str(copy)
+    with pytest.raises(ValueError) as e:
         train.main(argv)
+    assert one_line(e).startswith("--resume: --data copy.json differs in content")
+    base = tmp_path / "base2"
+    shutil.copytree(setup / "base", base)
+    weights = load_file(str(base / "model.safetensors"))
+    weights["norm.weight"] = weights["norm.weight"] + 1
+    save_file(weights, str(base / "model.safetensors"))
+    argv = args(setup, out, "--max-steps", "2", "--resume")
+    argv[argv.index("--model") + 1] = str(base)
+    with pytest.raises(ValueError) as e:
+        train.main(argv)
+    assert one_line(e).startswith("--resume: --model model.safetensors differs in content")
 
 
 def test_damaged_checkpoint_is_a_one_line_error(setup, tmp_path):
@@ -699,26 +725,22 @@ def test_step_flops_count_the_answer_window():
     assert train.step_flops(model, full, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 40 + 3 * 20))
 
 
-def test_resume_of_a_checkpoint_from_before_the_answer_window(setup, tmp_path):
-    """A checkpoint written before --echo-answer-window existed was trained with the full Echo-on pass:
-    resuming it asks for --no-echo-answer-window (one line), and resumes with it."""
+def test_a_checkpoint_older_than_an_option_resumes_at_its_default(setup, tmp_path, capsys):
+    """The general rule for options added after a checkpoint was written (here --echo-answer-window and
+    --echo-tau, deleted from the saved options): the run resumes at their defaults, with one note naming
+    them; asking for another value of such an option is refused like any change."""
     out = tmp_path / "run"
-    train.main(args(setup, out, "--max-steps", "2", "--save-every", "1"))
+    train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
     path = out / "checkpoint" / "state.pt"
     state = torch.load(path, weights_only=False)
-    del state["opts"]["echo_answer_window"]
+    state.update(step=2, epoch_step=2)
+    del state["opts"]["echo_answer_window"], state["opts"]["echo_tau"]
     torch.save(state, path)
     with pytest.raises(ValueError) as e:
-        train.main(args(setup, out, "--max-steps", "2", "--resume"))
-    assert one_line(e) == ("--resume: the checkpoint was trained before --echo-answer-window existed, with the "
-                           "Echo-on pass over every position: resume with --no-echo-answer-window")
-    train.main(args(setup, out, "--max-steps", "2", "--resume", "--no-echo-answer-window"))     # accepted
-    assert [m["step"] for m in metrics(out)] == [1, 2]
-    # plain LoRA, or an Echo ablation that never used the window: the option does not matter
-    for extra in (("--no-echo",), ("--echo-separate-passes",)):
-        other = tmp_path / extra[0]
-        train.main(args(setup, other, "--max-steps", "2", "--save-every", "1", *extra))
-        state = torch.load(other / "checkpoint" / "state.pt", weights_only=False)
-        del state["opts"]["echo_answer_window"]
-        torch.save(state, other / "checkpoint" / "state.pt")
-        train.main(args(setup, other, "--max-steps", "2", "--resume", *extra))
+        train.main(args(setup, out, "--max-steps", "4", "--resume", "--echo-tau", "3"))
+    assert one_line(e).startswith("--resume: --echo-tau is 3.0 but the checkpoint was trained with 2.0")
+    capsys.readouterr()
+    train.main(args(setup, out, "--max-steps", "4", "--resume"))
+    err = capsys.readouterr().err
+    assert err.count("note: the checkpoint predates --echo-answer-window, --echo-tau: resuming at the default") == 1
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]

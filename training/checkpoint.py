@@ -1,0 +1,361 @@
+"""Checkpoints and run folders: never overwrite work, write every file atomically (in a background
+thread), refuse a resume that would compute something else, and restore a run exactly.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from echo import save_echo
+from model.lora import ADAPTER_KEYS, save_adapter
+from training.options import default_of
+
+RUN_FILES = ("config.json", "metrics.jsonl", "echo_diagnostics.jsonl", "summary.json", "checkpoint", "adapter",
+             "echo.safetensors",
+             "echo_config.json", "base", "data")
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoint")      # what only a run folder has
+
+
+def check_run_dir(opts, out):
+    """Never overwrite work: an --out that holds anything needs --resume (to continue) or --force."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    if opts.resume:
+        if not (out / "checkpoint" / "state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint' / 'state.pt'}")
+    elif out.exists() and any(out.iterdir()) and not opts.force:
+        what = "an earlier run" if any((out / f).exists() for f in RUN_MARKERS) else "files"
+        raise ValueError(f"--out {out} already holds {what}: --resume continues it, --force replaces it, "
+                         f"or choose another --out")
+
+
+def make_run_dir(opts, out, master, world):
+    """Create (or, with --force, clear) the run folder; recover from a crash between two renames."""
+    if master:
+        if opts.force and out.exists():
+            for name in RUN_FILES:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {out} is not writable ({e.strerror}): choose another --out") from None
+        if (out / "adapter.old").exists() and not (out / "adapter").exists():
+            os.replace(out / "adapter.old", out / "adapter")      # atomic_dir's rename pair was cut short
+        for stale in [*out.glob("*.tmp"), out / "adapter.old", *(out / "checkpoint").glob("*.tmp")]:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
+
+
+def trainable_state(model, echo):
+    state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+    if echo is not None:
+        state.update({f"echo.{k}": v for k, v in echo.state_dict().items()})
+    return state
+
+
+def split_trainable(state):
+    """trainable_state's dict -> (the adapter's tensors, the Echo module's, without their "echo." prefix)."""
+    return ({k: v for k, v in state.items() if not k.startswith("echo.")},
+            {k[len("echo."):]: v for k, v in state.items() if k.startswith("echo.")})
+
+
+def atomic_file(path, write):
+    """write(tmp), flush it to disk, then rename it over `path`: a reader (or a resume after kill -9,
+    power loss or a full disk) finds the complete old file or the complete new one, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:     # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else disk_error(e, path)
+        raise OSError(getattr(e, "errno", None), f"writing {path} failed ({why}); the previous version is "
+                                                 f"intact — free space or fix the folder, then --resume") from None
+
+
+def disk_error(e, path):
+    """A readable cause for torch.save's RuntimeError (its message is about a zip writer's position)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"No space left on device: {free / 2**20:.0f} MiB free"
+    return str(e).splitlines()[0][:120]
+
+
+def atomic_dir(path, write):
+    """The same for a folder: write into path.tmp, then swap it in with two renames (make_run_dir
+    recovers the old folder if a crash falls between them)."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else disk_error(e, path)
+        raise OSError(getattr(e, "errno", None), f"writing {path} failed ({why}); the previous version is "
+                                                 f"intact — free space or fix the folder, then --resume") from None
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_finite(run, step):
+    """A non-finite weight or optimizer moment must never be saved: it would poison every resume."""
+    tensors = run.params + run.echo_params + [v for opt in run.optimizers.values() for s in opt.state.values()
+                                              for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    if not bool(torch.stack([t.detach().float().isfinite().all() for t in tensors]).all()):
+        raise FloatingPointError(f"non-finite weights after step {step} (try a lower --lr); nothing was saved "
+                                 f"for this step — {last_checkpoint(run)}")
+
+
+def last_checkpoint(run):
+    if run.writer is not None:
+        run.writer.wait(quiet=True)          # name the checkpoint that is on disk, not one half-written
+    if run.saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint is in {run.out / 'checkpoint'} (step {run.saved_step})"
+
+
+def to_host(obj):
+    """A copy of a (nested) state with every tensor in new host memory: the step after a checkpoint
+    updates the live tensors in place while the copy is being written."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes a checkpoint's files in a background thread, so training goes on during torch.save and
+    fsync (a fraction of a second per checkpoint: ~10 % of a small model's run at --save-every 200).
+    One write at a time; what it writes is a host copy of one step's state, so it is still one atomic,
+    consistent unit. A failed write (a full disk, ...) is raised in the training thread by the next
+    wait(): at the next checkpoint, at the end, or when the run stops; the previous checkpoint is intact."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, write):
+        self.wait()
+        self.thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self, write):
+        try:
+            write()
+        except BaseException as e:          # re-raised by wait(), in the training thread
+            self.error = e
+
+    def check(self):
+        """Raise a finished write's error now (called every step), without waiting for one in flight."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
+
+    def wait(self, quiet=False):
+        """Until the write in flight is done; raise its error (quiet: print it, for a run already failing)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            if not quiet:
+                raise error
+            print(f"error: the checkpoint being written failed too: {error}", file=sys.stderr, flush=True)
+
+
+def save_checkpoint(run, step, epoch, epoch_step, wait=False):
+    """checkpoint/state.pt — one file, so one atomic unit: adapter + Echo weights, AdamW, LR schedule,
+    router, every rank's RNG (dropout draws differ per rank), the data position and the options.
+    Then the deployable outputs adapter/ and echo.safetensors, each replaced atomically as well.
+    The state is copied to host memory here; the files are written by run.writer while the next steps
+    run (wait=True: before returning, as for the last checkpoint of a run)."""
+    check_finite(run, step)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.device) if run.cuda else None}
+    rngs = [rng]
+    if run.world > 1:
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng)
+    if run.master:
+        state = to_host({"trainable": trainable_state(run.model, run.echo),
+                         "optimizers": {k: opt.state_dict() for k, opt in run.optimizers.items()},
+                         "router": run.router.state_dict() if run.router else None, "rng": rngs,
+                         "step": step, "epoch": epoch, "epoch_step": epoch_step, "opts": vars(run.opts),
+                         "fingerprints": run.fingerprints})
+        adapter, echo = split_trainable(state["trainable"])     # adapter/ and echo.safetensors: fp32 copies of these
+        outputs = {name: {k: v.float().contiguous() for k, v in part.items()} for name, part in
+                   (("adapter", adapter), ("echo", echo))}
+
+        def write():
+            (run.out / "checkpoint").mkdir(exist_ok=True)
+            atomic_file(run.out / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
+            write_outputs(run, outputs)
+            run.saved_step = step
+        run.writer.submit(write)
+        if wait:
+            run.writer.wait()
+    if run.world > 1:
+        dist.barrier()
+    if not run.master:     # rank 0 finished its previous write before this barrier (and this one, if it waited)
+        run.saved_step, run.pending_step = (step if wait else run.pending_step), step
+
+
+def write_outputs(run, outputs):
+    """adapter/ and echo.safetensors, from save_checkpoint's host copies {"adapter": ..., "echo": ...}."""
+    atomic_dir(run.out / "adapter", lambda tmp: save_adapter(run.model, tmp, outputs["adapter"]))
+    if run.echo is not None:
+        save_echo(run.echo, run.out, outputs["echo"])
+
+
+# Options a resume may change: where and how it runs, not what it computes. --model, --data and
+# --val-data are compared by content (fingerprints), not by the path that names them.
+RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs", "micro_batch", "config",
+                     "save_every", "log_every", "eval_every", "diagnose_every", "ranks_share_gpu"}
+BY_CONTENT = {"model", "data", "val_data"}
+
+
+def check_resume_options(saved, opts, saved_fingerprints, fingerprints):
+    """Refuse a resume that would train something else, naming the option. An option the checkpoint
+    predates resumes at its default (said once); other values of it are refused like any change."""
+    default_run = opts.model == "default-tiny"
+    missing = sorted(k for k in vars(opts) if k not in saved and k not in RESUME_MAY_CHANGE)
+    saved = {**{k: default_of(k, default_run) for k in missing}, **saved}
+    for key in sorted(set(saved) | set(vars(opts))):
+        if key in RESUME_MAY_CHANGE or saved.get(key) == getattr(opts, key, None):
+            continue
+        if key in BY_CONTENT and (saved_fingerprints is not None or same_paths(saved.get(key), getattr(opts, key))):
+            continue
+        if key not in vars(opts):            # an option this version no longer has
+            continue
+        raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(opts, key, None)!r} but the checkpoint "
+                         f"was trained with {saved.get(key)!r}; it fixes shapes, the data order or the schedule — "
+                         f"resume with the checkpoint's value, or start a new run in another --out")
+    if saved_fingerprints is not None:
+        for what, flag in (("model", "--model"), ("data", "--data"), ("val_data", "--val-data")):
+            contents = lambda named: [fp for _, fp in named or []]      # a renamed copy is the same data
+            if contents(saved_fingerprints.get(what)) != contents(fingerprints.get(what)):
+                raise ValueError(f"--resume: {flag} {changed_file(saved_fingerprints.get(what), fingerprints.get(what))} "
+                                 f"differs in content from what the checkpoint was trained on: restore it, or "
+                                 f"start a new run in another --out")
+    if missing and opts.resume:
+        print(f"note: the checkpoint predates {', '.join('--' + k.replace('_', '-') for k in missing)}: "
+              f"resuming at the default", file=sys.stderr, flush=True)
+
+
+def same_paths(a, b):
+    norm = lambda v: [str(Path(x).resolve()) for x in v] if isinstance(v, list) else (str(Path(v).resolve()) if v else v)
+    return norm(a) == norm(b)
+
+
+def changed_file(saved, now):
+    """The first file whose fingerprint differs (or the file list, if files were added or removed)."""
+    saved, now = saved or [], now or []
+    if len(saved) != len(now):
+        return f"({len(now)} file(s), the checkpoint's {len(saved)})"
+    for (_, a), (name, b) in zip(saved, now):
+        if a != b:
+            return name
+    return "?"
+
+
+def fingerprint(path, sample_above=256 * 2**20, chunk=2**20, samples=32):
+    """{"bytes", "sha256"} of a file's content. Files over `sample_above` (model weights) hash their size and
+    `samples` evenly spaced 1 MiB chunks, first and last included ("sampled": true): an 8B checkpoint in
+    well under a second, and any re-download, conversion or truncation still changes it."""
+    path = Path(path)
+    size, h = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= sample_above:
+            for block in iter(lambda: f.read(8 * chunk), b""):
+                h.update(block)
+            return {"bytes": size, "sha256": h.hexdigest()}
+        for i in range(samples):
+            f.seek((size - chunk) * i // (samples - 1))
+            h.update(f.read(chunk))
+    return {"bytes": size, "sha256": h.hexdigest(), "sampled": True}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def run_fingerprints(opts):
+    """What the run trains on, by content: each --data / --val-data file and the model folder's weight
+    files, as [[name, fingerprint], ...] (a preset model has none)."""
+    files = lambda paths: [[Path(p).name, fingerprint(p)] for p in paths or []]
+    model = Path(opts.model)
+    weights = sorted(p for p in model.iterdir() if p.suffix in WEIGHT_SUFFIXES) if model.is_dir() else []
+    return {"data": files(opts.data), "val_data": files(opts.val_data), "model": files(weights)}
+
+
+def load_checkpoint(run):
+    """Restore everything save_checkpoint wrote; returns (step, epoch, epoch_step)."""
+    path = run.out / "checkpoint" / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        trainable, rngs = state["trainable"], state["rng"]
+    except Exception as e:       # truncated or foreign file: name it, say what to do
+        raise ValueError(f"{path} is damaged ({type(e).__name__}); restore it, or start again with --force") from None
+    check_resume_options(state["opts"], run.opts, state.get("fingerprints"), run.fingerprints)
+    expected = trainable_state(run.model, run.echo)
+    if set(trainable) != set(expected):
+        raise ValueError(f"{path} does not match this model's adapter (e.g. {sorted(set(trainable) ^ set(expected))[0]})")
+    adapter, echo = split_trainable(trainable)
+    run.model.load_state_dict(adapter, strict=False)
+    if run.echo is not None:
+        run.echo.load_state_dict(echo)
+    for k, opt in run.optimizers.items():
+        own = [{key: g[key] for key in ("lr", "capturable", "fused", "foreach") if key in g} for g in opt.param_groups]
+        opt.load_state_dict(state["optimizers"][k])
+        for g, mine in zip(opt.param_groups, own):
+            # how this run steps is its own (--device / --cuda-graphs may change on resume): its (device)
+            # lr objects, which set_learning_rate fills, and capturable / fused, with `step` where they want it
+            g.update(mine)
+            for p in g["params"]:
+                step_t = opt.state.get(p, {}).get("step")
+                if torch.is_tensor(step_t):
+                    opt.state[p]["step"] = (step_t.to(p.device, torch.float32) if g.get("capturable") or g.get("fused")
+                                            else step_t.to("cpu", torch.float32))
+    if run.router is not None:
+        run.router.load_state_dict(state["router"])
+    if len(rngs) != run.world and run.master:
+        print(f"warning: the checkpoint has {len(rngs)} rank(s), this run {run.world}: "
+              f"dropout draws will differ from an uninterrupted run", file=sys.stderr)
+    rng = rngs[run.rank % len(rngs)]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and run.cuda:
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    if run.master:
+        print(f"resumed from step {state['step']} of {run.total_steps} ({path})", flush=True)
+    run.saved_step = state["step"]
+    return state["step"], state["epoch"], state["epoch_step"]
+
+
+def save_base(model, tokenizer, out_dir):
+    """The default run's random base model, so eval.py can rebuild exactly the model that was trained."""
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
+    save_file(base, str(out_dir / "model.safetensors"))
+    (out_dir / "params.json").write_text(json.dumps(model.args.to_params_json(), indent=2))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))

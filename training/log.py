@@ -1,0 +1,189 @@
+"""The run's record: metrics.jsonl (one line per step), echo_diagnostics.jsonl (every N routed steps), the
+progress line, FLOPs and MFU, summary.json's figures; where a non-finite loss and a stop request are noticed.
+"""
+import json
+import math
+import time
+
+import torch
+
+from echo import echo_objective, uses_answer_window
+from training.checkpoint import atomic_file, last_checkpoint
+from training.graphs import StatsOnHost
+
+STATS = ("sum_off", "sum_on", "sum_kd", "tokens", "padded_tokens", "stop")   # one step's device-side stats
+
+
+def kept_lines(path, start_step):
+    """A resumed run keeps the lines of path up to its checkpoint's step (a torn last line counts as unwritten)."""
+    return [l for l in path.read_text().splitlines() if parsed_step(l) <= start_step] if path.exists() else []
+
+
+class Log:
+    """metrics.jsonl (one line per step), echo_diagnostics.jsonl and the progress line. On GPU a step's stats are read one
+    step late, so the loop never waits for the device; on CPU a step is synchronous and read at once.
+    Also where a non-finite loss and a stop request (Ctrl-C / SIGTERM on any rank) are noticed — from
+    stats summed over ranks, so every rank notices them at the same step.
+
+    tokens_per_s counts real (non-padding) tokens over the log window; padded_tokens_per_s counts
+    every position the GPU computed. Steps that met a new batch shape (compile / CUDA-graph capture)
+    are warm-up: their time is reported apart and left out of the steady rate and the ETA."""
+
+    def __init__(self, run, start_step):
+        self.run, self.pending, self.start_step = run, None, start_step
+        self.file = self.diagnostics = None
+        if run.master:
+            self.file = self.open_jsonl(run.out / "metrics.jsonl", start_step)
+            if run.echo is not None:
+                self.diagnostics = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
+        self.peak, self.n_params = peak_flops(run.device), sum(p.numel() for p in run.model.parameters())
+        self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
+        self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
+        self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
+        self.last_end = time.perf_counter()
+        self.stop_signal = 0
+        self.routing = []                    # this run's r_k, compared across ranks at the end
+
+    def open_jsonl(self, path, start_step):
+        kept = kept_lines(path, start_step) if self.run.opts.resume else []
+        atomic_file(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
+        return open(path, "a")
+
+    def step(self, record, stats, shape):
+        """Called after each optimizer step with its record, device stats and batch shape."""
+        now = time.perf_counter()
+        record["seconds"], self.last_end = now - self.last_end, now
+        self.routing.append(record["routed"])
+        record["warmup"] = shape not in self.shapes
+        record["shape"] = shape
+        self.shapes.add(shape)
+        record["stats"] = StatsOnHost(stats)
+        if self.pending is not None:
+            self.finish(self.pending)
+        self.pending = record
+        if not self.run.cuda:
+            self.flush()
+
+    def flush(self):
+        if self.pending is not None:
+            self.finish(self.pending)
+            self.pending = None
+
+    def finish(self, record):
+        stats = dict(zip(STATS, record.pop("stats").tolist()))
+        n, routed = record["answer_tokens"], record["routed"]
+        record["loss_off"] = stats["sum_off"] / n
+        if self.run.echo is not None:
+            record["loss_on"] = stats["sum_on"] / n if routed else None
+            record["loss_kd"] = stats["sum_kd"] / n if routed else None
+        record["loss"] = echo_objective(record["loss_off"], record.get("loss_on"), record.get("loss_kd"), routed,
+                                        self.run.echo.cfg.lambda_kd if self.run.echo else 1.0)     # eq. 11
+        record["tokens"], record["padded_tokens"] = int(stats["tokens"]), int(stats["padded_tokens"])
+        self.stop_signal = max(self.stop_signal, int(stats["stop"]))
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']} (try a lower --lr); "
+                                     f"{last_checkpoint(self.run)}")
+        shape = record.pop("shape")
+        flops = step_flops(self.run.model, self.run.echo, routed, shape[1:], self.n_params)
+        if record["warmup"]:
+            self.warmup_s += record["seconds"]
+        else:
+            for acc in (self.steady, self.by_shape.setdefault(shape, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0})):
+                acc.update(s=acc["s"] + record["seconds"], steps=acc["steps"] + 1, tokens=acc["tokens"] + record["tokens"],
+                           padded=acc["padded"] + record["padded_tokens"])
+        if self.run.master:
+            self.write(record, flops)
+
+    def write(self, record, flops):
+        run, w, now = self.run, self.window, time.perf_counter()
+        w["tokens"] += record["tokens"]
+        w["padded"] += record["padded_tokens"]
+        w["flops"] += flops
+        elapsed = max(now - w["since"], 1e-9)
+        record["tokens_per_s"] = round(w["tokens"] / elapsed, 1)
+        record["padded_tokens_per_s"] = round(w["padded"] / elapsed, 1)
+        record["padding"] = round(1 - record["tokens"] / max(record["padded_tokens"], 1), 4)
+        if self.peak:
+            record["mfu"] = round(w["flops"] / elapsed / self.peak, 4)     # this rank's FLOPs on its GPU
+        if run.cuda:
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        diagnostics = record.pop("echo_diagnostics", None)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if diagnostics is not None:
+            line = {k: record[k] for k in ("step", "p", "loss_off", "loss_on", "loss_kd")}
+            self.diagnostics.write(json.dumps({**line, "modules": diagnostics}) + "\n")
+            self.diagnostics.flush()
+        if record["step"] % run.opts.log_every == 0 or record["step"] in (1, run.total_steps) or "val_loss" in record:
+            print(self.line(record), flush=True)
+            w.update(since=now, tokens=0, padded=0, flops=0.0)
+
+    def line(self, r):
+        run = self.run
+        left = run.total_steps - r["step"]
+        per_step = self.steady["s"] / self.steady["steps"] if self.steady["steps"] else None
+        parts = [f"step {r['step']}/{run.total_steps}", f"loss {r['loss_off']:.4f}"]     # the deployable model's
+        if run.echo is not None:
+            parts.append("(Echo: " + (f"on {r['loss_on']:.4f} kd {r['loss_kd']:.4f}, " if r["routed"] else "")
+                         + f"p {r['p']:.2f}{' routed' if r['routed'] else ''})")
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.4f} exact {r['val_exact']:.1%}")
+        parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s (pad {r['padding']:.0%})"]
+        parts += [f"mfu {r['mfu']:.1%}"] if "mfu" in r else []
+        parts += [f"mem {r['peak_gib']:.1f}G"] if "peak_gib" in r else []
+        parts.append(f"eta {left * per_step / 60:.1f}m" if per_step else "eta after warm-up")   # compiles skew it
+        return " | ".join(parts)
+
+    def summary(self, wall):
+        s, run = self.steady, self.run
+        return {"steps": run.total_steps, "train_seconds": round(wall, 1), "warmup_seconds": round(self.warmup_s, 1),
+                "tokens_per_s": round(s["tokens"] / s["s"], 1) if s["s"] else None,
+                "padded_tokens_per_s": round(s["padded"] / s["s"], 1) if s["s"] else None,
+                "batch_shapes": len(self.shapes), "micro_batch": run.opts.micro_batch, "world_size": run.world,
+                "peak_gib": round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.cuda else None,
+                "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
+                "method": run.opts.method, "echo": run.echo is not None,
+                "steady_by_shape": [{"routed": k[0], "micro_batches": [list(mb) for mb in k[1:]], "steps": v["steps"],
+                                     "ms": round(1000 * v["s"] / v["steps"], 2), "padded_tokens": v["padded"],
+                                     "tokens": v["tokens"]}
+                                    for k, v in sorted(self.by_shape.items(), key=lambda kv: -kv[1]["steps"])]}
+
+    def close(self):
+        for f in (self.file, self.diagnostics):
+            if f:
+                f.close()
+
+
+def step_flops(model, echo, routed, micro_batches, n_params=None):
+    """For MFU: the FLOPs of one optimizer step over micro-batches [(B, T, P), ...] (batch_shape's). 4·N
+    per position and pass (forward 2N, activation gradients 2N; the frozen weights get no weight
+    gradient). A routed step's Echo-on pass runs the layers from the first target up, on the answer
+    window (B·P positions; see echo_loss) or, when it recomputes every position, on all B·T.
+    n_params: N, when the caller counted it once (the log calls this every step)."""
+    n_params = n_params or sum(p.numel() for p in model.parameters())
+    flops = 0.0
+    for B, T, P in micro_batches:
+        flops += 4 * n_params * B * T
+        if routed and echo is not None:
+            layers = 1.0 if echo.cfg.separate_passes else 1 - echo.cfg.target_layers[0] / model.args.n_layers
+            flops += 4 * n_params * layers * B * (P if uses_answer_window(echo.cfg) else T)
+    return flops
+
+
+def parsed_step(line):
+    """The step of a metrics.jsonl line; a line torn by a crash mid-write counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU (for MFU); None on CPU or unknown GPUs."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("L40", 181), ("4090", 165)):
+        if key in name:
+            return tflops * 1e12
+    return None

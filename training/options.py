@@ -1,0 +1,165 @@
+"""train.py's options: every flag with its help and default, --config files, the built-in default run,
+and the checks that catch a flag which cannot work before anything is built or written.
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import data
+from echo import EchoConfig
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser(description=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--config", default=None, help="a JSON file of options (a run's config.json works: its \"opts\"); "
+                                     "flags given on the command line override it")
+    a("--model", default=None, help="model directory (params.json, tokenizer, weights) or a preset name; "
+                                    "omitted: the built-in default run")
+    a("--data", nargs="+", default=None, help="LLM-Adapters JSON / JSONL files, mixed")
+    a("--template", default=None, help="alpaca | llm-adapters | alpaca-short (None: alpaca)")
+    a("--out", default=None, help="run folder (None: runs/<model>-<method>[-echo])")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--force", action="store_true", help="replace the run (or other files) already in --out")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    a("--ranks-share-gpu", action="store_true",
+      help="let torchrun put several ranks on one CUDA device (gloo with CUDA tensors): a test of the "
+           "multi-GPU code path on one GPU, not a way to go faster")
+    a("--method", default="lora", choices=["lora", "dora"], help="adapter: LoRA, or DoRA (weight-decomposed)")
+    a("--rank", type=int, default=16, help="LoRA rank r")
+    a("--alpha", type=float, default=32.0, help="LoRA scale α (the update is α/r · B A)")
+    a("--dropout", type=float, default=0.05, help="LoRA dropout on the adapter's input")
+    a("--modules", nargs="+", default=["wq", "wk", "wv", "wo"], help="adapted modules (wq..w3 or q_proj..)")
+    a("--epochs", type=float, default=3, help="passes over the training rows (may be fractional)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (None: --epochs)")
+    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
+    a("--warmup-steps", type=int, default=100, help="linear warm-up, capped at 10%% of the steps")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--global-batch", type=int, default=16, help="rows per optimizer step, over all processes")
+    a("--micro-batch", type=int, default=None,
+      help="rows per forward (None: 4 on CPU; on GPU the largest that fits, up to the global batch)")
+    a("--max-len", type=int, default=256, help="rows longer than this (tokens) are dropped")
+    a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+      help="batch rows of similar length together (less padding; see data.length_grouped_order)")
+    a("--seed", type=int, default=42, help="adapter init, data order, LoRA dropout and the Echo router")
+    a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
+    a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"],
+      help="with --compile on GPU: 'step' captures the whole optimizer step as one CUDA graph per batch "
+           "shape (one GPU); 'blocks' replays each compiled block as a graph (works with DDP); auto: step "
+           "on one GPU, blocks on several")
+    a("--val-split", type=float, default=0.0, help="hold out this fraction of the --data rows for validation")
+    a("--val-data", nargs="+", default=None, help="validation files (instead of --val-split)")
+    a("--val-rows", type=int, default=1000, help="validate on at most this many held-out rows")
+    a("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
+    a("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    a("--log-every", type=int, default=10, help="print a progress line every N steps (metrics.jsonl has every step)")
+    a("--diagnose-every", type=int, default=50,
+      help="with --echo: every N routed steps, write the Echo diagnostics (gate, λ, |δ|/|o|, gradient norms) "
+           "to echo_diagnostics.jsonl (0: never)")
+    a("--echo", action=argparse.BooleanOptionalAction, default=False, help="train with the Echo path")
+    EchoConfig.add_flags(p)                              # --echo-*: declared once, in EchoConfig
+    return p
+
+
+# `python train.py` (no --model): ~1 min on 2 CPU cores. micro_batch None there = the whole per-rank batch.
+DEFAULT_RUN_SETTINGS = dict(
+    echo=True, modules=["wq", "wk", "wv", "wo", "w1", "w2", "w3"], rank=32, alpha=32.0, dropout=0.0,
+    lr=3e-3, warmup_steps=10, epochs=3, echo_target_layers=[1], echo_source_layers=[2, 3])
+
+# Options a --config file may not set: they say what to do with --out, not what the run is.
+NOT_FROM_CONFIG = {"config", "resume", "force"}
+
+
+def read_config(path, parser):
+    """--config FILE: {option: value} (or a run's config.json, whose "opts" are that), checked against
+    the parser's options; returns argparse defaults to apply before the command line is parsed."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {path}: not a readable JSON file ({e})") from None
+    if isinstance(values, dict) and isinstance(values.get("opts"), dict):
+        values = values["opts"]
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of options")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option(s) {unknown}; see train.py --help")
+    return {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") not in NOT_FROM_CONFIG}
+
+
+def parse_args(argv=None, description=None):
+    p = build_parser(description)
+    opts = p.parse_args(argv)
+    if opts.config:
+        p.set_defaults(**read_config(opts.config, p))       # the file, then the flags given here win
+        opts = p.parse_args(argv)
+    if opts.model is None:             # the built-in default run has its own defaults; given flags still win
+        if opts.data:
+            p.error("--data needs --model (the built-in default run, without --model, trains on its own task)")
+        p.set_defaults(**DEFAULT_RUN_SETTINGS)
+        opts = p.parse_args(argv)
+    return opts
+
+
+def default_of(key, default_run=False):
+    """The value option `key` has when no flag sets it (a checkpoint older than the option trained at it)."""
+    if default_run and key in DEFAULT_RUN_SETTINGS:
+        return DEFAULT_RUN_SETTINGS[key]
+    return build_parser().get_default(key)
+
+
+def apply_default_run(opts, default_out="runs/default"):
+    """`python train.py` with no model: a tiny random LLaMA learns the built-in synthetic task."""
+    if opts.model is not None:
+        return opts
+    opts.model = "default-tiny"
+    opts.out = opts.out or default_out
+    opts.template = opts.template or data.default_task.TEMPLATE
+    opts.max_len = min(opts.max_len, data.default_task.MAX_LEN)
+    if opts.micro_batch is None:        # the whole per-process batch: one forward per step, any world size
+        opts.micro_batch = max(1, opts.global_batch // int(os.environ.get("WORLD_SIZE", 1)))
+    return opts
+
+
+def check_options(opts, world=1):
+    """Flags that cannot work, caught before anything is built or written; each error names its flag."""
+    def need(ok, flag, what):
+        if not ok:
+            raise ValueError(f"{flag} {what}")
+    for flag in ("--epochs", "--lr", "--alpha", "--dropout", "--weight-decay", "--grad-clip", "--val-split"):
+        value = getattr(opts, flag[2:].replace("-", "_"))
+        need(math.isfinite(value), flag, f"must be a finite number, got {value}")
+    for flag, v in (("--global-batch", opts.global_batch), ("--rank", opts.rank), ("--max-len", opts.max_len),
+                    ("--save-every", opts.save_every), ("--log-every", opts.log_every),
+                    ("--val-rows", opts.val_rows)):
+        need(v >= 1, flag, f"must be >= 1, got {v}")
+    need(opts.micro_batch is None or opts.micro_batch >= 1, "--micro-batch", f"must be >= 1, got {opts.micro_batch}")
+    need(opts.max_steps is None or opts.max_steps >= 1, "--max-steps", f"must be >= 1, got {opts.max_steps}")
+    need(opts.epochs > 0, "--epochs", f"must be > 0, got {opts.epochs}")
+    need(opts.lr > 0, "--lr", f"must be > 0 (with {opts.lr} nothing would train), got {opts.lr}")
+    need(opts.alpha != 0, "--alpha", "must be non-zero (the update is α/r · B A)")
+    need(0 <= opts.dropout < 1, "--dropout", f"must be in [0, 1), got {opts.dropout}")
+    need(opts.warmup_steps >= 0 and opts.eval_every >= 0 and opts.grad_clip >= 0 and opts.weight_decay >= 0
+         and opts.diagnose_every >= 0, "--warmup-steps / --eval-every / --grad-clip / --weight-decay / "
+         "--diagnose-every", "must be >= 0")
+    need(0 <= opts.val_split < 1, "--val-split", f"must be in [0, 1), got {opts.val_split}")
+    need(not (opts.val_split and opts.val_data), "--val-split", "and --val-data exclude each other")
+    need(not (opts.resume and opts.force), "--resume", "and --force exclude each other")
+    need(opts.global_batch % world == 0, "--global-batch",
+         f"{opts.global_batch} is not a multiple of the {world} processes")
+    if opts.micro_batch is not None:
+        need(opts.global_batch % (opts.micro_batch * world) == 0, "--micro-batch",
+             f"{opts.micro_batch} × {world} process(es) does not divide --global-batch {opts.global_batch}")
+    if opts.echo:
+        EchoConfig.from_flags(opts).check_values()       # NaN λ, gate bias, ... named by their flag
