@@ -40,7 +40,6 @@ softmax(head(h_l))[y_t], with head = final RMSNorm + LM head applied to block l'
 (teacher forcing on prompt + output); the layer where p_l rises marks the boundary. It uses the same
 validation rows when the run has them, else (an analysis, not a model choice) the task's train file.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
