@@ -1,0 +1,158 @@
+"""The multi-GPU code path on one CUDA device (skipped without one). torchrun puts N = 2 and 4 ranks on one
+GPU (--ranks-share-gpu: gloo all-reduces the CUDA tensors), with Echo, --cuda-graphs blocks, fp32 and bf16:
+DDP, per-block CUDA graphs, no_sync accumulation, the shared router, the global loss normaliser, the
+rank-0 checkpoint with its barrier, SIGTERM to one rank and the death of one rank.
+
+What this proves and what it does not: the code a 4-GPU run executes runs, and computes what one process
+computes; not its speed, nor NCCL or NVLink (gloo moves the gradients through host memory here).
+
+Why N ranks can equal 1 rank bit for bit: the reference is one process with micro-batch = global / N, so
+rank r's micro-batch is the reference's r-th (same rows, shapes and compiled kernels). Each rank's loss
+is divided by (answer tokens / N) and DDP divides the all-reduced gradient by N: both are scalings by a
+power of two, exact in floating point. What remains is the order of the sum of the N micro-batch
+gradients: the reference adds them one after the other, gloo in its own order. With N = 2 the sum
+a + b = b + a is exact either way; with N = 4, ((a + b) + c) + d against gloo's order differs by at most
+3 roundings of the partial sums, |Δg| <= 3 · 2^-24 · Σ|g_r| per element, and the same for the summed
+loss statistics. Adam turns a gradient into an update of size ~lr whatever its scale, so a relative
+gradient error ε moves the adapter by ~lr · ε per step, growing with the steps (the bound below)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_train import args, metrics, setup  # noqa: F401  (setup is a fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+STEPS, LR = 8, 1e-2
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cuda_args(setup, out, dtype, *extra):
+    argv = args(setup, out, "--max-steps", str(STEPS), "--compile", "--cuda-graphs", "blocks", *extra)
+    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--dtype") + 1] = dtype
+    return argv
+
+
+def torchrun(n, argv, script="train.py", env=None, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           str(ROOT / script), *argv, "--ranks-share-gpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def one_process(argv):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def trained(out):
+    return {**load_file(str(out / "adapter" / "adapter.safetensors")), **load_file(str(out / "echo.safetensors"))}
+
+
+def compare(a, b, loss_rtol, weight_atol):
+    """Largest loss and weight differences of two runs, asserting the routing, steps and tolerances."""
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
+    assert [m["routed"] for m in ma] == [m["routed"] for m in mb] and any(m["routed"] for m in ma)
+    worst_loss = max(abs(x[k] - y[k]) / abs(y[k]) for x, y in zip(ma, mb) for k in ("loss_off", "loss_on")
+                     if y[k] is not None)
+    ta, tb = trained(a), trained(b)
+    assert ta.keys() == tb.keys()
+    worst_weight = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    print(f"{a.name} vs {b.name}: loss rel {worst_loss:.2e}, weights abs {worst_weight:.2e}")
+    assert worst_loss <= loss_rtol and worst_weight <= weight_atol, (worst_loss, worst_weight)
+
+
+# N = 2: exact (a + b = b + a). N = 4: 3 roundings of a 4-term fp32 sum (rel 3 · 2^-24 ≈ 1.8e-7 of Σ|g|)
+# per step; through Adam each step can move a weight by lr · (that relative error), amplified where a
+# gradient element is close to Adam's eps — bounded by lr per step: 8 steps · 1e-2 · 1e-3 = 8e-5 covers
+# a relative update error up to 1e-3 per step, which is where the fp32 sums leave it on this tiny model.
+TOLERANCE = {2: (0.0, 0.0), 4: (1e-6, 8e-5)}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_ranks_on_one_gpu_equal_one_process(setup, tmp_path, n, dtype):
+    ranks, ref = tmp_path / f"ranks{n}", tmp_path / "one"
+    rc, log = torchrun(n, cuda_args(setup, ranks, dtype))
+    assert rc == 0, log[-4000:]
+    assert f"routing identical on all {n} ranks" in log
+    config = json.loads((ranks / "config.json").read_text())
+    assert (config["world_size"], config["grad_accum"], config["opts"]["cuda_graphs"]) == (n, 1, "blocks")
+    one_process(cuda_args(setup, ref, dtype, "--micro-batch", str(4 // n)))
+    assert json.loads((ref / "config.json").read_text())["grad_accum"] == n
+    compare(ranks, ref, *TOLERANCE[n])
+
+
+def test_kill_9_mid_checkpoint_then_resume_is_exact(setup, tmp_path):
+    """Rank 0 is killed half-way through writing its second checkpoint (step 4): the other ranks exit,
+    state.pt still holds step 2, and a 2-rank --resume ends exactly where an uninterrupted run does."""
+    full, out = tmp_path / "full", tmp_path / "run"
+    extra = ("--save-every", "2")
+    rc, log = torchrun(2, cuda_args(setup, full, "bf16", *extra))
+    assert rc == 0, log[-4000:]
+    rc, log = torchrun(2, cuda_args(setup, out, "bf16", *extra), script="tests/rank_harness.py",
+                       env={"ECHO_KILL_AT_CHECKPOINT": "2"})
+    assert rc != 0 and "lost contact with another process" in log, log[-4000:]
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    rc, log = torchrun(2, cuda_args(setup, out, "bf16", *extra, "--resume"))
+    assert rc == 0, log[-4000:]
+    compare(out, full, 0.0, 0.0)
+
+
+def rank_pids(launcher):
+    """{rank: pid} of a torchrun launcher's worker processes, read from their environment."""
+    pids = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        rank = [v for v in environ if v.startswith(b"RANK=")]
+        if rank:
+            pids[int(rank[0][5:])] = int(pid)
+    return pids
+
+
+def start(setup, out, n=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           str(ROOT / "train.py"), *cuda_args(setup, out, "bf16", "--max-steps", "100000", "--save-every", "100000",
+                                              "--log-every", "1"), "--ranks-share-gpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:                     # wait until training is under way
+        lines.append(line)
+        if line.startswith("step 3/"):
+            break
+    pids = rank_pids(proc.pid)
+    assert sorted(pids) == list(range(n)), "".join(lines)[-3000:]
+    return proc, pids, lines
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    proc, pids, lines = start(setup, out)
+    os.kill(pids[1], signal.SIGTERM)
+    log = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    assert "continue with --resume" in log, log[-3000:]
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"]
+    assert step >= 3 and [m["step"] for m in metrics(out)] == list(range(1, step + 1))
+    ours = [l for l in log.splitlines() if l.startswith("[rank") or "error:" in l]
+    assert not any("Traceback" in l for l in ours), log[-3000:]
+
+
+def test_kill_9_of_one_rank_ends_the_others_in_seconds(setup, tmp_path):
+    proc, pids, _ = start(setup, tmp_path / "run")
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    log = proc.communicate(timeout=120)[0]
+    assert time.monotonic() - t0 < 30 and proc.returncode != 0
+    assert "lost contact with another process" in log, log[-3000:]
