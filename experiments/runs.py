@@ -158,7 +158,9 @@ def beam_limit(args):
     return lim
 
 
-def eval_command(args, adapter, decoding, out):
+def eval_command(args, adapter, decoding, out, force=False):
+    """eval.py's command line; force=True (re-evaluating into an existing --out) adds --force, since eval.py
+    refuses to overwrite a results file without it. A fresh evaluation never passes --force."""
     cmd = [sys.executable, script("eval.py"), "--model", str(args.model)]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
@@ -175,6 +177,7 @@ def eval_command(args, adapter, decoding, out):
     if args.eval_batch_size:
         cmd += ["--batch-size", str(args.eval_batch_size)]
     cmd += shlex.split(args.eval_extra) if args.eval_extra else []
+    cmd += ["--force"] if force else []
     return cmd + ["--out", str(out)]
 
 
@@ -252,10 +255,12 @@ def ensure_eval(args, adapter, decoding, what):
     out = eval_file(adapter if adapter is not None else Path(args.runs_dir) / "base", decoding)
     wanted = args.limit if decoding == "greedy" else beam_limit(args)
     res = eval_results_path(out)
+    again = False
     if res is not None:
         check_eval_limit(out, wanted, what)
         if adapter is not None and _newest(Path(adapter) / "adapter") > res.stat().st_mtime:
             print(f"[{what}] {out} is older than {Path(adapter) / 'adapter'}: evaluating again")
+            again = True
         else:
             print(f"[{what}] kept {out}")
             compact_predictions(res)
@@ -264,7 +269,7 @@ def ensure_eval(args, adapter, decoding, what):
         print(f"[{what}] skipped: {adapter} keeps no adapter/ (adapters are not committed); delete its "
               f"summary.json to train it again", flush=True)
         return
-    run_logged(eval_command(args, adapter, decoding, out), out.with_suffix(".log"), what, args.dry_run,
+    run_logged(eval_command(args, adapter, decoding, out, force=again), out.with_suffix(".log"), what, args.dry_run,
                env=child_env(args) if args.jobs > 1 else None)
     if not args.dry_run and eval_results_path(out):
         compact_predictions(eval_results_path(out))
