@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.io import publish
 from model.model import (ATTENTION_MODULES, FFN_MODULES, EchoInject, PromptKV, at_least_fp32, canonical_module,
                          window_attention_mask)
 
@@ -560,9 +561,9 @@ def save_echo(echo, out_dir, tensors=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     if tensors is None:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in echo.state_dict().items()}
-    tmp = out_dir / "echo.safetensors.tmp"        # opened normally, so the file follows the umask
+    tmp = out_dir / "echo.safetensors.tmp"
     save_file(tensors, str(tmp))
-    os.replace(tmp, out_dir / "echo.safetensors")
+    publish(tmp, out_dir / "echo.safetensors")         # the umask's mode (safetensors writes 0600), then rename
     tmp = out_dir / "echo_config.json.tmp"
     tmp.write_text(json.dumps(echo.config_dict(), indent=2))
     os.replace(tmp, out_dir / "echo_config.json")

@@ -602,13 +602,70 @@ def test_damaged_checkpoint_is_a_one_line_error(setup, tmp_path):
     (("--save-every", "0"), "--save-every"), (("--micro-batch", "0"), "--micro-batch"),
     (("--max-steps", "0"), "--max-steps"), (("--lr", "0"), "--lr"), (("--max-len", "100000"), "--max-len 100000"),
     (("--val-split", "1.5"), "--val-split"), (("--resume", "--force"), "--resume"),
-    (("--echo-targets", "9"), "--echo-targets"),
+    (("--echo-targets", "9"), "--echo-targets"), (("--epochs", "inf"), "--epochs"), (("--alpha", "nan"), "--alpha"),
+    (("--echo-lambda-init", "nan"), "--echo-lambda-init"), (("--echo-gate-bias", "inf"), "--echo-gate-bias"),
+    (("--echo-lambda-init", "0"), "--echo-lambda-init"), (("--micro-batch", "3"), "--micro-batch 3"),
 ])
 def test_bad_flags_are_caught_up_front(setup, tmp_path, extra, culprit):
     with pytest.raises(ValueError) as e:
         train.main(args(setup, tmp_path / "run", *extra))
     assert one_line(e).startswith(culprit) or f"{culprit} " in str(e.value) or culprit in str(e.value)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()           # checked before the run folder is made
+
+
+def test_a_full_disk_inside_torch_save_names_the_file(setup, tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as a RuntimeError from its zip writer: the error still names the file,
+    says the previous checkpoint is intact and what to do, and leaves no temporary file behind."""
+    out, real_save, calls = tmp_path / "run", torch.save, []
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith("state.pt.tmp"):
+            calls.append(1)
+            if len(calls) == 2:
+                with open(f, "wb") as fh:
+                    fh.write(b"partial")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as e:
+        train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
+    monkeypatch.undo()
+    assert "state.pt" in one_line(e) and "previous version is intact" in str(e.value) and "--resume" in str(e.value)
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    assert not list((out / "checkpoint").glob("*.tmp"))
+
+
+def test_run_files_follow_the_umask(setup, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = train.main(args(setup, tmp_path / "run", "--max-steps", "2"))
+    finally:
+        os.umask(old)
+    for path in (out / "echo.safetensors", out / "adapter" / "adapter.safetensors", out / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_routing_that_differs_between_ranks_is_named_not_a_lost_peer(monkeypatch, capsys):
+    """A routing mismatch is a bug to report, not a dead process: its own one-line message."""
+    from training import distributed
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, [not x for x in obj]]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        distributed.exit_with_one_line(lambda: distributed.check_routing_agrees([True, False], 0, 2))
+    assert str(e.value).startswith("error: Echo routing differed between ranks") and "lost contact" not in str(e.value)
+
+
+def test_default_run_on_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 train.py --device cpu` (the default run, cut to 2 steps): the micro-batch
+    is sized from the number of processes, so nothing is refused after the run folder exists."""
+    out = tmp_path / "default"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "train.py"), "--device", "cpu", "--max-steps", "2", "--out", str(out)],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["opts"]["micro_batch"], config["grad_accum"]) == (2, 8, 1)
 
 
 def test_sigterm_checkpoints_and_exits_143(setup, tmp_path):

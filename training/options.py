@@ -28,9 +28,8 @@ def build_parser(description=None):
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--force", action="store_true", help="replace the run (or other files) already in --out")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
-    a("--ranks-share-gpu", action="store_true",
-      help="let torchrun put several ranks on one CUDA device (gloo with CUDA tensors): a test of the "
-           "multi-GPU code path on one GPU, not a way to go faster")
+    a("--ranks-share-gpu", action="store_true", help="let torchrun put several ranks on one CUDA device (gloo "
+      "with CUDA tensors): a test of the multi-GPU code path on one GPU, not a way to go faster")
     a("--method", default="lora", choices=["lora", "dora"], help="adapter: LoRA, or DoRA (weight-decomposed)")
     a("--rank", type=int, default=16, help="LoRA rank r")
     a("--alpha", type=float, default=32.0, help="LoRA scale α (the update is α/r · B A)")
@@ -51,10 +50,9 @@ def build_parser(description=None):
     a("--seed", type=int, default=42, help="adapter init, data order, LoRA dropout and the Echo router")
     a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
-    a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"],
-      help="with --compile on GPU: 'step' captures the whole optimizer step as one CUDA graph per batch "
-           "shape (one GPU); 'blocks' replays each compiled block as a graph (works with DDP); auto: step "
-           "on one GPU, blocks on several")
+    a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"], help="with --compile on GPU: "
+      "'step' = the whole optimizer step as one CUDA graph per batch shape (one GPU); 'blocks' = each compiled "
+      "block replayed as a graph (works with DDP); auto: step on one GPU, blocks on several")
     a("--val-split", type=float, default=0.0, help="hold out this fraction of the --data rows for validation")
     a("--val-data", nargs="+", default=None, help="validation files (instead of --val-split)")
     a("--val-rows", type=int, default=1000, help="validate on at most this many held-out rows")
