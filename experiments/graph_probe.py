@@ -8,6 +8,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import load_file
+
+if not torch.cuda.is_available():
+    sys.exit("error: experiments.graph_probe compares CUDA graphs: it needs a CUDA GPU")
 import train, training.graphs
 from model import ModelArgs, Transformer
 from model.tokenizer import ByteTokenizer
