@@ -51,6 +51,25 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
     found = discover(runs_dir)
     names = [n for n in METHODS if n in names or any(f[0] == n for f in found)]
     seeds = sorted(set(seeds) | {f[1] for f in found})
+    runs, excluded, folders = _tabled_runs(runs_dir, names, seeds, check)
+    base = _base_entry(runs_dir)
+    limit, beam_limit = _limits_made(runs, base, limit, beam_limit)
+    done = {(r["name"], r["seed"]) for r in runs if r["decoding"] == "greedy"}
+    n_main = sum((n, s) in done for n in MAIN_METHODS for s in MAIN_SEEDS)
+    out = {"model": str(model), "model_name": model_name or model_label(folders, model),
+           "train_files": list(train_files), "recipe": _actual_recipe(recipe, folders),
+           "partial": n_main < N_MAIN, "main_runs_done": n_main, "main_runs_total": N_MAIN,
+           "limit": limit, "beam_limit": beam_limit, "paper_deltas": PAPER_DELTAS,
+           "runs": runs, "base": base, "layer_probs": layer_probs}
+    if recipe_label:
+        out["recipe_label"] = recipe_label
+    if excluded:
+        out["excluded"] = excluded
+    return out
+
+
+def _tabled_runs(runs_dir, names, seeds, check):
+    """-> (run entries of every existing evaluation, excluded folders with the reason, tabled folders)."""
     runs, excluded, folders = [], [], []
     for name in names:
         for seed in seeds:
@@ -67,13 +86,22 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
                 ev = load_eval(eval_file(rd, decoding))
                 if ev is not None:
                     runs.append(_run_entry(name, seed, decoding, ev, summary))
+    return runs, excluded, folders
+
+
+def _base_entry(runs_dir):
+    """The base model's greedy evaluation (no adapter, no training), or None."""
     base_ev = load_eval(eval_file(Path(runs_dir) / "base", "greedy"))
-    base = None
-    if base_ev is not None:
-        base = {"name": "base", "method": "base", "echo": False, "seed": None, "decoding": "greedy",
-                "tasks": base_ev["tasks"], "eval_settings": base_ev["settings"], "train_seconds": None,
-                "tokens_per_s": None, "peak_gib": None, "device": None}
-    # the recipe actually used: the tabled run folders' config.json where present, else the flags
+    if base_ev is None:
+        return None
+    return {"name": "base", "method": "base", "echo": False, "seed": None, "decoding": "greedy",
+            "tasks": base_ev["tasks"], "eval_settings": base_ev["settings"], "train_seconds": None,
+            "tokens_per_s": None, "peak_gib": None, "device": None}
+
+
+def _actual_recipe(recipe, folders):
+    """The recipe actually used: the tabled run folders' config.json where present, else the flags; the keys
+    the runs disagree on are listed under differs_between_runs."""
     used = [r for r in (recipe_of(d) for d in folders) if r]
     actual = dict(recipe)
     if used:
@@ -84,7 +112,12 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
                             "train_rows") and r.get(k) != used[0].get(k)})
         if differing:
             actual["differs_between_runs"] = differing
-    # what the evaluations were really made with wins over the flags (--only-table with other flags)
+    return actual
+
+
+def _limits_made(runs, base, limit, beam_limit):
+    """-> (greedy limit, beam limit): what the evaluations were really made with wins over the flags
+    (--only-table with other flags)."""
     for decoding, given in (("greedy", limit), ("beam4", beam_limit)):
         made = {r["eval_settings"].get("limit") for r in runs + ([base] if base else [])
                 if r["decoding"] == decoding and r["eval_settings"].get("limit") not in (None, 0)}
@@ -96,18 +129,7 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
             limit = given
         else:
             beam_limit = given
-    done = {(r["name"], r["seed"]) for r in runs if r["decoding"] == "greedy"}
-    n_main = sum((n, s) in done for n in MAIN_METHODS for s in MAIN_SEEDS)
-    out = {"model": str(model), "model_name": model_name or model_label(folders, model),
-           "train_files": list(train_files), "recipe": actual,
-           "partial": n_main < N_MAIN, "main_runs_done": n_main, "main_runs_total": N_MAIN,
-           "limit": limit, "beam_limit": beam_limit, "paper_deltas": PAPER_DELTAS,
-           "runs": runs, "base": base, "layer_probs": layer_probs}
-    if recipe_label:
-        out["recipe_label"] = recipe_label
-    if excluded:
-        out["excluded"] = excluded
-    return out
+    return limit, beam_limit
 
 
 def write_json(results, path):

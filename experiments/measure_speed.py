@@ -98,6 +98,29 @@ def cuda_available():
 
 
 def main(argv=None):
+    p = build_parser()
+    a = p.parse_args(argv)
+    files = refuse_bad_input(p, a)
+    dest = SPEED / f"real-vs-step-{a.tag}"
+    scratch = Path("<scratch>") if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
+    model = a.model or scratch / "model"
+    train = train_command(a, files, model, scratch)
+    if a.dry_run:
+        print(" ".join(map(str, train)))
+        return
+    if a.shape:
+        print(f"random weights: {a.shape} with the tokenizer of {a.tokenizer} -> {model}", flush=True)
+        random_model(a.shape, a.tokenizer, model)
+    run(train, scratch / "train.log")
+    bench = benchmark_at_run_shapes(a, model, scratch)
+    write_measured(a, dest, train, scratch, bench)
+    run([sys.executable, "-m", "experiments.speed_table"], scratch / "speed_table.log")
+    for big in ([scratch / "model"] if a.shape else []) + [scratch / "run" / "checkpoint", scratch / "run" / "adapter"]:
+        shutil.rmtree(big, ignore_errors=True)           # a random 8B model is 16 GB; the logs stay
+    print(f"wrote {dest} and README's speed tables (the run's logs: {scratch})")
+
+
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m experiments.measure_speed", description=__doc__,
                                 formatter_class=Fmt)
     p.add_argument("--model", help="model folder (real weights)")
@@ -112,7 +135,11 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the train command and stop")
     # no pass-through of other train.py flags: the benchmark would not see them, and the side-by-side
     # would compare two different steps
-    a = p.parse_args(argv)
+    return p
+
+
+def refuse_bad_input(p, a):
+    """Exit with a one-line error before anything runs. -> the train files."""
     if (a.model is None) == (a.shape is None):
         p.error("give --model (a real checkpoint) or --shape (random weights), not both")
     if a.shape and not a.tokenizer:
@@ -126,19 +153,17 @@ def main(argv=None):
     if not a.dry_run and not cuda_available():
         p.exit(2, "error: measure_speed needs a CUDA GPU (none is visible here): it times the GPU loop; "
                   "--dry-run prints the command\n")
-    dest = SPEED / f"real-vs-step-{a.tag}"
-    scratch = Path("<scratch>") if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
-    model = a.model or scratch / "model"
-    train = [sys.executable, ROOT / "train.py", "--model", model, "--data", *files, "--method", a.method,
-             "--max-steps", a.steps, "--save-every", a.save_every or a.steps + 1, "--out", scratch / "run",
-             *(["--echo"] if a.echo else [])]      # only what the benchmark is also given: the two must match
-    if a.dry_run:
-        print(" ".join(map(str, train)))
-        return
-    if a.shape:
-        print(f"random weights: {a.shape} with the tokenizer of {a.tokenizer} -> {model}", flush=True)
-        random_model(a.shape, a.tokenizer, model)
-    run(train, scratch / "train.log")
+    return files
+
+
+def train_command(a, files, model, scratch):
+    return [sys.executable, ROOT / "train.py", "--model", model, "--data", *files, "--method", a.method,
+            "--max-steps", a.steps, "--save-every", a.save_every or a.steps + 1, "--out", scratch / "run",
+            *(["--echo"] if a.echo else [])]      # only what the benchmark is also given: the two must match
+
+
+def benchmark_at_run_shapes(a, model, scratch):
+    """tests/benchmark.py at the shapes the train run used. -> its JSONL."""
     summary = json.loads((scratch / "run" / "summary.json").read_text())
     try:
         batch, seqs, answer = benchmark_shapes(summary)
@@ -148,6 +173,11 @@ def main(argv=None):
     run([sys.executable, ROOT / "tests" / "benchmark.py", "--model", model, "--method", a.method, "--echo",
          *(["routed", "unrouted"] if a.echo else ["off"]), "--graphs", "step", "--batch", batch, "--seq", *seqs,
          "--answer", answer, "--json", bench], scratch / "benchmark.log")
+    return bench
+
+
+def write_measured(a, dest, train, scratch, bench):
+    """results/speed/real-vs-step-<tag>/: measured.json (how it was made), summary.json, benchmark.jsonl."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "measured.json").write_text(json.dumps(
         {"weights": "random" if a.shape else "real", "model": a.shape or Path(a.model).name,
@@ -155,10 +185,6 @@ def main(argv=None):
          "save_every": a.save_every, "train_command": " ".join(map(str, train))}, indent=2) + "\n")
     shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
     shutil.copy(bench, dest / "benchmark.jsonl")
-    run([sys.executable, "-m", "experiments.speed_table"], scratch / "speed_table.log")
-    for big in ([scratch / "model"] if a.shape else []) + [scratch / "run" / "checkpoint", scratch / "run" / "adapter"]:
-        shutil.rmtree(big, ignore_errors=True)           # a random 8B model is 16 GB; the logs stay
-    print(f"wrote {dest} and README's speed tables (the run's logs: {scratch})")
 
 
 if __name__ == "__main__":

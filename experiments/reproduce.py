@@ -43,8 +43,39 @@ class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFor
 
 
 def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        resolve(args)
+    except StepFailed as e:
+        p.exit(2, f"error: {e}\n")
+    return args
+
+
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__, formatter_class=Fmt)
-    a = p.add_argument
+    _add_queue_flags(p.add_argument)
+    g = p.add_argument_group("recipe (train.py flags; default: the --recipe's value, "
+                             "paper = " + ", ".join(f"{k} {v:g}" for k, v in RECIPES["paper"].flags.items()) + ")")
+    for k, kind in (("lr", float), ("epochs", float), ("rank", int), ("alpha", float), ("dropout", float),
+                    ("global_batch", int), ("micro_batch", int), ("max_len", int), ("warmup_steps", int),
+                    ("max_steps", int), ("template", str), ("val_split", float)):
+        g.add_argument("--" + k.replace("_", "-"), type=kind, default=None)
+    g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (None: eval.py's)")
+    e.add_argument("--eval-extra", default=None, help="more eval.py flags, one quoted string")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--results", "--json", dest="json", default=None,
+                   help="results JSON (default: the recipe's under results/, or beside a --runs-dir of your own)")
+    o.add_argument("--table", default=None, help="README fragment (spliced into README.md only at its default)")
+    o.add_argument("--layer-png", default=None, help="default: beside the results JSON")
+    o.add_argument("--layer-csv", default=None, help="default: beside the results JSON")
+    return p
+
+
+def _add_queue_flags(a):
+    """The recipe, the model and data, which runs to make and how many at once."""
     a("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
       help="paper: 3 epochs, lr 2e-4 (+ ablations, probes, sweep); 1epoch-lr1e-3: the earlier recipe")
     a("--model", help="Meta-layout model folder (see ../shared/tools/gguf_to_meta.py); required unless "
@@ -71,33 +102,29 @@ def parse_args(argv=None):
                                               "training at N steps unless --max-steps is given)")
     a("--layer-probs", type=int, default=None, metavar="N",
       help="also the per-layer answer probability of seed-0 lora and echo-lora on N examples per task")
-    g = p.add_argument_group("recipe (train.py flags; default: the --recipe's value, "
-                             "paper = " + ", ".join(f"{k} {v:g}" for k, v in RECIPES["paper"].flags.items()) + ")")
-    for k, kind in (("lr", float), ("epochs", float), ("rank", int), ("alpha", float), ("dropout", float),
-                    ("global_batch", int), ("micro_batch", int), ("max_len", int), ("warmup_steps", int),
-                    ("max_steps", int), ("template", str), ("val_split", float)):
-        g.add_argument("--" + k.replace("_", "-"), type=kind, default=None)
-    g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (None: eval.py's)")
-    e.add_argument("--eval-extra", default=None, help="more eval.py flags, one quoted string")
-    o = p.add_argument_group("outputs")
-    o.add_argument("--results", "--json", dest="json", default=None,
-                   help="results JSON (default: the recipe's under results/, or beside a --runs-dir of your own)")
-    o.add_argument("--table", default=None, help="README fragment (spliced into README.md only at its default)")
-    o.add_argument("--layer-png", default=None, help="default: beside the results JSON")
-    o.add_argument("--layer-csv", default=None, help="default: beside the results JSON")
-    args = p.parse_args(argv)
-    try:
-        resolve(args)
-    except StepFailed as e:
-        p.exit(2, f"error: {e}\n")
-    return args
 
 
 def resolve(args):
     """Fill the paths and the recipe from --recipe / --runs-dir, and refuse bad inputs before anything runs."""
-    rec = args.recipe = RECIPES[args.recipe]
+    _resolve_outputs(args, RECIPES[args.recipe])
+    _resolve_model(args)
+    _resolve_beam_limit(args)
+    for flag, v in (("--jobs", args.jobs), ("--limit", args.limit), ("--max-runs", args.max_runs)):
+        if v is not None and v < 1:
+            raise StepFailed(f"{flag} must be >= 1")
+    if args.limit and args.max_steps is None:
+        args.max_steps = args.limit
+    args.recipe_overrides = {k: getattr(args, k) for k in RECIPE_FLAGS}
+    if args.methods is not None or args.seeds is not None:
+        args.methods = list(dict.fromkeys(args.methods or MAIN_METHODS))
+        args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else MAIN_SEEDS))
+    args.data_claim = data_claim(args)
+
+
+def _resolve_outputs(args, rec):
+    """args.recipe, the runs and sweep folders, and every output path: the recipe's own at its own runs
+    folder, else beside a --runs-dir of your own (so a trial run never overwrites the committed results)."""
+    args.recipe = rec
     default_runs = args.runs_dir is None or Path(args.runs_dir).resolve() == rec.runs.resolve()
     args.runs_dir = os.path.relpath(rec.runs) if args.runs_dir is None else args.runs_dir
     runs = Path(args.runs_dir)
@@ -119,6 +146,10 @@ def resolve(args):
     args.layer_png = args.layer_png or str(stem.parent / f"{lp}.png")
     args.layer_csv = args.layer_csv or str(stem.parent / f"{lp}.csv")
     args.diag_stem = stem.parent / f"{stem.name}-echo-diagnostics"
+
+
+def _resolve_model(args):
+    """--model: required to train; with --only-table optional (the recorded one), but must exist if given."""
     if args.model is not None and args.only_table and not Path(args.model).is_dir():
         raise StepFailed(f"--model {args.model} does not exist (with --only-table leave it out: the recorded one "
                          f"is used)")
@@ -126,6 +157,10 @@ def resolve(args):
         if not args.only_table:
             raise StepFailed("--model is required (the Meta-layout model folder to train)")
         args.model = recorded_model(args.json, args.runs_dir) or "(none recorded yet)"
+
+
+def _resolve_beam_limit(args):
+    """--beam-limit N | all | 0 -> args.beam_limit (None = full test sets) and args.run_beam (0 = no beam eval)."""
     bl = str(args.beam_limit).lower()
     try:
         args.beam_limit = None if bl == "all" else int(bl)
@@ -136,16 +171,6 @@ def resolve(args):
     args.run_beam = args.beam_limit != 0
     if args.beam_limit == 0:
         args.beam_limit = None
-    for flag, v in (("--jobs", args.jobs), ("--limit", args.limit), ("--max-runs", args.max_runs)):
-        if v is not None and v < 1:
-            raise StepFailed(f"{flag} must be >= 1")
-    if args.limit and args.max_steps is None:
-        args.max_steps = args.limit
-    args.recipe_overrides = {k: getattr(args, k) for k in RECIPE_FLAGS}
-    if args.methods is not None or args.seeds is not None:
-        args.methods = list(dict.fromkeys(args.methods or MAIN_METHODS))
-        args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else MAIN_SEEDS))
-    args.data_claim = data_claim(args)
 
 
 def recorded_model(json_path, runs_dir):
