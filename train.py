@@ -23,7 +23,7 @@ when the run finished, summary.json.
 import json
 import math
 import signal
-import shutil  # noqa: F401  (tests patch train.shutil.rmtree: the checkpoint writer's rmtree)
+import shutil  # noqa: F401  (tests patch train.shutil.rmtree, i.e. shutil's: training/checkpoint.py uses it)
 import sys
 import time
 from contextlib import nullcontext
@@ -41,10 +41,12 @@ from model import load_model
 from model.tokenizer import ByteTokenizer
 from training.checkpoint import (CheckpointWriter, atomic_file, check_run_dir, last_checkpoint, load_checkpoint,
                                  make_run_dir, run_fingerprints, save_base, save_checkpoint)
-from training.distributed import StopRequest, check_routing_agrees, exit_with_one_line, leave, setup_distributed
+from training.distributed import (StopRequest, check_routing_agrees, exit_with_one_line, leave, setup_distributed,
+                                  smallest_over_ranks)
+# StatsOnHost and step_flops are imported for tests and tests/benchmark.py, which build a step from train's names
 from training.graphs import (P_BUCKET, StatsOnHost, StepGraphs, keep_grads, make_trainer,  # noqa: F401
                              pick_micro_batch, set_learning_rate)
-from training.log import STATS, Log, step_flops  # noqa: F401  (step_flops: tests and the benchmark)
+from training.log import STATS, Log, step_flops  # noqa: F401
 from training.options import apply_default_run, check_options, parse_args
 
 IGNORE = -100
@@ -70,6 +72,9 @@ def build_model(opts, device):
         model, tokenizer = load_model(opts.model, device=device, dtype=dtype, **overrides)
         if tokenizer is None:          # a preset with random weights: a byte tokenizer is enough for benchmarks
             tokenizer = ByteTokenizer()
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"--model {opts.model}: its {model.args.vocab_size}-token vocabulary is smaller than the "
+                         f"tokenizer's {tokenizer.vocab_size} tokens: use a model folder with its own tokenizer")
     if opts.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len {opts.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     return model, tokenizer
@@ -151,7 +156,7 @@ def setup(opts):
     train_set, val_set = load_data(opts, tokenizer, out, master, world, base_model=model)
     step_module = EchoStep(model, echo)          # fp32 Echo weights (eqs. 2-8), whatever the model's dtype
     if opts.micro_batch is None:
-        opts.micro_batch = pick_micro_batch(step_module, opts, world, device)
+        opts.micro_batch = smallest_over_ranks(pick_micro_batch(step_module, opts, world, device), world, device)
     cuda = str(device).startswith("cuda")
     use_compile = cuda if opts.compile is None else opts.compile
     graphs = opts.cuda_graphs if opts.cuda_graphs != "auto" else ("step" if world == 1 else "blocks")
@@ -295,7 +300,7 @@ def main(argv=None):
 
 def train(run, log, stop, step, epoch, epoch_step):
     """The loop: one optimizer step per global batch, until total_steps or a stop request."""
-    routed_steps = 0
+    routed_steps = log.routed_before                  # a resumed run counts the routed steps it kept
     while step < run.total_steps:
         for epoch_step_now, mbs in micro_batches(run, epoch, epoch_step):
             routed = run.router(step) if run.router else False      # eq. 9, the same draw on every rank
@@ -323,17 +328,24 @@ def train(run, log, stop, step, epoch, epoch_step):
                 log.flush()                           # never checkpoint a step whose loss was not checked
                 save_checkpoint(run, step, epoch, epoch_step, wait=last or bool(stopping))
             if last or stopping:             # both also triggered the save above, which flushed the log
-                log.stop_signal = log.stop_signal or stop.signum
+                if run.world == 1:           # several ranks decide only from the all-reduced stats, together
+                    log.stop_signal = log.stop_signal or stop.signum
                 return step
         epoch, epoch_step = epoch + 1, 0
     return step
 
 
 def diagnose(run, mb):
-    """The Echo diagnostics of this step's first micro-batch, after its update (echo.diagnostics)."""
+    """The Echo diagnostics of this step's first micro-batch, after its update (echo.diagnostics). Analysis
+    only: out of GPU memory, it is skipped with a warning rather than stopping the run."""
     tensors = [t.to(run.device) for t in (mb["input_ids"], mb["labels"], *mb["supervised"])]
-    with autocast(run):
-        return echo_diagnostics(run.model, run.echo, tensors[0], tensors[1], tuple(tensors[2:]))
+    try:
+        with autocast(run):
+            return echo_diagnostics(run.model, run.echo, tensors[0], tensors[1], tuple(tensors[2:]))
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        print("warning: out of GPU memory in the Echo diagnostics: skipped at this step", file=sys.stderr)
+        return None
 
 
 def batch_shape(mbs, routed):
@@ -383,7 +395,8 @@ def write_config(run):
         "echo": asdict(run.echo.cfg) if run.echo else None, "world_size": run.world, "grad_accum": run.grad_accum,
         "train_rows": len(run.train_set), "dropped_rows": run.train_set.n_dropped,
         "val_rows": len(run.val_set) if run.val_set else 0, "total_steps": run.total_steps,
-        "data_fingerprints": dict(fingerprints["data"]), "val_data_fingerprints": dict(fingerprints["val_data"]),
+        "data_fingerprints": dict(zip(run.opts.data, (fp for _, fp in fingerprints["data"]))),
+        "val_data_fingerprints": dict(zip(run.opts.val_data or [], (fp for _, fp in fingerprints["val_data"]))),
         "model_fingerprints": dict(fingerprints["model"])}, indent=2)))
     print(f"{len(run.train_set)} rows ({run.train_set.n_dropped} longer than {run.opts.max_len} tokens dropped"
           f"{f', {len(run.val_set)} for validation' if run.val_set else ''}), {run.total_steps} steps of "

@@ -12,8 +12,7 @@ import contextlib
 
 import torch
 
-from echo.echo import aggregate_sources, answer_mask, echo_loss, echo_norm
-from model.model import EchoInject
+from echo.echo import aggregate_sources, echo_loss, echo_norm
 
 
 def eager():
@@ -48,7 +47,7 @@ def injector_grad_norms(model, echo, tokens, labels, supervised):
     squares = {}
     for name, g in zip(names, grads):
         key = name.split(".")[1]                          # injectors.<layer>_<module>.<weight>
-        squares[key] = squares.get(key, 0.0) + (0.0 if g is None else float(g.float().pow(2).sum()))
+        squares[key] = squares.get(key, 0.0) + (0.0 if g is None else float(g.double().pow(2).sum()))
     return {key: s ** 0.5 for key, s in squares.items()}
 
 
@@ -58,20 +57,23 @@ def injector_stats(model, echo, tokens, labels, supervised):
     positions = model.positions_for(tokens)
     h = model.embed(tokens)
     model.run_layers(h, 0, model.args.n_layers, positions=positions, hidden_layers=sources, hiddens=hiddens)
-    z = aggregate_sources([hiddens[l] for l in sources], boundary)                     # eq. 2
-    mask = answer_mask(labels, echo.cfg.all_positions)                                  # eq. 8
-    norms = {}
-    inject = EchoInject(deltas=echo.deltas(z), mask=mask, norms=norms)                   # eqs. 3-6
+    source_hiddens = [hiddens[l] for l in sources]
+    with torch.autocast(tokens.device.type, enabled=False):      # the Echo weights run in fp32, as in echo_loss
+        inject = echo(source_hiddens, boundary, labels)                                 # eqs. 2-8
+        z = aggregate_sources(source_hiddens, boundary)                                 # eq. 2, for the gate
+    norms = inject.norms = {}
     model.run_layers(h, 0, model.args.n_layers, positions=positions, echo_inject=inject)   # eq. 7, recorded
-    n = mask.sum().clamp_min(1)
+    n = inject.mask.sum().clamp_min(1)
     out = {}
     for (layer, module), delta in inject.deltas.items():
         injector = echo.injectors[echo.key(layer, module)]
-        z_bar = echo_norm(z.to(injector.b.dtype), injector.norm, injector.norm_eps)     # eq. 3
+        with torch.autocast(tokens.device.type, enabled=False):
+            z_bar = echo_norm(z.to(injector.b.dtype), injector.norm, injector.norm_eps)     # eq. 3
+            gate = float(injector.gate(z_bar).mean())                                       # eq. 5
         o_sq, d_sq = norms[layer][module]
         width = delta.shape[-1]
         out[echo.key(layer, module)] = {
-            "gate": float(injector.gate(z_bar).mean()), "lambda": float(injector.lam),
+            "gate": gate, "lambda": float(injector.lam),
             "delta_rms": float((d_sq / (n * width)).sqrt()), "out_rms": float((o_sq / (n * width)).sqrt()),
             "delta_ratio": float((d_sq / o_sq.clamp_min(1e-30)).sqrt())}
     return out

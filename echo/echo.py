@@ -40,9 +40,14 @@ IGNORE = -100
 MODULES = ATTENTION_MODULES + FFN_MODULES
 
 
-def option(default, help, flag=None, **argparse_kw):
-    """An EchoConfig field that is also a train.py flag: `flag` (default --echo-<name>) with `help`."""
-    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kw})
+def option(default, help, flag=None, before=None, **argparse_kw):
+    """An EchoConfig field that is also a train.py flag: `flag` (default --echo-<name>) with `help`.
+    `before`: what a run did before the option existed, when that is not its default (what --resume
+    assumes for an older checkpoint)."""
+    meta = {"help": help, "flag": flag, **argparse_kw}
+    if before is not None:
+        meta["before"] = before
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class EchoConfig:
     answer_window: bool = option(True, "the Echo-on pass recomputes only positions t* … last answer "
                                  "token and reads the prompt's keys/values from the Echo-off pass (exact: "
                                  "eq. 8 leaves the prompt untouched; LoRA dropout draws on the prompt are "
-                                 "shared); --no-echo-answer-window recomputes every position")
+                                 "shared); --no-echo-answer-window recomputes every position", before=False)
     seed: int = field(default=0, metadata={"flag": False})   # the router's seed: train.py's --seed
 
     def resolve(self, n_layers):
@@ -170,7 +175,7 @@ class EchoConfig:
             flag = cls.flag(f.name)
             if flag is None:
                 continue
-            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "flag", "before")}
             kw = dict(dest="echo_" + f.name, default=f.default, help=f.metadata["help"], **extra)
             if isinstance(f.default, bool):
                 kw["action"] = argparse.BooleanOptionalAction
@@ -179,6 +184,12 @@ class EchoConfig:
             else:
                 kw["type"] = type(f.default)
             group.add_argument(flag, **kw)
+
+    @staticmethod
+    def value_before(name):
+        """What runs older than field `name` did: its `before` if declared, else its default."""
+        f = {f.name: f for f in fields(EchoConfig)}[name]
+        return f.metadata.get("before", f.default)
 
     @classmethod
     def from_flags(cls, opts, **fixed):

@@ -184,7 +184,7 @@ class EchoInject:
     """
     deltas: dict
     mask: torch.Tensor
-    norms: dict = None     # analysis only (echo.diagnostics): {(layer, module): (Σ (M o)², Σ (M δ)²)} filled in
+    norms: dict = None     # analysis only (echo.diagnostics): filled in as {layer: {module: (Σ (M o)², Σ (M δ)²)}}
 
     def at_layer(self, layer_id):
         """(module → δ, M, where to record norms or None) for one block, or None. Blocks never see their
@@ -227,7 +227,7 @@ def add_echo(out, layer_echo, module):   # eq. 7
     deltas, mask, norms = layer_echo
     added = mask[..., None].to(out.dtype) * deltas[module][:, None, :].to(out.dtype)
     if norms is not None:          # the module's own output and δ at the injected positions (diagnostics)
-        norms[module] = ((mask[..., None] * out).float().pow(2).sum(), added.float().pow(2).sum())
+        norms[module] = (at_least_fp32(mask[..., None] * out).pow(2).sum(), at_least_fp32(added).pow(2).sum())
     return out + added
 
 

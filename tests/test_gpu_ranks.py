@@ -148,8 +148,10 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(setup, tmp_path)
     assert "continue with --resume" in log, log[-3000:]
     step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"]
     assert step >= 3 and [m["step"] for m in metrics(out)] == list(range(1, step + 1))
-    ours = [l for l in log.splitlines() if l.startswith("[rank") or "error:" in l]
-    assert not any("Traceback" in l for l in ours), log[-3000:]
+    # torchrun prints its own traceback when a worker exits non-zero; none may come from our code
+    ours = [l for l in log.splitlines() if 'File "' in l and any(p in l for p in ("train.py", "/training/", "/echo/",
+                                                                                   "/model/", "/data/"))]
+    assert not ours, log[-3000:]
 
 
 def test_kill_9_of_one_rank_ends_the_others_in_seconds(setup, tmp_path):

@@ -782,10 +782,12 @@ def test_step_flops_count_the_answer_window():
     assert train.step_flops(model, full, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 40 + 3 * 20))
 
 
-def test_a_checkpoint_older_than_an_option_resumes_at_its_default(setup, tmp_path, capsys):
-    """The general rule for options added after a checkpoint was written (here --echo-answer-window and
-    --echo-tau, deleted from the saved options): the run resumes at their defaults, with one note naming
-    them; asking for another value of such an option is refused like any change."""
+def test_a_checkpoint_older_than_an_option_resumes_as_it_was_trained(setup, tmp_path, capsys):
+    """The general rule for options added after a checkpoint was written (here --echo-tau and
+    --echo-answer-window, deleted from the saved options): each counts as trained at its value from before it
+    existed — its default (τ 2), or what EchoConfig declares (`before`: the full Echo-on pass, answer window
+    off). Resuming at those values works, with one note naming the options; another value is refused by name.
+    A run without Echo ignores the --echo-* options."""
     out = tmp_path / "run"
     train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
     path = out / "checkpoint" / "state.pt"
@@ -793,11 +795,20 @@ def test_a_checkpoint_older_than_an_option_resumes_at_its_default(setup, tmp_pat
     state.update(step=2, epoch_step=2)
     del state["opts"]["echo_answer_window"], state["opts"]["echo_tau"]
     torch.save(state, path)
-    with pytest.raises(ValueError) as e:
-        train.main(args(setup, out, "--max-steps", "4", "--resume", "--echo-tau", "3"))
-    assert one_line(e).startswith("--resume: --echo-tau is 3.0 but the checkpoint was trained with 2.0")
+    for extra, flag, was in ((("--echo-tau", "3", "--no-echo-answer-window"), "--echo-tau", "2.0"),
+                             ((), "--echo-answer-window", "False")):
+        with pytest.raises(ValueError) as e:
+            train.main(args(setup, out, "--max-steps", "4", "--resume", *extra))
+        assert one_line(e).startswith(f"--resume: {flag} is ") and f"trained with {was}" in one_line(e)
     capsys.readouterr()
-    train.main(args(setup, out, "--max-steps", "4", "--resume"))
+    train.main(args(setup, out, "--max-steps", "4", "--resume", "--no-echo-answer-window"))
     err = capsys.readouterr().err
-    assert err.count("note: the checkpoint predates --echo-answer-window, --echo-tau: resuming at the default") == 1
+    assert err.count("note: the checkpoint predates --echo-answer-window, --echo-tau: resuming as it was trained") == 1
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    plain = tmp_path / "plain"                                       # LoRA alone: --echo-* options do not matter
+    train.main(args(setup, plain, "--max-steps", "2", "--save-every", "1", "--no-echo"))
+    state = torch.load(plain / "checkpoint" / "state.pt", weights_only=False)
+    state.update(step=1, epoch_step=1)
+    del state["opts"]["echo_answer_window"]
+    torch.save(state, plain / "checkpoint" / "state.pt")
+    train.main(args(setup, plain, "--max-steps", "2", "--resume", "--no-echo"))

@@ -117,3 +117,46 @@ def test_step_once_is_the_clipped_token_mean_gradient(setup, tmp_path, monkeypat
             torch.testing.assert_close(g, w * scale, rtol=1e-4, atol=1e-7)
         n = whole["labels"][:, 1:].ne(-100).sum()
         torch.testing.assert_close(stats[:3] / n, sums / n, rtol=1e-5, atol=1e-6)     # the logged L_off, L_on, L_kd
+
+
+def test_config_applies_to_the_default_run_and_is_type_checked(tmp_path, capsys):
+    """Without --model the built-in run's settings come first, then the file, then the flags; a value of the
+    wrong type or outside the choices is refused like the same flag typed by hand (one line)."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr": 1e-3, "rank": 4}))
+    opts = train.parse_args(["--config", str(config)])
+    assert (opts.lr, opts.rank, opts.echo, opts.alpha) == (1e-3, 4, True, 32.0)
+    assert train.parse_args(["--config", str(config), "--lr", "5e-4"]).lr == 5e-4
+    for bad, says in (({"max_steps": 2.5}, "max_steps must be a single int"), ({"epochs": None}, "epochs is null"),
+                      ({"rank": 16.5}, "rank must be a single int"), ({"echo": "yes"}, "echo must be true or false"),
+                      ({"data": "x.json"}, "data must be a non-empty list"), ({"lr": 1, "bogus": 2}, "unknown")):
+        config.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=says):
+            train.parse_args(["--config", str(config), "--model", "m"])
+    for bad, says in (({"dtype": "fp16"}, "argument --dtype: invalid choice"), ({"device": "tpu"}, "--device")):
+        config.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            train.parse_args(["--config", str(config), "--model", "m"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and says in err
+
+
+def test_resume_compares_the_whole_model_folder_and_preset_names(setup, tmp_path):
+    """params.json or the tokenizer changed beside the same weights is another model; a preset (no files) is
+    compared by name."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(setup / "base", base)
+    argv = args(setup, tmp_path / "run", "--max-steps", "2", "--save-every", "1")
+    argv[argv.index("--model") + 1] = str(base)
+    train.main(argv)
+    params = json.loads((base / "params.json").read_text())
+    (base / "params.json").write_text(json.dumps({**params, "norm_eps": 1e-3}))
+    with pytest.raises(ValueError, match="--resume: --model params.json differs in content"):
+        train.main(argv + ["--resume"])
+    from training.checkpoint import check_resume_options
+    opts = train.parse_args(["--model", "llama3-8b", "--data", "d.json"])
+    saved = {**vars(opts), "model": "llama3.1-8b"}
+    empty = {"model": [], "data": [], "val_data": []}
+    with pytest.raises(ValueError, match="--resume: --model is 'llama3-8b' but the checkpoint was trained with"):
+        check_resume_options(saved, opts, empty, empty, say=False)

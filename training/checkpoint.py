@@ -234,32 +234,42 @@ RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs
 BY_CONTENT = {"model", "data", "val_data"}
 
 
-def check_resume_options(saved, opts, saved_fingerprints, fingerprints):
+def check_resume_options(saved, opts, saved_fingerprints, fingerprints, say=True):
     """Refuse a resume that would train something else, naming the option. An option the checkpoint
-    predates resumes at its default (said once); other values of it are refused like any change."""
-    default_run = opts.model == "default-tiny"
+    predates counts as trained at its value from before it existed (its default unless declared, see
+    options.default_of), said once; another value of it is refused like any change. A run without Echo
+    ignores the --echo-* options. --model / --data / --val-data compare by content where they have files."""
     missing = sorted(k for k in vars(opts) if k not in saved and k not in RESUME_MAY_CHANGE)
-    saved = {**{k: default_of(k, default_run) for k in missing}, **saved}
-    for key in sorted(set(saved) | set(vars(opts))):
-        if key in RESUME_MAY_CHANGE or saved.get(key) == getattr(opts, key, None):
+    saved = {**{k: default_of(k, opts.model == "default-tiny") for k in missing}, **saved}
+    for key in sorted(set(saved) & set(vars(opts))):      # options this version no longer has are ignored
+        if key in RESUME_MAY_CHANGE or saved[key] == getattr(opts, key):
             continue
-        if key in BY_CONTENT and (saved_fingerprints is not None or same_paths(saved.get(key), getattr(opts, key))):
+        if key.startswith("echo_") and not (opts.echo or saved.get("echo")):
             continue
-        if key not in vars(opts):            # an option this version no longer has
+        if key in BY_CONTENT and (by_content(key, saved_fingerprints, fingerprints)
+                                  or same_paths(saved[key], getattr(opts, key))):
             continue
-        raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(opts, key, None)!r} but the checkpoint "
-                         f"was trained with {saved.get(key)!r}; it fixes shapes, the data order or the schedule — "
+        raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(opts, key)!r} but the checkpoint "
+                         f"was trained with {saved[key]!r}; it fixes shapes, the data order or the schedule — "
                          f"resume with the checkpoint's value, or start a new run in another --out")
-    if saved_fingerprints is not None:
-        for what, flag in (("model", "--model"), ("data", "--data"), ("val_data", "--val-data")):
-            contents = lambda named: [fp for _, fp in named or []]      # a renamed copy is the same data
-            if contents(saved_fingerprints.get(what)) != contents(fingerprints.get(what)):
-                raise ValueError(f"--resume: {flag} {changed_file(saved_fingerprints.get(what), fingerprints.get(what))} "
-                                 f"differs in content from what the checkpoint was trained on: restore it, or "
-                                 f"start a new run in another --out")
-    if missing and opts.resume:
+    for what, flag in (("model", "--model"), ("data", "--data"), ("val_data", "--val-data")):
+        if by_content(what, saved_fingerprints, fingerprints) and \
+                contents(saved_fingerprints[what]) != contents(fingerprints[what]):
+            raise ValueError(f"--resume: {flag} {changed_file(saved_fingerprints[what], fingerprints[what])} "
+                             f"differs in content from what the checkpoint was trained on: restore it, or "
+                             f"start a new run in another --out")
+    if missing and say:
         print(f"note: the checkpoint predates {', '.join('--' + k.replace('_', '-') for k in missing)}: "
-              f"resuming at the default", file=sys.stderr, flush=True)
+              f"resuming as it was trained (the value before the option existed)", file=sys.stderr, flush=True)
+
+
+def by_content(key, saved_fingerprints, fingerprints):
+    """Whether option `key` is compared by its files' content: both runs recorded files for it."""
+    return bool(saved_fingerprints and saved_fingerprints.get(key) and fingerprints.get(key))
+
+
+def contents(named):
+    return [fp for _, fp in named]          # without the names: a renamed copy is the same data
 
 
 def same_paths(a, b):
@@ -295,16 +305,14 @@ def fingerprint(path, sample_above=256 * 2**20, chunk=2**20, samples=32):
     return {"bytes": size, "sha256": h.hexdigest(), "sampled": True}
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
 def run_fingerprints(opts):
-    """What the run trains on, by content: each --data / --val-data file and the model folder's weight
-    files, as [[name, fingerprint], ...] (a preset model has none)."""
+    """What the run trains on, by content: each --data / --val-data file and every file of the model folder
+    (weights, params.json, tokenizer), as [[name, fingerprint], ...] (a preset model has none: its name is
+    compared instead)."""
     files = lambda paths: [[Path(p).name, fingerprint(p)] for p in paths or []]
     model = Path(opts.model)
-    weights = sorted(p for p in model.iterdir() if p.suffix in WEIGHT_SUFFIXES) if model.is_dir() else []
-    return {"data": files(opts.data), "val_data": files(opts.val_data), "model": files(weights)}
+    model_files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
+    return {"data": files(opts.data), "val_data": files(opts.val_data), "model": files(model_files)}
 
 
 def load_checkpoint(run):
@@ -315,7 +323,7 @@ def load_checkpoint(run):
         trainable, rngs = state["trainable"], state["rng"]
     except Exception as e:       # truncated or foreign file: name it, say what to do
         raise ValueError(f"{path} is damaged ({type(e).__name__}); restore it, or start again with --force") from None
-    check_resume_options(state["opts"], run.opts, state.get("fingerprints"), run.fingerprints)
+    check_resume_options(state["opts"], run.opts, state.get("fingerprints"), run.fingerprints, say=run.master)
     expected = trainable_state(run.model, run.echo)
     if set(trainable) != set(expected):
         raise ValueError(f"{path} does not match this model's adapter (e.g. {sorted(set(trainable) ^ set(expected))[0]})")

@@ -44,6 +44,16 @@ def setup_distributed(device, share_gpu=False):
     return rank, world, f"cuda:{index}"
 
 
+def smallest_over_ranks(value, world, device):
+    """The smallest of each rank's value (e.g. the micro-batch each probed: ranks on one GPU, or on GPUs of
+    different sizes, may differ, and every rank must run the same number of micro-batches)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def check_routing_agrees(routing, rank, world):
     """Every rank must have routed the same steps (eq. 9's draw is shared): checked once, at the end."""
     every_rank = [None] * world

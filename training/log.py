@@ -32,7 +32,11 @@ class Log:
     def __init__(self, run, start_step):
         self.run, self.pending, self.start_step = run, None, start_step
         self.file = self.diagnostics = None
+        self.routed_before = 0               # routed steps before start_step (kept in metrics.jsonl)
         if run.master:
+            if run.opts.resume and (run.out / "metrics.jsonl").exists():
+                self.routed_before = sum(json.loads(l).get("routed", False)
+                                         for l in kept_lines(run.out / "metrics.jsonl", start_step))
             self.file = self.open_jsonl(run.out / "metrics.jsonl", start_step)
             if run.echo is not None:
                 self.diagnostics = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
@@ -110,7 +114,7 @@ class Log:
         diagnostics = record.pop("echo_diagnostics", None)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if diagnostics is not None:
+        if diagnostics:
             line = {k: record[k] for k in ("step", "p", "loss_off", "loss_on", "loss_kd")}
             self.diagnostics.write(json.dumps({**line, "modules": diagnostics}) + "\n")
             self.diagnostics.flush()

@@ -5,10 +5,13 @@ import argparse
 import json
 import math
 import os
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import data
 from echo import EchoConfig
+from model.load import CliParser
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -16,7 +19,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser(description=None):
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = CliParser(prog="train.py", description=description, formatter_class=HelpFormatter)    # one-line errors
     a = p.add_argument
     a("--config", default=None, help="a JSON file of options (a run's config.json works: its \"opts\"); "
                                      "flags given on the command line override it")
@@ -77,8 +80,8 @@ NOT_FROM_CONFIG = {"config", "resume", "force"}
 
 
 def read_config(path, parser):
-    """--config FILE: {option: value} (or a run's config.json, whose "opts" are that), checked against
-    the parser's options; returns argparse defaults to apply before the command line is parsed."""
+    """--config FILE: {option: value} (or a run's config.json, whose "opts" are that) -> the command-line
+    tokens that say the same, so argparse checks every value's type and choices as if it were typed."""
     try:
         values = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -89,20 +92,50 @@ def read_config(path, parser):
         values = values["opts"]
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a JSON object of options")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in actions)
     if unknown:
         raise ValueError(f"--config {path}: unknown option(s) {unknown}; see train.py --help")
-    return {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") not in NOT_FROM_CONFIG}
+    tokens = []
+    for key, value in values.items():
+        action = actions[key.replace("-", "_")]
+        if action.dest not in NOT_FROM_CONFIG:
+            tokens += option_tokens(action, value, path)
+    return tokens
+
+
+def option_tokens(action, value, path):
+    """One option as command-line tokens: --flag v, --flag v1 v2 (lists), --flag / --no-flag (booleans)."""
+    flag = action.option_strings[0]
+    if value is None:
+        if action.default is not None:
+            raise ValueError(f"--config {path}: {action.dest} is null; give a value or leave it out")
+        return []
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+        if not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {action.dest} must be true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else "--no-" + flag[2:]]
+        return [flag] if value else []
+    if action.nargs == "+":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"--config {path}: {action.dest} must be a non-empty list, got {value!r}")
+        return [flag, *map(str, value)]
+    if isinstance(value, (list, dict)) or (action.type is int and isinstance(value, float)):
+        raise ValueError(f"--config {path}: {action.dest} must be a single {getattr(action.type, '__name__', 'value')}, "
+                         f"got {value!r}")
+    return [flag, str(value)]
 
 
 def parse_args(argv=None, description=None):
+    """The options: the built-in default run's settings (no --model), then a --config file, then the flags
+    given, each overriding the one before."""
     p = build_parser(description)
+    argv = list(sys.argv[1:] if argv is None else argv)
     opts = p.parse_args(argv)
-    if opts.config:
-        p.set_defaults(**read_config(opts.config, p))       # the file, then the flags given here win
-        opts = p.parse_args(argv)
-    if opts.model is None:             # the built-in default run has its own defaults; given flags still win
+    argv = (read_config(opts.config, p) if opts.config else []) + argv     # argparse: the later token wins
+    opts = p.parse_args(argv)
+    if opts.model is None:             # the built-in default run has its own defaults; the rest still wins
         if opts.data:
             p.error("--data needs --model (the built-in default run, without --model, trains on its own task)")
         p.set_defaults(**DEFAULT_RUN_SETTINGS)
@@ -111,7 +144,11 @@ def parse_args(argv=None, description=None):
 
 
 def default_of(key, default_run=False):
-    """The value option `key` has when no flag sets it (a checkpoint older than the option trained at it)."""
+    """What a checkpoint older than option `key` trained with: the option's value before it existed where
+    EchoConfig declares one (e.g. --echo-answer-window: the full Echo-on pass), else its default."""
+    if key.startswith("echo_") and key[5:] in {f.name for f in fields(EchoConfig)}:
+        value = EchoConfig.value_before(key[5:])
+        return list(value) if isinstance(value, tuple) else value
     if default_run and key in DEFAULT_RUN_SETTINGS:
         return DEFAULT_RUN_SETTINGS[key]
     return build_parser().get_default(key)
@@ -148,9 +185,9 @@ def check_options(opts, world=1):
     need(opts.lr > 0, "--lr", f"must be > 0 (with {opts.lr} nothing would train), got {opts.lr}")
     need(opts.alpha != 0, "--alpha", "must be non-zero (the update is α/r · B A)")
     need(0 <= opts.dropout < 1, "--dropout", f"must be in [0, 1), got {opts.dropout}")
-    need(opts.warmup_steps >= 0 and opts.eval_every >= 0 and opts.grad_clip >= 0 and opts.weight_decay >= 0
-         and opts.diagnose_every >= 0, "--warmup-steps / --eval-every / --grad-clip / --weight-decay / "
-         "--diagnose-every", "must be >= 0")
+    for flag in ("--warmup-steps", "--eval-every", "--grad-clip", "--weight-decay", "--diagnose-every"):
+        value = getattr(opts, flag[2:].replace("-", "_"))
+        need(value >= 0, flag, f"must be >= 0, got {value}")
     need(0 <= opts.val_split < 1, "--val-split", f"must be in [0, 1), got {opts.val_split}")
     need(not (opts.val_split and opts.val_data), "--val-split", "and --val-data exclude each other")
     need(not (opts.resume and opts.force), "--resume", "and --force exclude each other")
