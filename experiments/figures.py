@@ -1,5 +1,6 @@
 """Figures and their CSVs, matplotlib imported lazily (CSV only without it): the Echo diagnostics over training
 (from RUN/echo_diagnostics.jsonl), the LoRA vs Echo-LoRA layer curves, and a run's loss/validation curves."""
+import json
 from pathlib import Path
 
 from .common import read_jsonl, shown_path
@@ -25,6 +26,14 @@ def _write_csv(path, header, rows):
     path.write_text(",".join(header) + "\n" + "".join(",".join(fmt(v) for v in r) + "\n" for r in rows))
 
 
+def diagnose_every(run):
+    """The run's train.py --diagnose-every (N routed steps between records), from its config.json."""
+    try:
+        return json.loads((Path(run) / "config.json").read_text())["opts"].get("diagnose_every")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
     """RUN/echo_diagnostics.jsonl ({"step", "p", "loss_off", "loss_on", "loss_kd", "modules": {"4_wq": {gate,
     lambda, delta_rms, out_rms, delta_ratio, grad_norm}, ...}} per line) -> a CSV (one row per record: step,
@@ -45,7 +54,7 @@ def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
             for r, g in zip(recs, gap)]
     _write_csv(csv_out, header, rows)
     out = {"csv": shown_path(csv_out), "png": None, "modules": modules, "records": len(recs),
-           "every": recs[1]["step"] - recs[0]["step"] if len(recs) > 1 else None}
+           "every": diagnose_every(Path(jsonl).parent)}
     plt = pyplot() if png_out else None
     if plt is None:
         return out

@@ -184,8 +184,9 @@ def test_echo_diagnostics_csv_from_synthetic_jsonl(tmp_path):
                                       "delta_ratio": 0.01 * (k + 1), "grad_norm": 1e-3} for m in ("4_wq", "4_wv", "10_wq")}})
     src = tmp_path / "echo_diagnostics.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4')    # a torn last line
+    (tmp_path / "config.json").write_text(json.dumps({"opts": {"diagnose_every": 7}}))   # N routed steps, not steps
     info = figures.echo_diagnostics(src, tmp_path / "d.csv", tmp_path / "d.png")
-    assert info["records"] == 3 and info["every"] == 10 and info["modules"] == ["4_wq", "4_wv", "10_wq"]
+    assert info["records"] == 3 and info["every"] == 7 and info["modules"] == ["4_wq", "4_wv", "10_wq"]
     rows = (tmp_path / "d.csv").read_text().splitlines()
     head = rows[0].split(",")
     assert head[:6] == ["step", "p", "loss_off", "loss_on", "loss_kd", "gap_on_minus_off"]
