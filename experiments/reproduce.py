@@ -353,8 +353,8 @@ def main(argv=None):
             for f in train_files(args.data_dir):
                 if not f.is_file() and not args.dry_run:
                     raise StepFailed(f"train file {f} not found (--data-dir)")
-            ensure_eval(args, None, "greedy", "eval base greedy")
             run_all(args, units, after_each=lambda: tabulate(args))
+            ensure_eval(args, None, "greedy", "eval base greedy")    # after the runs: the GPU's time goes to them first
             if not args.dry_run and args.methods is None and not args.only and args.max_runs is None:
                 done = {u.run_name for u in units}        # seeds 1-2 of ablations that now qualify
                 more = [u for u in queue(args, build_results(args)) if u.run_name not in done]
