@@ -38,6 +38,7 @@ import data
 from echo import EchoConfig, EchoModule, Router, echo_loss, supervision
 from echo.diagnostics import echo_diagnostics
 from model import load_model
+from model.load import as_plain_model
 from model.tokenizer import ByteTokenizer
 from training.checkpoint import (CheckpointWriter, atomic_file, check_run_dir, last_checkpoint, load_checkpoint,
                                  make_run_dir, run_fingerprints, save_base, save_checkpoint)
@@ -58,7 +59,8 @@ DEFAULT_RUN = "runs/default"
 
 def build_model(opts, device):
     overrides = dict(adapter=opts.method, lora_rank=opts.rank, lora_alpha=opts.alpha,
-                     lora_dropout=opts.dropout, lora_modules=tuple(opts.modules))
+                     lora_dropout=opts.dropout, lora_modules=tuple(opts.modules),
+                     base_format=opts.base_format, activation_checkpointing=opts.activation_checkpointing)
     dtype = torch.bfloat16 if opts.dtype == "bf16" and str(device).startswith("cuda") else torch.float32
     if opts.model == "default-tiny":
         tokenizer = ByteTokenizer()
@@ -85,7 +87,7 @@ def load_data(opts, tokenizer, out, master, world, base_model=None):
     if opts.model == "default-tiny":
         if master:
             data.write_default_task(out / "data")
-            save_base(base_model, tokenizer, out / "base")
+            save_base(as_plain_model(base_model), tokenizer, out / "base")    # NF4: dequant(W), what it trains on
         if world > 1:
             dist.barrier()
         opts.data = [str(out / "data" / "train.json")]

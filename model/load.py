@@ -1,12 +1,13 @@
 """Load a model directory (params.json + tokenizer + weights) or build a preset with random weights."""
 import argparse
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from .io import DAMAGED, first_line, read_json, read_pth, read_safetensors  # noqa: F401 (re-exported)
-from .lora import ADAPTER_KEYS, load_adapter, read_adapter_config
+from .lora import ADAPTER_KEYS, adapter_state_dict, load_adapter, load_adapter_tensors, read_adapter_config
 from .model import PARAMS_FIELDS, PRESETS, ModelArgs, Transformer
 
 
@@ -70,6 +71,24 @@ def read_state_dict(model_dir):
 def build_model(args, device="cpu", dtype=torch.float32):
     with torch.device(device), default_dtype(dtype):
         return Transformer(args)
+
+
+def as_plain_model(net, dtype=None):
+    """net itself when its base is plain; for an NF4 base, a plain-format copy: base = dequant(W) (in
+    dtype, default the model's), the same adapter tensors. Its forward is the NF4 model's (the same W
+    values go into the same matmuls), so it is what an NF4 run trained against, loadable without NF4
+    (the default run's base/, tests). A whole second model: for small models; a large model's export
+    should stream net.dequantized_state_dict instead. Draws no random numbers from the caller's stream."""
+    if net.args.base_format == "plain":
+        return net
+    ref = net.tok_embeddings.weight
+    dtype = dtype or ref.dtype
+    with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
+        plain = build_model(dataclasses.replace(net.args, base_format="plain"), ref.device, dtype)
+    plain.load_base_weights(net.dequantized_state_dict(dtype, ref.device))
+    if net.args.adapter:
+        load_adapter_tensors(plain, adapter_state_dict(net), "the NF4 model's adapter")
+    return plain.train(net.training)
 
 
 def dir_model_args(model_dir, tokenizer=None, **overrides):

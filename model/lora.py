@@ -11,6 +11,11 @@ model exactly. DoRA's row norm is computed in fp32 and detached (DoRA §4.3: tre
 constant saves the memory of its backward graph at no measurable cost in accuracy), clamped away
 from zero so an all-zero weight row cannot divide by zero. The base matmul W u is computed once
 and reused for both terms.
+
+With base_format="nf4" (QLoRA) `weight` is an NF4Weight (model/nf4.py: 4-bit codes and statistics as
+buffers, ~0.52 B/param) instead of a parameter, and W above is dequant(W) in the input's dtype, rebuilt
+inside every forward and never stored; A, B and m are exactly the same fp32 parameters. The same class
+with rank 0 is the plain frozen linear of an NF4 model (wq..w3 without an adapter).
 """
 import json
 import math
@@ -22,15 +27,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .io import publish, read_json, read_safetensors
+from .nf4 import NF4Weight, dequantize_nf4
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "magnitude")
 
 
+class FrozenNF4Linear(torch.autograd.Function):
+    """o = u · dequant(W)ᵀ for a frozen NF4 W. F.linear would save the dequantised copy for its backward,
+    i.e. every layer's full-precision weight until the backward (the whole model); this saves only the
+    NF4Weight and dequantises again for ∂L/∂u = ∂L/∂o · dequant(W), as QLoRA does. No gradient for W."""
+
+    @staticmethod
+    def forward(ctx, u, weight, q):        # weight = dequantize_nf4(q, u.dtype), made once by the caller
+        ctx.q = q
+        return F.linear(u, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ dequantize_nf4(ctx.q, grad.dtype), None, None
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, d_in, d_out, *, rank=0, alpha=1.0, dropout=0.0, dora=False):
+    def __init__(self, d_in, d_out, *, rank=0, alpha=1.0, dropout=0.0, dora=False, base_format="plain"):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
-        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        if base_format == "nf4":     # 4-bit buffers only; NF4Weight.copy_ quantises the loaded W into them
+            self.weight = NF4Weight.empty((d_out, d_in))
+        else:
+            self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.rank, self.dora = rank, dora
         self.enabled = True     # False: behave as the plain base layer (boundary-layer dropping)
         self.merged = False
@@ -49,13 +73,22 @@ class LoRALinear(nn.Module):
     def adapted(self):
         return self.rank > 0 and self.enabled and not self.merged
 
+    @property
+    def quantized(self):
+        """Whether W is stored as NF4 (until merge() replaces it by the dense merged weight)."""
+        return isinstance(self.weight, NF4Weight)
+
+    def dense_weight(self, dtype):
+        """W as a dense tensor in dtype: the NF4 base dequantised, or the parameter cast."""
+        return dequantize_nf4(self.weight, dtype) if self.quantized else self.weight.to(dtype)
+
     def extra_repr(self):
         kind = ("dora" if self.dora else "lora") if self.rank else "base"
         return f"{self.d_in}→{self.d_out}, {kind}" + (f" r={self.rank} s={self.scale:g}" if self.rank else "")
 
     @torch.no_grad()
     def cache_base_norm(self):
-        self.base_sq_norm = self.weight.float().pow(2).sum(dim=1)
+        self.base_sq_norm = self.dense_weight(torch.float32).pow(2).sum(dim=1)
 
     @torch.no_grad()
     def init_magnitude(self):
@@ -67,8 +100,9 @@ class LoRALinear(nn.Module):
         """s · B A in fp32 (the dense LoRA update, for merging and DoRA's norm)."""
         return self.scale * (self.lora_b.float() @ self.lora_a.float())
 
-    def weight_norm(self):
-        """‖W + s·B A‖ per output row, fp32, detached (DoRA §4.3), clamped away from 0.
+    def weight_norm(self, weight=None):
+        """‖W + s·B A‖ per output row, fp32, detached (DoRA §4.3), clamped away from 0. weight: W as
+        the forward uses it (an NF4 base's dequantised copy); None: the parameter.
 
         Expanded so the dense d_out×d_in update is never materialised:
             ‖W + sBA‖²_i = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ
@@ -78,14 +112,16 @@ class LoRALinear(nn.Module):
         """
         with torch.no_grad():
             a, b = self.lora_a.float(), self.lora_b.float()
-            w_at = (self.weight @ self.lora_a.to(self.weight.dtype).t()).float()      # [d_out, r]
+            weight = self.weight if weight is None else weight
+            w_at = (weight @ self.lora_a.to(weight.dtype).t()).float()      # [d_out, r]
             cross = (w_at * b).sum(dim=1)
             ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
             sq = self.base_sq_norm + 2 * self.scale * cross + self.scale ** 2 * ba_sq
             return sq.clamp_min(1e-24).sqrt()
 
     def forward(self, u):
-        base = F.linear(u, self.weight)
+        weight = dequantize_nf4(self.weight, u.dtype) if self.quantized else self.weight   # once per forward
+        base = FrozenNF4Linear.apply(u, weight, self.weight) if self.quantized else F.linear(u, weight)
         if not self.adapted:
             return base
         a, b = self.lora_a.to(u.dtype), self.lora_b.to(u.dtype)
@@ -95,22 +131,38 @@ class LoRALinear(nn.Module):
         if self.base_sq_norm is None:
             raise RuntimeError("DoRA magnitude not initialised: call model.init_dora_magnitudes() "
                                "after loading base weights (load_model does this)")
-        column_scale = (self.magnitude / self.weight_norm()).to(base.dtype)
+        column_scale = (self.magnitude / self.weight_norm(weight)).to(base.dtype)
         return column_scale * (base + lora)
 
     @torch.no_grad()
-    def merge(self):
-        """Fold the adapter into W (computed in fp32, then cast). Keeps W for an exact unmerge."""
+    def merge(self, dtype=torch.float32):
+        """Fold the adapter into W (computed in fp32, then cast). Keeps W for an exact unmerge.
+        An NF4 base becomes a dense parameter dequant(W) + ΔW in `dtype` (fp32 unless asked), never
+        re-quantised: quantising the merged weight would round ΔW away (peft issue #2321)."""
         if self.rank == 0 or self.merged:
             return
+        if self.quantized:
+            return self._merge_quantized(dtype)
         self._unmerged_weight = self.weight.detach().clone()
         merged = merged_weight(self.weight, self.lora_a, self.lora_b, self.scale,
                                self.magnitude if self.dora else None)
         self.weight.copy_(merged.to(self.weight.dtype))
         self.merged = True
 
+    def _merge_quantized(self, dtype):
+        object.__setattr__(self, "_unmerged_weight", self.weight)   # kept, not registered: state_dict = W only
+        merged = merged_weight(self.weight, self.lora_a, self.lora_b, self.scale,
+                               self.magnitude if self.dora else None)
+        self.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+        self.merged = True
+
     @torch.no_grad()
     def unmerge(self):
+        if self.merged and isinstance(self._unmerged_weight, NF4Weight):
+            self.weight = self._unmerged_weight      # the NF4 base back, bit for bit
+            del self._unmerged_weight
+            self.merged = False
+            return
         if self.merged:
             self.weight.copy_(self._unmerged_weight)
             del self._unmerged_weight
@@ -121,7 +173,10 @@ def merged_weight(weight, lora_a, lora_b, scale, magnitude=None):
     """The dense weight an adapter stands for, in fp32 (callers choose the dtype to store):
         LoRA (eq. 1):  W' = W + s·B A
         DoRA:          W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_row   (exact fp32 norm, no expansion)
-    Used by LoRALinear.merge and by convert_weights.py's merged exports, so both fold identically."""
+    Used by LoRALinear.merge and by convert_weights.py's merged exports, so both fold identically.
+    An NF4Weight is dequantised to fp32 first: the merged weight is dequant(W) + ΔW, never re-quantised."""
+    if isinstance(weight, NF4Weight):
+        weight = dequantize_nf4(weight, torch.float32)
     merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
     if magnitude is not None:
         merged = magnitude.float()[:, None] * merged / merged.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -132,9 +187,10 @@ def lora_linears(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.rank > 0]
 
 
-def merge_adapters(model):
+def merge_adapters(model, dtype=torch.float32):
+    """Fold every adapter into its W; dtype: that of the merged weights of an NF4 base (a plain W keeps its own)."""
     for _, m in lora_linears(model):
-        m.merge()
+        m.merge(dtype)
     return model
 
 
@@ -151,10 +207,13 @@ def adapter_state_dict(model):
 
 
 def adapter_config(args):
-    return {"method": args.adapter, "rank": args.lora_rank, "alpha": args.lora_alpha,
-            "dropout": args.lora_dropout, "modules": list(args.lora_modules),
-            "layers": None if args.lora_layers is None else list(args.lora_layers),
-            "base": args.to_params_json()}
+    cfg = {"method": args.adapter, "rank": args.lora_rank, "alpha": args.lora_alpha,
+           "dropout": args.lora_dropout, "modules": list(args.lora_modules),
+           "layers": None if args.lora_layers is None else list(args.lora_layers),
+           "base": args.to_params_json()}
+    if args.base_format != "plain":    # trained against dequant(W): said, for whoever evaluates it
+        cfg["base_format"] = args.base_format
+    return cfg
 
 
 def save_adapter(model, out_dir, tensors=None):

@@ -7,7 +7,18 @@ Echo (eq. 7) enters through `echo_inject`, passed explicitly from `Transformer.f
 block to the projections: for each chosen (layer, module) the module output o becomes o + M·δ.
 A pass may also run on a window of positions only and read the other positions' keys and values from
 an earlier pass (`PromptKV`): the Echo-on pass recomputes only the answer, not the prompt.
+
+Two opt-in memory options (ModelArgs; off, the model is exactly the one above):
+  base_format="nf4"  QLoRA: every frozen linear of the blocks (wq..w3, with or without an adapter) keeps
+      W as NF4 (model/nf4.py, ~0.52 B/param) and dequantises it in its forward. The embedding, the
+      RMSNorm gains and the LM head stay in the model's dtype, as QLoRA and torchtune keep them: they
+      are a small share of the bytes (8B: ~1 of 16 GB) and the most sensitive to rounding (one row of
+      the head is one token's logit; a norm gain scales a whole residual stream).
+  activation_checkpointing=True  each block's activations are recomputed in the backward instead of
+      kept (torch.utils.checkpoint, non-reentrant; the same dropout draws), so a step holds one block's
+      activations plus the residual stream at each block boundary. Exact: same loss and gradients.
 """
+import functools
 import json
 import math
 from dataclasses import dataclass, fields
@@ -17,8 +28,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .lora import ADAPTER_KEYS, LoRALinear
+from .nf4 import NF4Weight, dequantize_nf4
 
 ATTENTION_MODULES = ("wq", "wk", "wv", "wo")
 FFN_MODULES = ("w1", "w2", "w3")
@@ -63,6 +76,9 @@ class ModelArgs:
     lora_dropout: float = 0.05
     lora_modules: Sequence[str] = ("wq", "wk", "wv", "wo")
     lora_layers: Optional[Sequence[int]] = None   # None: every layer
+    # memory (opt-in; see the module docstring)
+    base_format: str = "plain"             # "plain" | "nf4": the frozen linears' storage
+    activation_checkpointing: bool = False  # recompute each block in the backward (training only)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -74,6 +90,8 @@ class ModelArgs:
             raise ValueError(f"vocab_size is {self.vocab_size}: pass the tokenizer's vocabulary size")
         if self.adapter not in (None, "lora", "dora"):
             raise ValueError(f"unknown adapter {self.adapter!r}: choose lora or dora")
+        if self.base_format not in ("plain", "nf4"):
+            raise ValueError(f"unknown base_format {self.base_format!r}: choose plain or nf4")
         self.lora_modules = tuple(dict.fromkeys(canonical_module(m) for m in self.lora_modules))
         if self.adapter and self.lora_rank <= 0:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
@@ -234,10 +252,15 @@ def add_echo(out, layer_echo, module):   # eq. 7
 def make_linear(args, layer_id, module, d_in, d_out):
     adapted = (args.adapter is not None and module in args.lora_modules
                and (args.lora_layers is None or layer_id in args.lora_layers))
+    if not adapted and args.base_format == "nf4":     # frozen all the same, but W in 4 bits: rank 0
+        # nn.Linear's init draw, thrown away: the random stream, hence every adapter's init, stays the
+        # plain model's (same seed, same adapters: NF4 and plain runs differ only in W)
+        nn.init.kaiming_uniform_(torch.empty(d_out, d_in), a=math.sqrt(5))
+        return LoRALinear(d_in, d_out, base_format="nf4")
     if not adapted:        # a layer without an adapter is the plain layer, in the model that is built
         return nn.Linear(d_in, d_out, bias=False)
     return LoRALinear(d_in, d_out, rank=args.lora_rank, alpha=args.lora_alpha,
-                      dropout=args.lora_dropout, dora=args.adapter == "dora")
+                      dropout=args.lora_dropout, dora=args.adapter == "dora", base_format=args.base_format)
 
 
 class KVCache:
@@ -353,12 +376,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std=0.02):
-        """Random base weights (presets without a checkpoint); adapters keep their own init."""
-        for name, p in self.named_parameters():
+        """Random base weights (presets without a checkpoint); adapters keep their own init. An NF4 base
+        draws each weight in the model's dtype, in the plain model's order, and quantises it: it is the
+        plain model's random base, quantised."""
+        for name, p in self.named_parameters() if self.args.base_format == "plain" else self.named_weights():
             if name.rsplit(".", 1)[-1] in ADAPTER_KEYS:
                 continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif isinstance(p, NF4Weight):
+                ref = self.tok_embeddings.weight
+                p.copy_(torch.empty(p.shape, dtype=ref.dtype, device=ref.device).normal_(0.0, std))
             else:
                 p.normal_(0.0, std)
         if self.args.adapter:   # DoRA magnitudes are NOT set here: call init_dora_magnitudes() once W is final
@@ -368,6 +396,24 @@ class Transformer(nn.Module):
     def adapter_linears(self):
         return [m for m in self.modules() if isinstance(m, LoRALinear) and m.rank > 0]
 
+    def named_weights(self):
+        """named_parameters, with each NF4-quantised weight (an NF4Weight, named as the parameter it
+        stands for: "layers.0.attention.wq.weight") where a plain model has that parameter; the base
+        weights come in the plain model's order."""
+        for prefix, module in self.named_modules():
+            if isinstance(module, NF4Weight):
+                yield prefix, module
+            yield from module.named_parameters(prefix=prefix, recurse=False)
+
+    @torch.no_grad()
+    def dequantized_state_dict(self, dtype=torch.float32, device="cpu"):
+        """The base weights as a plain model's state dict (Meta keys, no adapters) in dtype, on device: an
+        NF4 weight dequantised (the W its forward uses), every other weight cast. What a merged export
+        folds the adapter into (lora.merged_weight: dequant(W) + ΔW, never re-quantised). Each tensor goes
+        to `device` as it is made, so the model's device holds one dequantised weight at a time."""
+        return {k: (dequantize_nf4(p, dtype) if isinstance(p, NF4Weight) else p.detach().to(dtype)).to(device)
+                for k, p in self.named_weights() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
+
     @torch.no_grad()
     def init_dora_magnitudes(self):
         for m in self.adapter_linears():
@@ -376,14 +422,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def load_base_weights(self, state_dict):
-        """Strict load of a Meta-layout state dict into the base weights; one-line errors."""
+        """Strict load of a Meta-layout state dict into the base weights; one-line errors. An NF4 base
+        quantises each linear weight as it is copied (NF4Weight.copy_), one at a time on the model's
+        device: the peak there is the quantised model + the embedding and head + one weight in fp32 and
+        its quantisation temporaries (~3 × 4 B × its size), never the full-precision model."""
         state_dict = {k: v for k, v in state_dict.items() if k != "rope.freqs"}
         if self.output is None and "output.weight" in state_dict:   # tied: a redundant copy is fine
             if not torch.equal(state_dict["output.weight"], state_dict.get("tok_embeddings.weight")):
                 raise ValueError("checkpoint has an output.weight different from tok_embeddings.weight, "
                                  "but params.json says tie_word_embeddings")
             del state_dict["output.weight"]
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters() if self.args.base_format == "plain" else self.named_weights())
         expected = {k: p for k, p in params.items() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
         missing = sorted(set(expected) - set(state_dict))
         if missing:
@@ -421,7 +470,10 @@ class Transformer(nn.Module):
                    hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0, keys=None, prompt=None):
         """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`, each block's
         keys/values into `keys` (a dict) when given. prompt: a PromptKV, for a pass over a window of
-        positions (h [B, W, D], positions [B, W]) that attends to another pass's keys/values first."""
+        positions (h [B, W, D], positions [B, W]) that attends to another pass's keys/values first.
+        With args.activation_checkpointing, while gradients are recorded (and without a KV cache, which
+        a recomputation would write twice), each block's call is checkpointed: what it returns, and so
+        what `hiddens` / `keys` collect, are the same tensors' values, and gradients reach them as before."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         mask = None
         if kv_cache is not None:      # keys: the whole cache; slots not written yet are masked out
@@ -434,10 +486,12 @@ class Transformer(nn.Module):
             mask = prompt.mask
         elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
+        recompute = self.args.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i in range(start, end):
             layer_echo = None if echo_inject is None else echo_inject.at_layer(i)
-            h, kv = self.layers[i](h, cos, sin, mask, layer_echo, kv_cache, cache_pos,
-                                   None if prompt is None else prompt.kv[i])
+            block = functools.partial(checkpoint, self.layers[i], use_reentrant=False) if recompute else self.layers[i]
+            h, kv = block(h, cos, sin, mask, layer_echo, kv_cache, cache_pos,
+                          None if prompt is None else prompt.kv[i])
             if i in hidden_layers:
                 hiddens[i] = h
             if keys is not None:

@@ -1,7 +1,8 @@
 """NF4: QLoRA's 4-bit NormalFloat weight format, in plain PyTorch (no bitsandbytes at run time).
 
 Owns the two codebooks, blockwise quantisation with double-quantised absmaxes, and dequantisation;
-nothing else (no layers, no loading, no matmul).
+nothing else (no matmul: model/lora.py's LoRALinear holds an NF4Weight as its frozen `weight` when the
+model is built with base_format="nf4", and dequantises it inside its forward).
 
 Format (Dettmers et al. 2023, "QLoRA", §3 and Appendix E; bitsandbytes quantize_4bit(quant_type="nf4",
 compress_statistics=True)). A weight of any shape is flattened and cut in blocks of 64 (the last one
@@ -135,6 +136,41 @@ class NF4Weight(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("code", NF4_CODE.to(packed.device), persistent=False)
         self.register_buffer("dq_code", DYNAMIC_CODE.to(packed.device), persistent=False)
+
+    @classmethod
+    def empty(cls, shape, blocksize=64, double_quant=True, dq_blocksize=256):
+        """A zero-filled NF4Weight of the buffers' final shapes, on the default device (a model built under
+        torch.device(...) allocates its 0.5 B/param here, never the full-precision weight); quantize_nf4's
+        result replaces it when the base is loaded."""
+        nblocks = -(-prod(shape) // blocksize)
+        absmax2 = offset = None
+        if double_quant:
+            absmax2 = torch.zeros(-(-nblocks // dq_blocksize), dtype=torch.float32)
+            offset = torch.zeros((), dtype=torch.float32)     # fp32 whatever the default dtype
+        absmax = torch.zeros(nblocks, dtype=torch.uint8 if double_quant else torch.float32)
+        return cls(torch.zeros(nblocks * blocksize // 2, dtype=torch.uint8), absmax, absmax2, offset, shape,
+                   blocksize, dq_blocksize)
+
+    @torch.no_grad()
+    def copy_(self, w):
+        """Quantise the dense tensor w into these buffers, in place, on their device. A loader that copies
+        each checkpoint tensor into its weight (Transformer.load_base_weights) thus quantises layer by
+        layer: only this one weight is ever on the device in full precision."""
+        if tuple(w.shape) != self.shape:
+            raise ValueError(f"cannot quantise a {tuple(w.shape)} tensor into an NF4 weight of shape {self.shape}")
+        q = quantize_nf4(w.to(self.packed.device), self.blocksize, self.double_quant, self.dq_blocksize)
+        for name in ("packed", "absmax", "absmax2", "offset"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(q, name))
+        return self
+
+    def _apply(self, fn, recurse=True):
+        """.to(device) moves the buffers; a dtype change (model.to(torch.bfloat16), .half()) is ignored: the
+        statistics are fp32 by definition of the format, and rounding them would change every weight."""
+        def keep_dtype(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+        return super()._apply(keep_dtype, recurse)
 
     @property
     def double_quant(self):

@@ -52,6 +52,13 @@ def build_parser(description=None):
       help="batch rows of similar length together (less padding; see data.length_grouped_order)")
     a("--seed", type=int, default=42, help="adapter init, data order, LoRA dropout and the Echo router")
     a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
+    a("--base-format", default="plain", choices=["plain", "nf4"],
+      help="storage of the frozen linear weights (wq..w3): plain = --dtype; nf4 = QLoRA's 4-bit NormalFloat "
+           "(~0.52 B/param, quantised layer by layer while loading, dequantised to --dtype in each forward; "
+           "embedding, norms and LM head stay in --dtype). Works on CPU too, slowly")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each block's activations in the backward instead of keeping them: less memory, "
+           "~1 more forward per step; the same loss and gradients")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
     a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"], help="with --compile on GPU: "
       "'step' = the whole optimizer step as one CUDA graph per batch shape (one GPU); 'blocks' = each compiled "
