@@ -159,7 +159,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self):
         if self.merged and isinstance(self._unmerged_weight, NF4Weight):
-            self.weight = self._unmerged_weight      # the NF4 base back, bit for bit
+            del self.weight                          # the merged parameter, then the NF4 base back, bit for bit
+            self.weight = self._unmerged_weight
             del self._unmerged_weight
             self.merged = False
             return
