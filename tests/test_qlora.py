@@ -72,8 +72,10 @@ def kl(p_logits, q_logits):
 
 def test_nf4_logits_close_to_full_precision():
     """KL(fp32 ‖ NF4) over 64 random prompts of 32 tokens, next to KL(fp32 ‖ bf16 weights) for scale.
-    Measured: 2.96e-2 nats/token (top-1 agreement 77 %) against 1.6e-5 for bf16. (SmolLM2-135M, whose
-    weights here come from a Q4_1 GGUF: see the NF4 measurement in the report of this change.)"""
+    Measured: 2.96e-2 nats/token (top-1 agreement 77 %) against 1.6e-5 for bf16. For scale, SmolLM2-135M
+    (../shared's Q4_1 GGUF, dequantised, as the fp32 reference): 0.30 nats/token over the first 40 prompts of
+    each commonsense task (23.6k tokens, top-1 agreement 70 %, NLL 3.38 → 3.56); on 16 of them, int4 absmax
+    in the same blocks of 64 gives 0.61 and Gaussian noise of NF4's RMS error (9.3 %) 0.45, NF4 0.31."""
     plain, rounded = (well_conditioned(adapter="lora", lora_modules=ALL) for _ in range(2))
     q = quantized_copy(plain)
     with torch.no_grad():
