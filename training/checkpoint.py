@@ -230,7 +230,8 @@ def write_outputs(run, outputs):
 # Options a resume may change: where and how it runs, not what it computes. --model, --data and
 # --val-data are compared by content (fingerprints), not by the path that names them.
 RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs", "micro_batch", "config",
-                     "save_every", "log_every", "eval_every", "diagnose_every", "ranks_share_gpu"}
+                     "save_every", "log_every", "eval_every", "diagnose_every", "ranks_share_gpu",
+                     "activation_checkpointing"}
 BY_CONTENT = {"model", "data", "val_data"}
 
 

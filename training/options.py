@@ -33,6 +33,27 @@ def build_parser(description=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     a("--ranks-share-gpu", action="store_true", help="let torchrun put several ranks on one CUDA device (gloo "
       "with CUDA tensors): a test of the multi-GPU code path on one GPU, not a way to go faster")
+    add_training_flags(a)
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
+    a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"], help="with --compile on GPU: "
+      "'step' = the whole optimizer step as one CUDA graph per batch shape (one GPU); 'blocks' = each compiled "
+      "block replayed as a graph (works with DDP); auto: step on one GPU, blocks on several")
+    a("--val-split", type=float, default=0.0, help="hold out this fraction of the --data rows for validation")
+    a("--val-data", nargs="+", default=None, help="validation files (instead of --val-split)")
+    a("--val-rows", type=int, default=1000, help="validate on at most this many held-out rows")
+    a("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
+    a("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    a("--log-every", type=int, default=10, help="print a progress line every N steps (metrics.jsonl has every step)")
+    a("--diagnose-every", type=int, default=50,
+      help="with --echo: every N routed steps, write the Echo diagnostics (gate, λ, |δ|/|o|, gradient norms) "
+           "to echo_diagnostics.jsonl (0: never)")
+    a("--echo", action=argparse.BooleanOptionalAction, default=False, help="train with the Echo path")
+    EchoConfig.add_flags(p)                              # --echo-*: declared once, in EchoConfig
+    return p
+
+
+def add_training_flags(a):
+    """The adapter, the schedule and the frozen base's memory options (a = parser.add_argument)."""
     a("--method", default="lora", choices=["lora", "dora"], help="adapter: LoRA, or DoRA (weight-decomposed)")
     a("--rank", type=int, default=16, help="LoRA rank r")
     a("--alpha", type=float, default=32.0, help="LoRA scale α (the update is α/r · B A)")
@@ -59,22 +80,6 @@ def build_parser(description=None):
     a("--activation-checkpointing", action="store_true",
       help="recompute each block's activations in the backward instead of keeping them: less memory, "
            "~1 more forward per step; the same loss and gradients")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (None: on GPU)")
-    a("--cuda-graphs", default="auto", choices=["auto", "step", "blocks", "off"], help="with --compile on GPU: "
-      "'step' = the whole optimizer step as one CUDA graph per batch shape (one GPU); 'blocks' = each compiled "
-      "block replayed as a graph (works with DDP); auto: step on one GPU, blocks on several")
-    a("--val-split", type=float, default=0.0, help="hold out this fraction of the --data rows for validation")
-    a("--val-data", nargs="+", default=None, help="validation files (instead of --val-split)")
-    a("--val-rows", type=int, default=1000, help="validate on at most this many held-out rows")
-    a("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
-    a("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    a("--log-every", type=int, default=10, help="print a progress line every N steps (metrics.jsonl has every step)")
-    a("--diagnose-every", type=int, default=50,
-      help="with --echo: every N routed steps, write the Echo diagnostics (gate, λ, |δ|/|o|, gradient norms) "
-           "to echo_diagnostics.jsonl (0: never)")
-    a("--echo", action=argparse.BooleanOptionalAction, default=False, help="train with the Echo path")
-    EchoConfig.add_flags(p)                              # --echo-*: declared once, in EchoConfig
-    return p
 
 
 # `python train.py` (no --model): ~1 min on 2 CPU cores. micro_batch None there = the whole per-rank batch.
