@@ -166,6 +166,9 @@ def setup(opts):
         graphs = "off"
     if graphs == "step" and world > 1:
         raise ValueError("--cuda-graphs step captures a single-GPU step: use --cuda-graphs blocks with torchrun")
+    if opts.activation_checkpointing and graphs != "off":      # not yet run on a GPU; blocks: pytorch#154306
+        raise ValueError(f"--activation-checkpointing has not been validated with CUDA graphs (--cuda-graphs "
+                         f"{graphs}): add --cuda-graphs off")
     params, echo_params, optimizers = make_trainer(step_module, opts, device, use_compile, graphs)
     ddp = step_module
     if world > 1:
