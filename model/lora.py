@@ -21,30 +21,55 @@ import json
 import math
 import tempfile
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .io import publish, read_json, read_safetensors
-from .nf4 import NF4Weight, dequantize_nf4
+from .nf4 import NF4Weight, dequantize_nf4, dequantize_tensors
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "magnitude")
 
 
-class FrozenNF4Linear(torch.autograd.Function):
-    """o = u · dequant(W)ᵀ for a frozen NF4 W. F.linear would save the dequantised copy for its backward,
-    i.e. every layer's full-precision weight until the backward (the whole model); this saves only the
-    NF4Weight and dequantises again for ∂L/∂u = ∂L/∂o · dequant(W), as QLoRA does. No gradient for W."""
+@torch.library.custom_op("echo_lora::nf4_linear", mutates_args=())
+def _nf4_linear(u: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+                offset: Optional[torch.Tensor], code: torch.Tensor, dq_code: torch.Tensor, shape: List[int],
+                blocksize: int, dq_blocksize: int) -> torch.Tensor:
+    """u · dequant(W)ᵀ for a frozen NF4 W given as its tensors (NF4Weight.tensors()). A custom op, not an
+    autograd.Function, because under torch.compile AOTAutograd's partitioner sees through a Function: it
+    merges the backward's dequantisation with the forward's and saves the dense W for the backward (every
+    layer's full-precision weight, held until then). An op is opaque to it: the forward graph never has W,
+    and what is saved is what setup_context saves, the 4-bit buffers."""
+    w = dequantize_tensors(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
+                           dq_blocksize=dq_blocksize, dtype=u.dtype)
+    return F.linear(u, w)
 
-    @staticmethod
-    def forward(ctx, u, weight, q):        # weight = dequantize_nf4(q, u.dtype), made once by the caller
-        ctx.q = q
-        return F.linear(u, weight)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad @ dequantize_nf4(ctx.q, grad.dtype), None, None
+@_nf4_linear.register_fake
+def _(u, packed, absmax, absmax2, offset, code, dq_code, shape, blocksize, dq_blocksize):
+    return u.new_empty(*u.shape[:-1], shape[0])
+
+
+def _nf4_linear_setup_context(ctx, inputs, output):
+    u, *tensors, shape, blocksize, dq_blocksize = inputs
+    ctx.save_for_backward(*tensors)         # uint8 codes and fp32 statistics only, never dequant(W)
+    ctx.layout = dict(shape=shape, blocksize=blocksize, dq_blocksize=dq_blocksize)
+
+
+def _nf4_linear_backward(ctx, grad):
+    """∂L/∂u = ∂L/∂o · dequant(W), W dequantised again (as QLoRA does); W itself gets no gradient."""
+    w = dequantize_tensors(*ctx.saved_tensors, **ctx.layout, dtype=grad.dtype)
+    return grad @ w, *[None] * 9
+
+
+_nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup_context)
+
+
+def nf4_linear(u, q):
+    """F.linear(u, dequant(q)) for an NF4Weight q, saving only q's 4-bit buffers for the backward."""
+    return _nf4_linear(u, *q.tensors(), list(q.shape), q.blocksize, q.dq_blocksize)
 
 
 class LoRALinear(nn.Module):
@@ -100,28 +125,31 @@ class LoRALinear(nn.Module):
         """s · B A in fp32 (the dense LoRA update, for merging and DoRA's norm)."""
         return self.scale * (self.lora_b.float() @ self.lora_a.float())
 
-    def weight_norm(self, weight=None):
-        """‖W + s·B A‖ per output row, fp32, detached (DoRA §4.3), clamped away from 0. weight: W as
-        the forward uses it (an NF4 base's dequantised copy); None: the parameter.
+    def weight_norm(self, dtype=None):
+        """‖W + s·B A‖ per output row, fp32, detached (DoRA §4.3), clamped away from 0. dtype: the forward's,
+        in which an NF4 base is dequantised (a plain W is used in its own dtype).
 
         Expanded so the dense d_out×d_in update is never materialised:
             ‖W + sBA‖²_i = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ
         ‖W‖² is cached (W is frozen); W Aᵀ is one skinny matmul over W in W's dtype with fp32
         accumulation (with bf16 W the norm is within ~1e-3 relative of the dense fp32 one; merge()
-        uses the exact fp32 norm). Everything else is fp32.
+        uses the exact fp32 norm). Everything else is fp32. An NF4 W Aᵀ goes through the same custom op as
+        the base matmul, (A · dequant(W)ᵀ)ᵀ: a dequant(W) in the forward graph would be shared, under
+        torch.compile, with the backward's, and saved for it.
         """
         with torch.no_grad():
             a, b = self.lora_a.float(), self.lora_b.float()
-            weight = self.weight if weight is None else weight
-            w_at = (weight @ self.lora_a.to(weight.dtype).t()).float()      # [d_out, r]
+            if self.quantized:
+                w_at = nf4_linear(self.lora_a.to(dtype or self.weight.dtype), self.weight).t().float()       # [d_out, r]
+            else:
+                w_at = (self.weight @ self.lora_a.to(self.weight.dtype).t()).float()
             cross = (w_at * b).sum(dim=1)
             ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
             sq = self.base_sq_norm + 2 * self.scale * cross + self.scale ** 2 * ba_sq
             return sq.clamp_min(1e-24).sqrt()
 
     def forward(self, u):
-        weight = dequantize_nf4(self.weight, u.dtype) if self.quantized else self.weight   # once per forward
-        base = FrozenNF4Linear.apply(u, weight, self.weight) if self.quantized else F.linear(u, weight)
+        base = nf4_linear(u, self.weight) if self.quantized else F.linear(u, self.weight)
         if not self.adapted:
             return base
         a, b = self.lora_a.to(u.dtype), self.lora_b.to(u.dtype)
@@ -131,18 +159,20 @@ class LoRALinear(nn.Module):
         if self.base_sq_norm is None:
             raise RuntimeError("DoRA magnitude not initialised: call model.init_dora_magnitudes() "
                                "after loading base weights (load_model does this)")
-        column_scale = (self.magnitude / self.weight_norm(weight)).to(base.dtype)
+        column_scale = (self.magnitude / self.weight_norm(u.dtype)).to(base.dtype)
         return column_scale * (base + lora)
 
     @torch.no_grad()
-    def merge(self, dtype=torch.float32):
+    def merge(self, dtype=None):
         """Fold the adapter into W (computed in fp32, then cast). Keeps W for an exact unmerge.
-        An NF4 base becomes a dense parameter dequant(W) + ΔW in `dtype` (fp32 unless asked), never
-        re-quantised: quantising the merged weight would round ΔW away (peft issue #2321)."""
+        An NF4 base becomes a dense parameter dequant(W) + ΔW in `dtype`, never re-quantised: quantising the
+        merged weight would round ΔW away (peft issue #2321). dtype None: the model's dtype, the one its
+        embedding has (NF4Weight.dtype follows it), so the next forward's activations match; a plain W
+        keeps its own dtype whatever is asked."""
         if self.rank == 0 or self.merged:
             return
         if self.quantized:
-            return self._merge_quantized(dtype)
+            return self._merge_quantized(dtype or self.weight.dtype)
         self._unmerged_weight = self.weight.detach().clone()
         merged = merged_weight(self.weight, self.lora_a, self.lora_b, self.scale,
                                self.magnitude if self.dora else None)
@@ -155,6 +185,14 @@ class LoRALinear(nn.Module):
                                self.magnitude if self.dora else None)
         self.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
         self.merged = True
+
+    def _apply(self, fn, recurse=True):
+        """An NF4 base kept by merge() for unmerge() is not a submodule (it is no part of state_dict or
+        named_modules while merged), so .to() / .cuda() / .double() reach it here."""
+        kept = self.__dict__.get("_unmerged_weight")
+        if isinstance(kept, NF4Weight):
+            kept._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def unmerge(self):
@@ -188,8 +226,9 @@ def lora_linears(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.rank > 0]
 
 
-def merge_adapters(model, dtype=torch.float32):
-    """Fold every adapter into its W; dtype: that of the merged weights of an NF4 base (a plain W keeps its own)."""
+def merge_adapters(model, dtype=None):
+    """Fold every adapter into its W; dtype: that of the merged weights of an NF4 base (a plain W keeps its
+    own), None: the model's (its embedding's), see LoRALinear.merge."""
     for _, m in lora_linears(model):
         m.merge(dtype)
     return model

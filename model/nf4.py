@@ -129,9 +129,12 @@ class NF4Weight(nn.Module):
     offset   fp32 scalar with double quantisation, else None
     """
 
-    def __init__(self, packed, absmax, absmax2, offset, shape, blocksize=64, dq_blocksize=256):
+    def __init__(self, packed, absmax, absmax2, offset, shape, blocksize=64, dq_blocksize=256, dtype=None):
         super().__init__()
         self.shape, self.blocksize, self.dq_blocksize = tuple(shape), blocksize, dq_blocksize
+        # The dtype a dense W would have in this model: the default dtype at construction (build_model's),
+        # then whatever model.to(dtype) / .half() asks (_apply). The buffers keep theirs; merge uses it.
+        self.dtype = dtype or torch.get_default_dtype()
         for name, t in dict(packed=packed, absmax=absmax, absmax2=absmax2, offset=offset).items():
             self.register_buffer(name, t)
         self.register_buffer("code", NF4_CODE.to(packed.device), persistent=False)
@@ -165,12 +168,19 @@ class NF4Weight(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
-        """.to(device) moves the buffers; a dtype change (model.to(torch.bfloat16), .half()) is ignored: the
-        statistics are fp32 by definition of the format, and rounding them would change every weight."""
+        """.to(device) moves the buffers; a dtype change (model.to(torch.bfloat16), .half()) leaves them as they
+        are (the statistics are fp32 by definition of the format, and rounding them would change every
+        weight) and only sets self.dtype, the dense dtype the rest of the model now has."""
         def keep_dtype(t):
             moved = fn(t)
             return moved if moved.dtype == t.dtype else t.to(moved.device)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.packed.device)).dtype
         return super()._apply(keep_dtype, recurse)
+
+    def tensors(self):
+        """(packed, absmax, absmax2, offset, code, dq_code): all this weight's tensors (absmax2 and offset
+        None without double quantisation)."""
+        return self.packed, self.absmax, self.absmax2, self.offset, self.code, self.dq_code
 
     @property
     def double_quant(self):
@@ -252,23 +262,33 @@ def quantize_nf4(w, blocksize=64, double_quant=True, dq_blocksize=256):
     absmax2 = offset = None
     if double_quant:
         absmax, absmax2, offset = _double_quantize(absmax, dq_blocksize)
-    return NF4Weight(packed, absmax, absmax2, offset, tuple(w.shape), blocksize, dq_blocksize)
+    return NF4Weight(packed, absmax, absmax2, offset, tuple(w.shape), blocksize, dq_blocksize, w.dtype)
 
 
 def dequantize_absmax(q):
     """fp32 absmax per 64-block: DYN[q]·absmax2 + offset (two roundings, as bitsandbytes)."""
-    if not q.double_quant:
-        return q.absmax
-    absmax2 = q.absmax2.repeat_interleave(q.dq_blocksize)[: q.absmax.numel()]
-    return q.dq_code[q.absmax.long()] * absmax2 + q.offset
+    return _absmax(q.absmax, q.absmax2, q.offset, q.dq_code, q.dq_blocksize)
+
+
+def _absmax(absmax, absmax2, offset, dq_code, dq_blocksize):
+    if absmax2 is None:
+        return absmax
+    return dq_code[absmax.long()] * absmax2.repeat_interleave(dq_blocksize)[: absmax.numel()] + offset
 
 
 def dequantize_nf4(q, dtype=torch.bfloat16):
     """NF4Weight → tensor of the original shape in dtype. Gathers, reshapes and one multiply, no loop
-    over blocks, so torch.compile can fuse it into one kernel (and, where it can, into the matmul)."""
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=-1).view(-1, q.blocksize)
-    w = q.code[codes.int()] * dequantize_absmax(q)[:, None]   # fp32 LUT × fp32 absmax, as the kernel
-    return w.view(-1)[: q.numel()].view(q.shape).to(dtype)
+    over blocks, so torch.compile can fuse it into one kernel."""
+    return dequantize_tensors(*q.tensors(), shape=q.shape, blocksize=q.blocksize, dq_blocksize=q.dq_blocksize,
+                              dtype=dtype)
+
+
+def dequantize_tensors(packed, absmax, absmax2, offset, code, dq_code, *, shape, blocksize, dq_blocksize, dtype):
+    """dequantize_nf4 on an NF4Weight's tensors (NF4Weight.tensors()), for code that cannot pass the module
+    (model/lora.py's custom op)."""
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1, blocksize)
+    w = code[codes.int()] * _absmax(absmax, absmax2, offset, dq_code, dq_blocksize)[:, None]   # fp32 × fp32
+    return w.view(-1)[: prod(shape)].view(shape).to(dtype)
 
 
 def nf4_bytes(q):

@@ -187,9 +187,25 @@ def test_storage_bytes():
     assert set(dq.state_dict()) == {"packed", "absmax", "absmax2", "offset"}   # codebooks not saved
 
 
-def test_buffers_move_with_to():
-    q = quantize_nf4(torch.randn(64, 64)).to(torch.device("cpu"))
-    assert {b.device.type for b in q.buffers()} == {"cpu"} and q.code.shape == (16,)
+def test_a_dtype_change_leaves_the_buffers_alone():
+    """model.to(dtype) / .half() / .double() reach an NF4Weight: its buffers keep their dtypes and values
+    (uint8 codes, fp32 statistics and codebooks: rounding them would change every weight), so the weight
+    dequantises to the same values; only its dense dtype (NF4Weight.dtype, what merge uses) follows.
+    .to(device) moves the buffers (meta: the only other device on CPU)."""
+    q = quantize_nf4(torch.randn(96, 160, generator=torch.Generator().manual_seed(6)))
+    assert q.dtype == torch.float32
+    buffers = {k: v.clone() for k, v in q.named_buffers()}
+    assert {k: v.dtype for k, v in buffers.items()} == {"packed": torch.uint8, "absmax": torch.uint8,
+                                                       "absmax2": torch.float32, "offset": torch.float32,
+                                                       "code": torch.float32, "dq_code": torch.float32}
+    w = dequantize_nf4(q, torch.float32)
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.double(), torch.float64)):
+        assert cast(q) is q and q.dtype == dtype
+        assert all(torch.equal(v, buffers[k]) and v.dtype == buffers[k].dtype for k, v in q.named_buffers())
+        assert torch.equal(dequantize_nf4(q, torch.float32), w)
+    q.to("meta")
+    assert {b.device.type for b in q.buffers()} == {"meta"} and q.packed.dtype == torch.uint8 and q.code.shape == (16,)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,

@@ -5,6 +5,7 @@ checkpointing with Echo's two passes, a short NF4 run, and the default path unch
 import hashlib
 import json
 from dataclasses import replace
+from math import prod
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from convert_weights import fold_adapter
 from echo import EchoConfig, EchoModule, echo_loss
 from model.load import as_plain_model, build_model, load_model
 from model.lora import (ADAPTER_KEYS, LoRALinear, adapter_config, adapter_state_dict, load_adapter, merge_adapters,
-                        merged_weight)
+                        merged_weight, unmerge_adapters)
 from model.model import ModelArgs, Transformer
 from model.nf4 import NF4Weight, dequantize_nf4, nf4_bytes, quantize_nf4
 from model.tokenizer import ByteTokenizer
@@ -117,27 +118,71 @@ def test_nf4_layers_and_storage():
         ModelArgs.from_name("tiny", base_format="int8")
 
 
-def test_nf4_backward_keeps_only_the_4bit_weight():
-    """FrozenNF4Linear: no dequantised d_out × d_in weight is saved for the backward (it would hold the
-    full-precision model until then), and ∂L/∂u, ∂L/∂A, ∂L/∂B equal those of the dense dequant(W)."""
+def saved_for_backward(fn, *args):
+    """fn(*args), and (shape, dtype) of every tensor autograd saves for its backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        out = fn(*args)
+    return out, saved
+
+
+def nf4_layer_and_dense_twin(method):
+    """An NF4 LoRALinear (rank 0 for "base") with a live adapter, and the plain layer of W = dequant(W)."""
     torch.manual_seed(0)
-    layer = LoRALinear(128, 96, rank=4, alpha=8, base_format="nf4")
+    kw = {} if method == "base" else dict(rank=4, alpha=8, dora=method == "dora")
+    layer, dense = LoRALinear(128, 96, base_format="nf4", **kw), LoRALinear(128, 96, **kw)
     layer.weight.copy_(torch.randn(96, 128))
-    nn.init.normal_(layer.lora_b)
-    dense = LoRALinear(128, 96, rank=4, alpha=8)
+    if method != "base":
+        nn.init.normal_(layer.lora_b)
+    if method == "dora":
+        layer.init_magnitude()
     dense.load_state_dict({**{k: v for k, v in layer.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS},
                            "weight": dequantize_nf4(layer.weight, torch.float32)})
-    saved = []
+    if method == "dora":
+        dense.cache_base_norm()
+    return layer, dense
+
+
+def test_nf4_backward_keeps_only_the_4bit_weight():
+    """The NF4 matmul (the echo_lora::nf4_linear op): no dequantised d_out × d_in weight is saved for the
+    backward (it would hold the full-precision model until then), and the output and ∂L/∂u, ∂L/∂A, ∂L/∂B
+    equal those of the dense dequant(W), bit for bit."""
+    layer, dense = nf4_layer_and_dense_twin("lora")
     u = torch.randn(3, 5, 128, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        out = layer(u)
-    assert (96, 128) not in saved and (128, 96) not in saved
+    out, saved = saved_for_backward(layer, u)
+    assert all(shape not in ((96, 128), (128, 96)) for shape, _ in saved)
     grads = torch.autograd.grad(out.square().sum(), [u, layer.lora_a, layer.lora_b])
     u2 = u.detach().requires_grad_()
     ref = torch.autograd.grad(dense(u2).square().sum(), [u2, dense.lora_a, dense.lora_b])
     torch.testing.assert_close(out, dense(u2), rtol=0, atol=0)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["base", "lora", "dora"])
+def test_nf4_backward_keeps_only_the_4bit_weight_compiled(method):
+    """Under torch.compile too: with aot_eager_decomp_partition (AOTAutograd's decompositions and min-cut
+    partitioner, as Inductor uses them, without code generation), which saved every dense W when the
+    matmul was an autograd.Function (the backward's dequantisation merged with the forward's), nothing saved
+    is the size of W, in eager or compiled: only the op's uint8 codes and fp32 statistics (and the
+    adapter's small tensors). Output and gradients are the eager dense u·dequant(W)ᵀ's to fp32 rounding."""
+    layer, dense = nf4_layer_and_dense_twin(method)
+    params, dense_params = ([p for k, p in m.named_parameters() if k in ADAPTER_KEYS] for m in (layer, dense))
+    u = torch.randn(3, 5, 128, requires_grad=True)
+    u2 = u.detach().requires_grad_()
+    ref_out = dense(u2)
+    ref = torch.autograd.grad(ref_out.square().sum(), [u2, *dense_params])
+    compiled = torch.compile(layer, backend="aot_eager_decomp_partition", fullgraph=True)
+    for fn in (layer, compiled):
+        out, saved = saved_for_backward(fn, u)
+        assert (tuple(layer.weight.packed.shape), torch.uint8) in saved          # the op's 4-bit codes
+        assert all(prod(shape) < 96 * 128 for shape, _ in saved), saved          # never W (12288) or Wᵀ
+        assert {dtype for _, dtype in saved} == {torch.uint8, torch.float32}
+        grads = torch.autograd.grad(out.square().sum(), [u, *params])
+        torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+        assert len(grads) == len(ref) == (1 if method == "base" else 3 if method == "lora" else 4)
+        for g, r in zip(grads, ref):       # fp32 rounding of sums whose terms reach |r|'s scale (~500)
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6 * r.abs().max().item())
 
 
 def test_nf4_base_is_rebuilt_deterministically_on_load(tmp_path):
@@ -159,6 +204,19 @@ def test_nf4_base_is_rebuilt_deterministically_on_load(tmp_path):
             assert torch.equal(a[key], w), key
     dq = load_model(tmp_path / "base", **kw)[0].dequantized_state_dict(torch.float32)
     assert list(dq) == list(base) and all(dq[k].dtype == torch.float32 for k in dq)
+
+
+def test_flops_count_nf4_weights_as_the_plain_model():
+    """MFU's N counts an NF4 weight as the matrix it stands for (its buffers are no parameters): an NF4
+    model and its plain twin give the same count and step FLOPs (parameters() alone left ~4/5 of N out)."""
+    from training.log import count_weights, step_flops
+    plain = tiny(adapter="lora", lora_modules=ALL)
+    q = quantized_copy(plain)
+    n = sum(p.numel() for p in plain.parameters())
+    assert count_weights(plain) == count_weights(q) == n
+    assert sum(p.numel() for p in q.parameters()) < n / 2                     # what was counted before
+    shapes = [(2, 40, 8), (3, 20, 4)]
+    assert step_flops(q, None, False, shapes) == step_flops(plain, None, False, shapes) == 4 * n * (80 + 60)
 
 
 # ----------------------------------------------------------------------------- merge and export
@@ -189,6 +247,67 @@ def test_merged_model_equals_nf4_base_plus_adapter(method):
         for m in q.adapter_linears():
             m.unmerge()
         assert layer.weight is nf4 and torch.equal(q(tokens), before)
+
+
+def test_nf4_merge_takes_the_models_dtype():
+    """merge_adapters on a bf16 NF4 model: the merged W is dequant(W) + ΔW (fp32) cast to bf16, the model's
+    dtype (its embedding's), so the next forward runs (an fp32 W would meet bf16 activations) and gives the
+    unmerged model's logits to bf16 rounding; unmerge restores the NF4 base. Also after model.to(bf16)."""
+    fp32 = quantized_copy(well_conditioned(adapter="dora", lora_modules=ALL))
+    cast = quantized_copy(well_conditioned(adapter="dora", lora_modules=ALL)).to(torch.bfloat16)
+    built = build_model(replace(fp32.args, base_format="nf4"), "cpu", torch.bfloat16)
+    built.load_state_dict(cast.state_dict())           # built in bf16: its adapters stay fp32
+    for m in built.adapter_linears():
+        m.cache_base_norm()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    for q in (cast, built):
+        assert q.tok_embeddings.weight.dtype == torch.bfloat16
+        layer = q.layers[1].attention.wv
+        nf4 = layer.weight
+        assert nf4.dtype == torch.bfloat16 and nf4.packed.dtype == torch.uint8
+        with torch.no_grad():
+            before = q(tokens)
+            expect = merged_weight(nf4, layer.lora_a, layer.lora_b, layer.scale, layer.magnitude).to(torch.bfloat16)
+            merge_adapters(q)
+            assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, expect)
+            after = q(tokens)
+            assert after.dtype == torch.bfloat16
+            torch.testing.assert_close(after.float(), before.float(), rtol=0, atol=0.1)   # bf16 rounding of ~±10
+            unmerge_adapters(q)
+            assert layer.weight is nf4 and torch.equal(q(tokens), before)
+    layer = fp32.layers[0].feed_forward.w2
+    layer.merge()
+    assert layer.weight.dtype == torch.float32                                 # an fp32 model: fp32, as before
+    layer.unmerge()
+    layer.merge(torch.float16)
+    assert layer.weight.dtype == torch.float16                                 # or the dtype asked for
+
+
+def test_nf4_base_kept_by_merge_follows_the_model():
+    """The NF4 base that merge keeps for unmerge is not in state_dict, but model.double() / .to(device)
+    between merge and unmerge reach it: after unmerge its buffers are where the model is (the meta device
+    here, the only other device on CPU), their dtypes NF4Weight's own (uint8 codes, fp32 statistics),
+    its dense dtype the model's (fp64), and the forward runs in fp64."""
+    q = quantized_copy(well_conditioned(adapter="lora", lora_modules=ALL))
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
+    layer = q.layers[2].feed_forward.w1
+    nf4, buffers = layer.weight, {k: v.clone() for k, v in layer.weight.state_dict().items()}
+    with torch.no_grad():
+        before = q(tokens)
+        merge_adapters(q)
+        assert not any(k.rsplit(".", 1)[-1] in NF4_BUFFERS for k in q.state_dict())    # only the merged W
+        q.double()
+        unmerge_adapters(q)
+        assert layer.weight is nf4 and nf4.dtype == torch.float64
+        assert {k: v.dtype for k, v in nf4.state_dict().items()} == {k: v.dtype for k, v in buffers.items()}
+        assert all(torch.equal(nf4.state_dict()[k], v) for k, v in buffers.items())
+        torch.testing.assert_close(q(tokens).float(), before, rtol=0, atol=2e-5)
+        merge_adapters(q)
+        assert layer.weight.dtype == torch.float64
+        q.to("meta")
+        unmerge_adapters(q)
+    assert {t.device.type for t in nf4.buffers()} == {"meta"} and layer.weight is nf4
+    assert nf4.packed.dtype == torch.uint8 and nf4.absmax2.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
@@ -269,9 +388,31 @@ def test_checkpointing_collects_the_same_hiddens_and_keys():
     assert torch.equal(h, h2) and hiddens.keys() == hiddens2.keys() == {1, 3} and keys.keys() == keys2.keys()
     assert all(torch.equal(hiddens[i], hiddens2[i]) for i in hiddens)
     assert all(torch.equal(a, b) for i in keys for a, b in zip(keys[i], keys2[i]))
+
+
+def test_checkpointing_is_off_without_gradients_and_with_a_kv_cache(monkeypatch):
+    """With activation_checkpointing on, run_layers checkpoints each block only while gradients are recorded
+    and there is no KV cache (a recomputation would write the cache twice): under torch.no_grad, or with a
+    cache even with gradients, checkpoint is never called and each block runs once, the backward included."""
+    import model.model as model_module
+    model, _, tokens, _ = fp64_case("lora")
+    model.args.activation_checkpointing = True
+    checkpointed, runs = [], []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **kw: checkpointed.append(1) or real(*a, **kw))
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda *_: runs.append(1))
+
+    def count(fn):
+        checkpointed.clear(), runs.clear()
+        fn()
+        return len(checkpointed), len(runs)
+    n = model.args.n_layers
+    assert count(lambda: model(tokens).sum().backward()) == (n, 2 * n)        # on: each block runs again
     with torch.no_grad():
-        model.eval()
-        torch.testing.assert_close(model(tokens), model(tokens), rtol=0, atol=0)
+        assert count(lambda: model(tokens)) == (0, n)
+    cache = model.setup_kv_cache(tokens.shape[0], tokens.shape[1])
+    assert count(lambda: model(tokens, kv_cache=cache).sum().backward()) == (0, n)
 
 
 # ----------------------------------------------------------------------------- the options off

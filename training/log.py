@@ -40,7 +40,7 @@ class Log:
             self.file = self.open_jsonl(run.out / "metrics.jsonl", start_step)
             if run.echo is not None:
                 self.diagnostics = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
-        self.peak, self.n_params = peak_flops(run.device), sum(p.numel() for p in run.model.parameters())
+        self.peak, self.n_params = peak_flops(run.device), count_weights(run.model)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
         self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
         self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
@@ -164,7 +164,7 @@ def step_flops(model, echo, routed, micro_batches, n_params=None):
     gradient). A routed step's Echo-on pass runs the layers from the first target up, on the answer
     window (B·P positions; see echo_loss) or, when it recomputes every position, on all B·T.
     n_params: N, when the caller counted it once (the log calls this every step)."""
-    n_params = n_params or sum(p.numel() for p in model.parameters())
+    n_params = n_params or count_weights(model)
     flops = 0.0
     for B, T, P in micro_batches:
         flops += 4 * n_params * B * T
@@ -172,6 +172,12 @@ def step_flops(model, echo, routed, micro_batches, n_params=None):
             layers = 1.0 if echo.cfg.separate_passes else 1 - echo.cfg.target_layers[0] / model.args.n_layers
             flops += 4 * n_params * layers * B * (P if uses_answer_window(echo.cfg) else T)
     return flops
+
+
+def count_weights(model):
+    """N for the FLOPs: the model's logical weights, an NF4 weight counted as the d_out × d_in matrix it
+    stands for (its 4-bit buffers are not parameters), so an NF4 model counts as its plain twin."""
+    return sum(w.numel() for _, w in model.named_weights())
 
 
 def parsed_step(line):
