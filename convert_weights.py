@@ -17,6 +17,11 @@ Export (MODEL_DIR is our layout, or any layout above; RUN_DIR/adapter is what tr
     python convert_weights.py --export meta --model MODEL_DIR [--adapter RUN_DIR/adapter] [--dtype D] OUT
       merged model: base + adapter folded in fp32 (LoRA eq. 1, DoRA), written in --dtype (default: the
       base's dtype); a bf16/fp16 merge prints the logit drift it causes
+    python convert_weights.py --export hf|meta --model MODEL_DIR --adapter RUN_DIR/adapter [--base-format nf4] OUT
+      an adapter trained on an NF4 base (train.py --base-format nf4; its adapter_config.json says so, and
+      that is the default) is merged into the base it trained on: dequant(NF4(W)) + ΔW, quantised from
+      MODEL_DIR as train.py quantises it, written in --dtype (default bf16, said in one line) and never
+      quantised again (that would round ΔW away). A run's base/ folder already holds dequant(W): plain.
     python convert_weights.py --export peft --model MODEL_DIR --adapter RUN_DIR/adapter OUT
                               [--base-model-name-or-path HF_REPO_ID_OR_HF_FOLDER]
       adapter only, PEFT key names, for PeftModel.from_pretrained / vLLM on the HF base model. Its
@@ -53,8 +58,8 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from model.load import (CliParser, args_from_params, dtype_arg, expected_adapter_shapes, expected_shapes,
-                        load_dir_tokenizer, read_json, read_pth, read_safetensors)
+from model.load import (CliParser, args_from_params, build_model, dtype_arg, expected_adapter_shapes,
+                        expected_shapes, load_dir_tokenizer, read_json, read_pth, read_safetensors)
 from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight,
                         read_adapter_config)
 from model.model import ATTENTION_MODULES, FFN_MODULES, MODULE_ALIASES, Transformer, canonical_module
@@ -747,6 +752,28 @@ def fold_adapter(state_dict, adapter_sd, adapter_cfg):
     return out
 
 
+def dequantized_base(state_dict, params):
+    """The base an NF4 run trained against: every NF4-stored linear W replaced by dequant(NF4(W)) in fp32,
+    quantised from these checkpoint tensors exactly as load_model quantises them (Transformer.load_base_weights
+    into an NF4 model); the embedding, norms and head are kept as they are (an NF4 model keeps them too)."""
+    from model.nf4 import NF4Weight
+    net = build_model(args_from_params(params, base_format="nf4"), "cpu", model_dtype(state_dict))
+    net.load_base_weights(state_dict)
+    quantized = {k for k, w in net.named_weights() if isinstance(w, NF4Weight)}
+    dequantized = net.dequantized_state_dict(torch.float32)
+    return {k: dequantized[k] if k in quantized else v for k, v in state_dict.items()}
+
+
+def export_base_format(flag, adapter_cfg, model_dir, adapter_dir):
+    """The base format a merged export folds the adapter into: model.generate.resolve_base_format's choice
+    (the adapter's record by default), its warning printed."""
+    from model.generate import resolve_base_format
+    base_format, _, warning = resolve_base_format(flag, adapter_cfg, model_dir, adapter_dir)
+    if warning:
+        print(warning, file=sys.stderr)
+    return base_format
+
+
 def merge_drift(state_dict, params, adapter_sd, adapter_cfg, merged, probe_len=16):
     """(max |Δlogit|, max adapter effect) of a merged export on a fixed probe batch (2 x probe_len random
     ids, seed 0), all computed in fp32 with model.py:
@@ -1033,16 +1060,21 @@ def peft_base_name(model_dir, params, layout, given=None):
     return os.path.abspath(model_dir)
 
 
-def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_model_name_or_path=None):
+def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_model_name_or_path=None,
+           base_format=None):
     """Our model (+ adapter) -> merged HF or Meta layout, or the adapter alone in PEFT layout.
-    The merge is computed in fp32 and written in `dtype` (default: the base's dtype)."""
+    The merge is computed in fp32 and written in `dtype` (default: the base's dtype; bf16 for an NF4 base).
+    base_format None: the adapter's recorded one (export_base_format)."""
     if fmt == "peft" and adapter_dir is None:
         raise ValueError("--export peft needs --adapter RUN_DIR/adapter")
     if base_model_name_or_path and fmt != "peft":
         raise ValueError("--base-model-name-or-path names the base of a PEFT adapter: it needs --export peft")
+    if base_format and fmt == "peft":
+        raise ValueError("--base-format is for --export hf / meta (merges): the PEFT export is the adapter alone")
     check_out(out, force)                       # before reading anything: a merge can take minutes
+    adapter_cfg = None
     if adapter_dir is not None:
-        read_adapter_config(adapter_dir)        # a broken config is refused before the base is read
+        adapter_cfg = read_adapter_config(adapter_dir)      # a broken config is refused before the base is read
     if fmt == "peft":
         _, params, layout = read_model(model_dir)
         adapter_sd, adapter_cfg = read_adapter(adapter_dir)
@@ -1050,9 +1082,15 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_
         with atomic_dir(out, force) as tmp:
             export_peft(adapter_sd, adapter_cfg, params, tmp, base_name)
         return
+    nf4 = export_base_format(base_format, adapter_cfg, model_dir, adapter_dir) == "nf4"
     sd, params, layout = read_model(model_dir)
     note_dtype_change(sd, dtype, model_dir)
     target = dtype or model_dtype(sd)
+    if nf4:
+        sd, target = dequantized_base(sd, params), dtype or torch.bfloat16
+        if dtype is None:
+            print(f"NF4 base: writing the {'merged ' if adapter_dir else ''}model as bf16 "
+                  f"(dequant(W){' + ΔW' if adapter_dir else ''}; pass --dtype fp32 for fp32); it is not re-quantised")
     if adapter_dir is not None:
         adapter_sd, adapter_cfg = read_adapter(adapter_dir)
         check_adapter(adapter_sd, adapter_cfg, params, adapter_dir)
@@ -1086,7 +1124,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def main(argv=None):
     usage = ("%(prog)s SRC OUT [--dtype D] [--tokenizer PATH | --no-tokenizer] [--model BASE_DIR]\n"
-             "       %(prog)s --export {hf,meta,peft} --model MODEL_DIR [--adapter ADAPTER_DIR] [--dtype D] OUT")
+             "       %(prog)s --export {hf,meta,peft} --model MODEL_DIR [--adapter ADAPTER_DIR] [--dtype D] "
+             "[--base-format {plain,nf4}] OUT")
     ap = CliParser(usage=usage, description=__doc__, formatter_class=_HelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT (import) or OUT (export)")
     ap.add_argument("--export", choices=["hf", "meta", "peft"], help="write MODEL_DIR (+ adapter) in this layout")
@@ -1102,6 +1141,10 @@ def main(argv=None):
                     help="--export peft: the adapter_config.json base_model_name_or_path, the HF hub id (or HF "
                          "folder) AutoPeftModelForCausalLM loads; None: params.json's hf_repo_id, else MODEL_DIR "
                          "with a warning")
+    ap.add_argument("--base-format", choices=["plain", "nf4"],
+                    help="--export hf / meta: the base the adapter is merged into: plain, or nf4 = dequant(NF4(W)), "
+                         "the base of train.py --base-format nf4; None: the adapter's recorded base_format, "
+                         "else plain")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
@@ -1111,12 +1154,14 @@ def main(argv=None):
             if args.tokenizer or args.no_tokenizer:
                 ap.error("--tokenizer / --no-tokenizer are for imports; an export takes MODEL_DIR's tokenizer")
             export(args.export, args.model, args.paths[0], args.adapter, dtype, args.force,
-                   args.base_model_name_or_path)
+                   args.base_model_name_or_path, args.base_format)
         else:
             if len(args.paths) != 2:
                 ap.error("expected SRC OUT")
             if args.base_model_name_or_path:
                 ap.error("--base-model-name-or-path is for --export peft")
+            if args.base_format:
+                ap.error("--base-format is for --export hf / meta")
             convert(args.paths[0], args.paths[1], dtype, args.force, args.model, args.tokenizer, args.no_tokenizer)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -39,6 +39,11 @@ from --val-data FILE here; a row belongs to the task whose folder name its file 
 softmax(head(h_l))[y_t], with head = final RMSNorm + LM head applied to block l's residual output h_l
 (teacher forcing on prompt + output); the layer where p_l rises marks the boundary. It uses the same
 validation rows when the run has them, else (an analysis, not a model choice) the task's train file.
+
+4-bit base (QLoRA): an adapter trained with train.py --base-format nf4 records it in adapter_config.json, and
+eval loads the base the same way (frozen linears quantised to NF4 while loading, dequantised in each forward);
+a run's base/ folder already holds dequant(W) and loads plain. --base-format overrides either, with a warning
+when it disagrees (an NF4-trained adapter on a plain base is a real but different model). The header says which.
 """
 import dataclasses
 import hashlib
@@ -361,11 +366,12 @@ def merge_with_drift(model, probe_len=16):
 
 
 def merge_enabled_adapters(model):
-    """Fold every ENABLED adapter into its base weight (disabled ones stay out, as when unmerged)."""
+    """Fold every ENABLED adapter into its base weight (disabled ones stay out, as when unmerged). An NF4 W
+    becomes dequant(W) + ΔW in the model's compute dtype (the dtype its forward feeds the matmul)."""
     from model.lora import lora_linears
     for _, m in lora_linears(model):
         if m.enabled:
-            m.merge()
+            m.merge(model.tok_embeddings.weight.dtype)
 
 
 @torch.no_grad()
@@ -466,8 +472,9 @@ def method_label(adapter_cfg, run_cfg):
     return f"{'Echo-' if run_echo(run_cfg) else ''}{kind} r={adapter_cfg['rank']}"
 
 
-def results_tag(task_names, args):
-    """The settings that change the numbers, as a file-name part: tasks, decoding, then the options given."""
+def results_tag(task_names, args, base_format="plain"):
+    """The settings that change the numbers, as a file-name part: tasks, decoding, then the options given
+    (and nf4 for a 4-bit base, flag or not: its numbers are not the plain base's)."""
     names = [re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(t).parent.name if t.endswith((".json", ".jsonl")) else t)
              for t in task_names]
     tasks = "commonsense" if task_names == COMMONSENSE else "+".join(names)
@@ -481,6 +488,7 @@ def results_tag(task_names, args):
     parts += ["merged"] if args.merge else []
     parts += [args.template] if args.template else []
     parts += [args.dtype] if args.dtype != "float32" else []
+    parts += ["nf4"] if base_format == "nf4" else []
     return "-".join(parts)
 
 
@@ -564,6 +572,10 @@ def build_parser():
     p.add_argument("--dtype", type=dtype_arg, choices=list(DTYPE_NAMES),
                    help="base weight / compute dtype; bfloat16, float16, float32, float64 are accepted too "
                         "(default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--base-format", choices=["plain", "nf4"],
+                   help="storage of the frozen linears: plain, or nf4 (QLoRA's 4-bit base, as train.py --base-format "
+                        "nf4) (default: the adapter's recorded base_format, else plain; a run's base/ folder, "
+                        "already dequant(W), loads plain)")
     return p
 
 
@@ -616,6 +628,8 @@ class Setup:
     task_names: list
     tasks: list
     results_path: Path
+    base_format: str = "plain"  # plain | nf4: how the frozen linears are stored (model.generate.resolve_base_format)
+    base_why: str = ""         # where that choice came from, for the header
 
 
 def find_run(adapter):
@@ -644,6 +658,7 @@ def resolve_setup(args):
     if (args.search_boundary or args.lora_layers is not None) and adapter_dir is None:
         raise ValueError("--search-boundary / --lora-layers drop adapter layers: pass --adapter")
     model_path = args.model or base_model_of(run_dir or adapter_dir, run_cfg)
+    base_format, base_why = choose_base_format(args, adapter_cfg, model_path, adapter_dir)
     data_dir = args.data_dir or (str(SHARED / "data" / "commonsense") if (SHARED / "data" / "commonsense").exists()
                                  else None)
     if args.tasks:
@@ -654,10 +669,20 @@ def resolve_setup(args):
         task_names = COMMONSENSE
     tasks = [resolve_task(t, data_dir, run_dir) for t in task_names]
     out_dir = (run_dir or adapter_dir) / "eval" if adapter_dir else Path("runs") / "eval-base" / model_name(model_path)
-    results_path = Path(args.out) if args.out else out_dir / f"results-{results_tag(task_names, args)}.json"
+    tag = results_tag(task_names, args, base_format)
+    results_path = Path(args.out) if args.out else out_dir / f"results-{tag}.json"
     template = args.template or run_cfg.get("opts", {}).get("template") or "alpaca"
     return Setup(run_dir, run_cfg, adapter_dir, adapter_cfg, str(model_path), template, task_names, tasks,
-                 results_path)
+                 results_path, base_format, base_why)
+
+
+def choose_base_format(args, adapter_cfg, model_path, adapter_dir):
+    """-> (base format, why); a --base-format that disagrees with the adapter's training prints a warning."""
+    from model.generate import resolve_base_format
+    base_format, why, warning = resolve_base_format(args.base_format, adapter_cfg, model_path, adapter_dir)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return base_format, why
 
 
 def model_name(model_path):
@@ -708,7 +733,8 @@ def load_deployable(setup, args):
     """Base + adapter, eval mode. The deployable model holds base + adapter weights only (a subprocess
     test also checks that this file never imports the echo package nor opens echo.safetensors)."""
     from model.generate import load_for_inference
-    model, tokenizer = load_for_inference(setup.model_path, setup.adapter_dir, args.device, getattr(torch, args.dtype))
+    model, tokenizer = load_for_inference(setup.model_path, setup.adapter_dir, args.device, getattr(torch, args.dtype),
+                                          setup.base_format)
     if any("echo" in name for name, _ in model.named_parameters()):
         raise RuntimeError("an Echo parameter was built: eval must measure the deployable model")
     return model, tokenizer
@@ -792,6 +818,7 @@ def write_results(setup, args, results, lora_layers, label):
         "template": setup.template, "decoding": "greedy" if args.num_beams == 1 else f"beam{args.num_beams}",
         "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens or 32, "lora_layers": lora_layers,
         "merged": args.merge, "limit": args.limit, "device": str(args.device), "dtype": args.dtype,
+        "base_format": setup.base_format,
         "batch_size": args.batch_size, "seconds": round(seconds, 2),
         "examples_per_s": round(total / max(seconds, 1e-9), 2), "skip_rule": SKIP_RULE,
         "tasks": results, "average": sum(r["accuracy"] for r in results.values()) / len(results)}
@@ -812,7 +839,7 @@ def run(args):
     print(ECHO_LINE)
     print(f"model {setup.model_path} | adapter {setup.adapter_dir or 'none'} | template {setup.template} | "
           f"{'greedy' if args.num_beams == 1 else f'beam search ({args.num_beams} beams)'} | "
-          f"device {args.device} {args.dtype} | batch {args.batch_size}")
+          f"device {args.device} {args.dtype} | batch {args.batch_size} | base {setup.base_format} ({setup.base_why})")
     lora_layers, label = configure_adapters(model, tokenizer, setup, args, val)
     if args.layer_probs:
         run_layer_probs(model, tokenizer, setup, args)

@@ -335,14 +335,50 @@ def find_adapter_dir(path):
     raise FileNotFoundError(f"--adapter {path}: no adapter_config.json in {path}/adapter or {path}")
 
 
-def load_for_inference(model_dir, adapter_dir=None, device="cpu", dtype=torch.float32):
+BASE_FORMATS = ("plain", "nf4")
+
+
+def is_dequantized_copy(model_dir, adapter_dir):
+    """Whether model_dir is the run's base/ folder beside an adapter trained on an NF4 base: train.py writes
+    base/ as dequant(W) (model.load.as_plain_model), so it already holds the weights the adapter trained on."""
+    if model_dir is None or adapter_dir is None:
+        return False
+    return Path(model_dir).resolve() == Path(adapter_dir).resolve().parent / "base"
+
+
+def resolve_base_format(flag, adapter_cfg, model_dir=None, adapter_dir=None):
+    """-> (base format, why, warning or None). Without --base-format: the one the adapter was trained on
+    (adapter_config.json "base_format"; absent = plain), except that a run's base/ folder already holds
+    dequant(W) and is loaded plain (quantising it again would round it a second time). A flag that
+    disagrees with that choice is obeyed with a one-line warning: a real model, but not the trained one."""
+    recorded = (adapter_cfg or {}).get("base_format", "plain")
+    if adapter_cfg is None:
+        expected, why = "plain", "no adapter"
+    elif recorded == "nf4" and is_dequantized_copy(model_dir, adapter_dir):
+        expected, why = "plain", f"{model_dir} holds dequant(W) of the NF4 base the adapter trained on"
+    elif "base_format" in adapter_cfg:
+        expected, why = recorded, "the adapter's adapter_config.json"
+    else:
+        expected, why = "plain", "the adapter records no base_format"
+    if flag is None or adapter_cfg is None:
+        return flag or expected, ("--base-format" if flag else why), None
+    if flag == expected:
+        return flag, "--base-format", None
+    trained = "dequant(W) of an NF4 base" if recorded == "nf4" else f"a {recorded} base"
+    return flag, "--base-format", (f"warning: --base-format {flag}, but the adapter was trained on {trained} "
+                                   f"(expected {expected}): this runs a different model than the one trained")
+
+
+def load_for_inference(model_dir, adapter_dir=None, device="cpu", dtype=torch.float32, base_format="plain"):
     """model.load.load_model in eval mode, with a damaged file (truncated safetensors, corrupt pickle,
-    unreadable tensors) reported as a one-line ValueError naming the folders instead of a traceback."""
+    unreadable tensors) reported as a one-line ValueError naming the folders instead of a traceback.
+    base_format "nf4": the frozen linears quantised while loading (QLoRA), dequantised in each forward."""
     import pickle
     from safetensors import SafetensorError
     from .load import load_model
     try:
-        model, tokenizer = load_model(model_dir, adapter_dir=adapter_dir, device=device, dtype=dtype)
+        model, tokenizer = load_model(model_dir, adapter_dir=adapter_dir, device=device, dtype=dtype,
+                                      base_format=base_format)
     except FileNotFoundError:
         raise
     except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError,
@@ -475,6 +511,9 @@ def build_parser():
     p.add_argument("--dtype", default="fp32", type=dtype_arg, choices=list(DTYPE_NAMES),
                    help="compute dtype of the base weights; bfloat16, float16, float32, float64 are accepted too "
                         "(default: %(default)s)")
+    p.add_argument("--base-format", choices=list(BASE_FORMATS),
+                   help="storage of the frozen linears: plain, or nf4 (QLoRA's 4-bit base, as train.py --base-format "
+                        "nf4) (default: the adapter's recorded base_format, else plain)")
     return p
 
 
@@ -521,12 +560,25 @@ def prompt_ids(args, tokenizer):
     return tokenizer.encode(args.prompt, bos=tokenizer.add_bos), True
 
 
+def announce_base_format(args, adapter_dir):
+    """The base format to load, said on stderr (stdout is the generated text) whenever NF4 is involved."""
+    from .lora import read_adapter_config
+    adapter_cfg = read_adapter_config(adapter_dir) if adapter_dir else None
+    base_format, why, warning = resolve_base_format(args.base_format, adapter_cfg, args.model, adapter_dir)
+    if warning:
+        print(warning, file=sys.stderr)
+    elif "nf4" in (base_format, (adapter_cfg or {}).get("base_format")):
+        print(f"base: {base_format} ({why})", file=sys.stderr)
+    return base_format
+
+
 def run(args, out=None):
     out = out or sys.stdout
     check_args(args)
     adapter_dir = find_adapter_dir(args.adapter) if args.adapter else None
     from .load import torch_dtype
-    model, tokenizer = load_for_inference(args.model, adapter_dir, args.device, torch_dtype(args.dtype))
+    base_format = announce_base_format(args, adapter_dir)
+    model, tokenizer = load_for_inference(args.model, adapter_dir, args.device, torch_dtype(args.dtype), base_format)
     ids, echo = prompt_ids(args, tokenizer)
     if not ids:
         raise ValueError("the prompt is empty")

@@ -9,6 +9,8 @@ on a fixed [batch, seq] batch with answers on the last --answer positions of eac
 router forced on (routed: both passes) or off (unrouted), and times --steps steps after --warmup.
 --graphs: step (whole step as one CUDA graph, train.py's default on one GPU) | blocks (each compiled
 block a CUDA graph, the DDP path) | off (compiled, no graphs) | eager (not compiled).
+--base-format: plain (bf16 frozen linears) | nf4 (QLoRA's 4-bit base: the same random weights drawn in bf16
+and quantised on the GPU, as train.py --base-format nf4 stores them); give both to compare them in one run.
 """
 import argparse
 import gc
@@ -28,20 +30,22 @@ from model import ModelArgs  # noqa: E402
 from model.load import build_model, dir_model_args  # noqa: E402
 
 
-def model_args(name, method, dropout):
-    kw = dict(adapter=method, lora_dropout=dropout)
+def model_args(name, method, dropout, base_format="plain"):
+    kw = dict(adapter=method, lora_dropout=dropout, base_format=base_format)
     if (Path(name) / "params.json").exists():
         return dir_model_args(name, **kw)
     return ModelArgs.from_name(name, **kw)
 
 
-def make_run(opts, method, echo_on, graphs):
+def make_run(opts, method, echo_on, graphs, base_format):
     """A train.Run around a random-weight model, built with train.py's own pieces."""
     argv = ["--model", opts.model, "--method", method, "--micro-batch", str(opts.batch),
-            "--global-batch", str(opts.batch), "--dropout", str(opts.dropout)]
+            "--global-batch", str(opts.batch), "--dropout", str(opts.dropout), "--base-format", base_format]
     topts = train.parse_args(argv)
-    args = model_args(opts.model, method, opts.dropout)
-    model = build_model(args, "cuda", torch.bfloat16)
+    args = model_args(opts.model, method, opts.dropout, base_format)
+    model = build_model(args, "cuda", torch.bfloat16)     # an NF4 base is built as 4-bit buffers only
+    if base_format == "nf4":
+        model.reset_parameters()     # the NF4 buffers start at zero: random bf16 weights, quantised one at a time
     model.init_dora_magnitudes()
     echo = EchoModule(EchoConfig(), model.args).to("cuda") if echo_on else None
     step_module = train.EchoStep(model, echo)
@@ -61,12 +65,12 @@ def batch(opts, vocab):
              "global_n_targets": int((labels[:, 1:] != train.IGNORE).sum())}]
 
 
-def measure(opts, method, echo_mode, graphs):
+def measure(opts, method, echo_mode, graphs, base_format="plain"):
     gc.collect()                          # the previous configuration's model and graphs are gone before
     torch.cuda.empty_cache()              # this one's memory is measured
     torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
-    run = make_run(opts, method, echo_mode != "off", graphs)
+    run = make_run(opts, method, echo_mode != "off", graphs, base_format)
     mbs, routed = batch(opts, run.model.args.vocab_size), echo_mode == "routed"
     t0 = time.perf_counter()
     for _ in range(opts.warmup):
@@ -90,7 +94,8 @@ def measure(opts, method, echo_mode, graphs):
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
     tokens = opts.batch * opts.seq
-    return {"model": opts.model, "method": method, "echo": echo_mode, "graphs": graphs, "batch": opts.batch,
+    return {"model": opts.model, "method": method, "base_format": base_format, "echo": echo_mode, "graphs": graphs,
+            "batch": opts.batch,
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
             "mfu": round(train.step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
                          / (ms / 1000) / (opts.peak_tflops * 1e12), 3),
@@ -106,6 +111,8 @@ def main():
     ap.add_argument("--method", nargs="+", default=["lora"], choices=["lora", "dora"])
     ap.add_argument("--echo", nargs="+", default=["off", "routed"], choices=["off", "routed", "unrouted"])
     ap.add_argument("--graphs", nargs="+", default=["step"], choices=["step", "blocks", "off", "eager"])
+    ap.add_argument("--base-format", nargs="+", default=["plain"], choices=["plain", "nf4"],
+                    help="frozen linears in bf16 (plain) or QLoRA's NF4; one configuration per value")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, nargs="+", default=[256], help="one configuration per length")
     ap.add_argument("--answer", type=int, default=32)
@@ -119,8 +126,9 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("error: the benchmark needs a CUDA GPU")
     for seq in opts.seq:
-        for graphs, method, echo in itertools.product(opts.graphs, opts.method, opts.echo):
-            r = measure(argparse.Namespace(**{**vars(opts), "seq": seq}), method, echo, graphs)
+        for graphs, base_format, method, echo in itertools.product(opts.graphs, opts.base_format, opts.method,
+                                                                   opts.echo):
+            r = measure(argparse.Namespace(**{**vars(opts), "seq": seq}), method, echo, graphs, base_format)
             print(json.dumps(r), flush=True)
             if opts.json:
                 with open(opts.json, "a") as f:
