@@ -812,3 +812,22 @@ def test_a_checkpoint_older_than_an_option_resumes_as_it_was_trained(setup, tmp_
     del state["opts"]["echo_answer_window"]
     torch.save(state, plain / "checkpoint" / "state.pt")
     train.main(args(setup, plain, "--max-steps", "2", "--resume", "--no-echo"))
+
+
+def test_a_signal_during_a_step_stops_after_that_step(setup, tmp_path, monkeypatch):
+    """One process: SIGTERM while step 3 runs ends the run after step 3 (not 4), with its checkpoint."""
+    import signal
+    out, clip, calls = tmp_path / "run", torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_signal(*a, **k):                # inside the step, before its update
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clip(*a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main(args(setup, out, "--max-steps", "6", "--save-every", "100"))
+    monkeypatch.undo()
+    assert e.value.code == 143
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
