@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from .common import IN_FORMAT, TASKS, read_json, read_jsonl
+from .common import IN_FORMAT, TASKS, by_name, read_json, read_jsonl
 from .evals import eval_file, eval_seconds
 from .recipes import ABLATIONS, MAIN_METHODS, MAIN_SEEDS, PROBES, SWEEP_GRID, sweep_folder
 from .runs import JOBS_FILE, train_summary
@@ -96,10 +96,7 @@ def avg(run, tasks):
 def power(results, seeds=len(MAIN_SEEDS), alpha=0.05, target=0.8):
     """The smallest in-format Δ (points) the paired test detects with 80 % power at α 0.05 over `seeds`
     seeds of these test sizes, at the discordance rate pooled over the Echo − baseline comparisons."""
-    g = {}
-    for r in results["runs"]:
-        if r["decoding"] == "greedy":
-            g.setdefault(r["name"], {})[r["seed"]] = r
+    g = by_name(results, "greedy")
     disc = pairs = 0
     for a, b in (("echo-lora", "lora"), ("echo-dora", "dora")):
         for s in set(g.get(a, {})) & set(g.get(b, {})):
@@ -144,10 +141,7 @@ def cost(folders):
 def ablation_rule(results):
     """Seeds 1-2 of a variant are queued when |Δ 8-task avg against full Echo-LoRA| at seed 0 exceeds the
     seed-to-seed sd of the main runs (pooled over the 4 methods). -> {"sd", "deltas", "queue": [...]}."""
-    g = {}
-    for r in results["runs"]:
-        if r["decoding"] == "greedy":
-            g.setdefault(r["name"], {})[r["seed"]] = r
+    g = by_name(results, "greedy")
     var = [mean_sd([avg(r, TASKS) for r in g.get(m, {}).values()])[1] for m in MAIN_METHODS]
     var = [v for v in var if v is not None]
     sd = math.sqrt(sum(v * v for v in var) / len(var)) if var else None

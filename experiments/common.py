@@ -1,9 +1,10 @@
 """Shared names of the experiment tooling: project paths, the task lists, JSON reading, project-relative paths
 and content fingerprints (size + sha256) of files. The bottom of experiments/: it imports nothing from it."""
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from model.io import fingerprint  # noqa: F401  (the one train.py records; reproduce compares with it)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -58,17 +59,17 @@ def file_name(path):
     return "/".join(Path(str(path)).parts[-2:])
 
 
-def fingerprint(path):
-    """{"bytes", "sha256"} of a file (what train.py records in config.json's data_fingerprints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
 def script(name):
     """A project script as a command argument: relative to the working folder when that is short."""
     p = ROOT / name
     rel = os.path.relpath(p)
     return rel if not rel.startswith("..") else str(p)
+
+
+def by_name(results, decoding):
+    """{run name: {seed: run record}} of a results JSON's runs with this decoding."""
+    out = {}
+    for r in results["runs"]:
+        if r["decoding"] == decoding:
+            out.setdefault(r["name"], {})[r["seed"]] = r
+    return out

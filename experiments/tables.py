@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import BLOCKS, DISPLAY, IN_FORMAT, ROOT, TASKS, TRAIN_TASKS, TRANSFER
+from .common import BLOCKS, DISPLAY, IN_FORMAT, ROOT, TASKS, TRAIN_TASKS, TRANSFER, by_name
 from .recipes import ABLATIONS, COMPARISONS, MAIN_METHODS, MAIN_SEEDS, METHODS, N_MAIN
 from .stats import BOOT_SEED, N_BOOT, mcnemar_exact, mean_sd, paired_bootstrap_ci, two_proportion_z
 
@@ -38,14 +38,6 @@ def task_avg(run, tasks):
     """Macro average (points) over `tasks`, None unless the run has all of them."""
     accs = [_acc(run["tasks"].get(t)) for t in tasks]
     return None if any(a is None for a in accs) else sum(accs) / len(accs)
-
-
-def by_name(results, decoding):
-    out = {}
-    for r in results["runs"]:
-        if r["decoding"] == decoding:
-            out.setdefault(r["name"], {})[r["seed"]] = r
-    return out
 
 
 def _names_in(results):

@@ -1,5 +1,7 @@
 """The small file helpers every model/ module shares: reading JSON, safetensors and torch.save files (a bad
-file is one line naming it) and publishing a written temp file with the umask's mode. Imports nothing from model/."""
+file is one line naming it), publishing a written temp file with the umask's mode, and a file's content
+fingerprint. Imports nothing from model/."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -62,3 +64,21 @@ def publish(tmp, dest):
     """Give a finished temp file the mode a plain new file would have, then rename it over dest (atomic)."""
     os.chmod(tmp, umask_mode())
     os.replace(tmp, dest)
+
+
+def fingerprint(path, sample_above=256 * 2**20, chunk=2**20, samples=32):
+    """{"bytes", "sha256"} of a file's content, as train.py records it (config.json, checkpoints) and the
+    experiments compare it. Files over `sample_above` (model weights) hash `samples` evenly spaced 1 MiB chunks,
+    first and last included ("sampled": true), beside their size: an 8B checkpoint in well under a second,
+    and any re-download, conversion or truncation still changes it."""
+    path = Path(path)
+    size, h = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= sample_above:
+            for block in iter(lambda: f.read(8 * chunk), b""):
+                h.update(block)
+            return {"bytes": size, "sha256": h.hexdigest()}
+        for i in range(samples):
+            f.seek((size - chunk) * i // (samples - 1))
+            h.update(f.read(chunk))
+    return {"bytes": size, "sha256": h.hexdigest(), "sampled": True}

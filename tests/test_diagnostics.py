@@ -9,7 +9,7 @@ import train
 from echo import EchoConfig, EchoModule, aggregate_sources, echo_loss, echo_norm, supervision
 from echo.diagnostics import echo_diagnostics
 from model import ModelArgs, Transformer
-from test_train import Crash, args, metrics, setup  # noqa: F401  (setup is a fixture)
+from test_train import Crash, args, crash_in_step, metrics, setup  # noqa: F401  (setup is a fixture)
 
 
 def tiny():
@@ -73,14 +73,7 @@ def test_cadence_every_n_routed_steps_and_the_same_after_resume(setup, tmp_path,
     full = train.main(args(setup, tmp_path / "full", *extra))
     routed = [m["step"] for m in metrics(full) if m["routed"]]
     assert diagnosed_steps(full) == routed[::2] and len(routed) >= 4
-    clip, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Crash
-        return clip(*a, **k)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
+    crash_in_step(monkeypatch, 5)
     with pytest.raises(Crash):
         train.main(args(setup, tmp_path / "resumed", *extra))
     monkeypatch.undo()

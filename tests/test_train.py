@@ -116,6 +116,19 @@ class Crash(Exception):
     pass
 
 
+def crash_in_step(monkeypatch, n):
+    """Make the n-th optimizer step die with Crash, inside the step before its update (clip_grad_norm_ is
+    called once per step)."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_crash(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise Crash
+        return clip(*a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_crash)
+
+
 @pytest.mark.parametrize("dropout,checkpoint_step", [(0.0, 4), (0.1, 2)])
 def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, dropout, checkpoint_step):
     """Checkpoints every 2 steps; the process dies during step checkpoint_step + 2 (after logging
@@ -125,15 +138,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, dropout, chec
     extra = ("--dropout", str(dropout), "--save-every", "2", "--max-steps", "7")
     train.main(args(setup, tmp_path / "full", *extra))
 
-    clip, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def clip_then_crash(*a, **k):                  # called once per optimizer step
-        calls.append(1)
-        if len(calls) == checkpoint_step + 2:
-            raise Crash
-        return clip(*a, **k)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_crash)
+    crash_in_step(monkeypatch, checkpoint_step + 2)
     with pytest.raises(Crash):
         train.main(args(setup, tmp_path / "resumed", *extra))
     monkeypatch.undo()
@@ -422,14 +427,8 @@ def test_resume_on_cpu_from_a_checkpoint_of_a_cuda_graph_run(setup, uninterrupte
     """--device / --cuda-graphs may change on resume, so how the optimizer steps is the resuming run's,
     not the checkpoint's: a checkpoint whose AdamW groups say capturable (a one-GPU --cuda-graphs step
     run), resumed on CPU, trains on and ends bit-identical to the uninterrupted run."""
-    out, clip, calls = tmp_path / "run", torch.nn.utils.clip_grad_norm_, []
-
-    def clip_then_crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Crash
-        return clip(*a, **k)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_crash)
+    out = tmp_path / "run"
+    crash_in_step(monkeypatch, 3)
     with pytest.raises(Crash):
         train.main(args(setup, out, *KILL_ARGS))
     monkeypatch.undo()
@@ -444,8 +443,14 @@ def test_resume_on_cpu_from_a_checkpoint_of_a_cuda_graph_run(setup, uninterrupte
     assert_same_run(out, uninterrupted, atol=0)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
-    """ENOSPC on the second checkpoint: a one-line error naming the file; step 2's checkpoint is intact."""
+@pytest.mark.parametrize("error,cause", [
+    (OSError(28, "No space left on device"), "No space left"),
+    # torch.save reports ENOSPC as a RuntimeError from its zip writer: the message must still help
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), "unexpected pos"),
+], ids=["oserror", "torch-save-runtimeerror"])
+def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch, error, cause):
+    """ENOSPC on the second checkpoint: a one-line error naming the file, its cause and what to do; step 2's
+    checkpoint is intact and no temporary file is left behind."""
     out, real_save, calls = tmp_path / "run", torch.save, []
 
     def full(obj, f, *a, **k):
@@ -454,13 +459,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch)
             if len(calls) == 2:
                 with open(f, "wb") as fh:
                     fh.write(b"partial")
-                raise OSError(28, "No space left on device")
+                raise error
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError) as e:
         train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
     monkeypatch.undo()
-    assert "No space left" in one_line(e) and "state.pt" in str(e.value) and "intact" in str(e.value)
+    assert cause in one_line(e) and "state.pt" in str(e.value) and "intact" in str(e.value)
+    assert "previous version is intact" in str(e.value) and "--resume" in str(e.value)
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     assert not list((out / "checkpoint").glob("*.tmp"))
 
@@ -611,28 +617,6 @@ def test_bad_flags_are_caught_up_front(setup, tmp_path, extra, culprit):
         train.main(args(setup, tmp_path / "run", *extra))
     assert one_line(e).startswith(culprit) or f"{culprit} " in str(e.value) or culprit in str(e.value)
     assert not (tmp_path / "run").exists()           # checked before the run folder is made
-
-
-def test_a_full_disk_inside_torch_save_names_the_file(setup, tmp_path, monkeypatch):
-    """torch.save reports ENOSPC as a RuntimeError from its zip writer: the error still names the file,
-    says the previous checkpoint is intact and what to do, and leaves no temporary file behind."""
-    out, real_save, calls = tmp_path / "run", torch.save, []
-
-    def full(obj, f, *a, **k):
-        if str(f).endswith("state.pt.tmp"):
-            calls.append(1)
-            if len(calls) == 2:
-                with open(f, "wb") as fh:
-                    fh.write(b"partial")
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-        return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError) as e:
-        train.main(args(setup, out, "--max-steps", "4", "--save-every", "2"))
-    monkeypatch.undo()
-    assert "state.pt" in one_line(e) and "previous version is intact" in str(e.value) and "--resume" in str(e.value)
-    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
-    assert not list((out / "checkpoint").glob("*.tmp"))
 
 
 def test_run_files_follow_the_umask(setup, tmp_path):

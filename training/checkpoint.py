@@ -1,8 +1,6 @@
 """Checkpoints and run folders: never overwrite work, write every file atomically (in a background
 thread), refuse a resume that would compute something else, and restore a run exactly.
 """
-import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from echo import save_echo
+from model.io import fingerprint
 from model.lora import ADAPTER_KEYS, save_adapter
 from training.options import default_of
 
@@ -287,23 +286,6 @@ def changed_file(saved, now):
         if a != b:
             return name
     return "?"
-
-
-def fingerprint(path, sample_above=256 * 2**20, chunk=2**20, samples=32):
-    """{"bytes", "sha256"} of a file's content. Files over `sample_above` (model weights) hash their size and
-    `samples` evenly spaced 1 MiB chunks, first and last included ("sampled": true): an 8B checkpoint in
-    well under a second, and any re-download, conversion or truncation still changes it."""
-    path = Path(path)
-    size, h = path.stat().st_size, hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= sample_above:
-            for block in iter(lambda: f.read(8 * chunk), b""):
-                h.update(block)
-            return {"bytes": size, "sha256": h.hexdigest()}
-        for i in range(samples):
-            f.seek((size - chunk) * i // (samples - 1))
-            h.update(f.read(chunk))
-    return {"bytes": size, "sha256": h.hexdigest(), "sampled": True}
 
 
 def run_fingerprints(opts):

@@ -34,12 +34,10 @@ class Log:
         self.file = self.diagnostics = None
         self.routed_before = 0               # routed steps before start_step (kept in metrics.jsonl)
         if run.master:
-            if run.opts.resume and (run.out / "metrics.jsonl").exists():
-                self.routed_before = sum(json.loads(l).get("routed", False)
-                                         for l in kept_lines(run.out / "metrics.jsonl", start_step))
-            self.file = self.open_jsonl(run.out / "metrics.jsonl", start_step)
+            self.file, kept = self.open_jsonl(run.out / "metrics.jsonl", start_step)
+            self.routed_before = sum(json.loads(l).get("routed", False) for l in kept)
             if run.echo is not None:
-                self.diagnostics = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
+                self.diagnostics, _ = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
         self.peak, self.n_params = peak_flops(run.device), count_weights(run.model)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
         self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
@@ -49,9 +47,10 @@ class Log:
         self.routing = []                    # this run's r_k, compared across ranks at the end
 
     def open_jsonl(self, path, start_step):
+        """path opened for appending, holding only the lines a resumed run keeps; -> (file, those lines)."""
         kept = kept_lines(path, start_step) if self.run.opts.resume else []
         atomic_file(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
-        return open(path, "a")
+        return open(path, "a"), kept
 
     def step(self, record, stats, shape):
         """Called after each optimizer step with its record, device stats and batch shape."""

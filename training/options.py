@@ -75,7 +75,7 @@ def add_training_flags(a):
     a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
     a("--base-format", default="plain", choices=["plain", "nf4"],
       help="storage of the frozen linear weights (wq..w3): plain = --dtype; nf4 = QLoRA's 4-bit NormalFloat "
-           "(~0.52 B/param, quantised layer by layer while loading, dequantised to --dtype in each forward; "
+           "(~4.13 bits/param, quantised layer by layer while loading, dequantised to --dtype in each forward; "
            "embedding, norms and LM head stay in --dtype). Works on CPU too, slowly")
     a("--activation-checkpointing", action="store_true",
       help="recompute each block's activations in the backward instead of keeping them: less memory, "
