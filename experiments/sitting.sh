@@ -8,6 +8,8 @@
 #   call 1: bash experiments/sitting.sh setup1            (carry .cache/x1)
 #   call 2: bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only seed0 ablation probe --jobs 6
 #                                                          (carry .cache/x2)
+#           COMMIT=<hash> bash experiments/sitting.sh suite    (the GPU suite in the background, into /work/gpu-suite.txt)
+#           bash experiments/sitting.sh nf4bench          (issue 24's NF4 / checkpointing benchmark, in the background)
 #   calls:  bash experiments/sitting.sh wait 580          (back to back: a gap over ~30 s loses the machine)
 #           bash experiments/sitting.sh teacher           (the teacher probe, once echo-lora-s0 is done)
 #   last:   bash experiments/sitting.sh collect           (then, here: untar into results/smollm2-135m-paper-recipe/runs/
@@ -42,10 +44,35 @@ case "${1:-}" in
   teacher)                                                   # once echo-lora-s0 has finished
     PYTHONUNBUFFERED=1 python -m experiments.teacher_probe "$RUNS/echo-lora-s0" --model /work/smollm2 \
       --out "$RUNS/echo-lora-s0/teacher-probe.json" ;;
+  suite)                                                     # the GPU suite, beside the runs: COMMIT=<hash> names the tree
+    : "${COMMIT:?set COMMIT to the commit hash of the tree under test}"
+    COMMIT=$COMMIT setsid nohup bash "$0" _suite >/dev/null 2>&1 </dev/null &
+    sleep 3; head -2 /work/gpu-suite.txt ;;
+  _suite)
+    { echo "# python -m pytest -q -rA tests on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)," \
+           "tree $COMMIT, ../shared complete, started $(date -u +%FT%TZ)"
+      PYTHONUNBUFFERED=1 python -m pytest -q -rA tests 2>&1 && echo "# exit status 0" || echo "# exit status $?"
+    } >/work/gpu-suite.txt 2>&1 ;;
+  nf4bench)                                                  # issue 24's measurements, in the background
+    setsid nohup bash "$0" _nf4bench >/work/nf4-bench.log 2>&1 </dev/null &
+    sleep 3; tail -2 /work/nf4-bench.log ;;
+  _nf4bench)                                                 # one configuration at a time
+    B="python tests/benchmark.py --json /work/nf4-bench.jsonl"
+    $B --model llama3-8b --batch 2 --seq 256 --echo off routed --base-format plain nf4 || true
+    $B --model llama3-70b --batch 1 --seq 256 --echo off routed --base-format nf4 --warmup 3 --steps 5 || true
+    $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 || true
+    $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 \
+       --activation-checkpointing || true
+    $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
+  status)                                                    # everything at a glance, between waits
+    tail -3 /work/gpu-suite.txt 2>/dev/null; grep -c . /work/nf4-bench.jsonl 2>/dev/null; tail -2 /work/nf4-bench.log 2>/dev/null
+    grep -E "^\[|done|error" "$LOG" | tail -8; find "$RUNS" -name summary.json | sed "s|$RUNS/||"
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
   collect)
     tar -cJf "$OUT/paper-runs.tar.xz" -C "$RUNS" --exclude='*/checkpoint' --exclude='*/adapter' \
         --exclude='*-predictions' --exclude='*/base/data' .
     cp "$LOG" "$OUT/sitting.log"
+    for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
   *)
     sed -n '2,15p' "$0"; exit 2 ;;

@@ -41,8 +41,11 @@ def make_run(opts, method, echo_on, graphs, base_format):
     """A train.Run around a random-weight model, built with train.py's own pieces."""
     argv = ["--model", opts.model, "--method", method, "--micro-batch", str(opts.batch),
             "--global-batch", str(opts.batch), "--dropout", str(opts.dropout), "--base-format", base_format]
+    if opts.activation_checkpointing:
+        argv.append("--activation-checkpointing")
     topts = train.parse_args(argv)
     args = model_args(opts.model, method, opts.dropout, base_format)
+    args.activation_checkpointing = opts.activation_checkpointing
     model = build_model(args, "cuda", torch.bfloat16)     # an NF4 base is built as 4-bit buffers only
     if base_format == "nf4":
         model.reset_parameters()     # the NF4 buffers start at zero: random bf16 weights, quantised one at a time
@@ -95,7 +98,7 @@ def measure(opts, method, echo_mode, graphs, base_format="plain"):
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
     tokens = opts.batch * opts.seq
     return {"model": opts.model, "method": method, "base_format": base_format, "echo": echo_mode, "graphs": graphs,
-            "batch": opts.batch,
+            "activation_checkpointing": opts.activation_checkpointing, "batch": opts.batch,
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
             "mfu": round(train.step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
                          / (ms / 1000) / (opts.peak_tflops * 1e12), 3),
@@ -119,6 +122,8 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each block in the backward (as train.py's flag; needs --graphs off or eager)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100/H200 SXM dense bf16")
     ap.add_argument("--json", default=None, help="append one JSON line per configuration here")

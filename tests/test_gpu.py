@@ -88,14 +88,37 @@ def test_cuda_graphs_agree_on_a_large_kd_term(setup, tmp_path, graphs):
         assert y["loss_off"] == pytest.approx(x["loss_off"], rel=1e-5), x["step"]
 
 
-def test_compiled_gpu_step_matches_eager(setup, tmp_path):
-    eager = fresh_main(gpu_args(setup, tmp_path / "eager", "--no-compile"))
-    graphed = fresh_main(gpu_args(setup, tmp_path / "graphed", "--compile"))
+@pytest.mark.parametrize("base_format", ["plain", "nf4"])
+def test_compiled_gpu_step_matches_eager(setup, tmp_path, base_format):
+    """The compiled, graphed step (the NF4 base through its custom op echo_lora::nf4_linear) trains like
+    eager PyTorch on the GPU."""
+    fmt = ("--base-format", base_format)
+    eager = fresh_main(gpu_args(setup, tmp_path / "eager", "--no-compile", *fmt))
+    graphed = fresh_main(gpu_args(setup, tmp_path / "graphed", "--compile", *fmt))
+    assert json.loads((graphed / "config.json").read_text())["opts"]["base_format"] == base_format
     for x, y in zip(metrics(eager), metrics(graphed)):
         assert x["routed"] == y["routed"]
         assert y["loss_off"] == pytest.approx(x["loss_off"], rel=1e-3, abs=1e-5), x["step"]
     for k, v in trained(eager).items():
         torch.testing.assert_close(trained(graphed)[k], v, atol=1e-3, rtol=1e-2, msg=k)   # Adam amplifies ulps
+
+
+@pytest.mark.parametrize("base_format", ["plain", "nf4"])
+def test_activation_checkpointing_on_the_gpu_trains_like_without(setup, tmp_path, base_format):
+    """--activation-checkpointing with the compiled blocks on CUDA (graphs off, as train.py requires): each
+    block's recomputation replays its dropout draws and the compiled kernels, so losses and the trained
+    adapter and Echo weights match the run that keeps its activations."""
+    extra = ("--compile", "--cuda-graphs", "off", "--base-format", base_format, "--dropout", "0.1")
+    ref = fresh_main(gpu_args(setup, tmp_path / "kept", *extra))
+    got = fresh_main(gpu_args(setup, tmp_path / "recomputed", *extra, "--activation-checkpointing"))
+    assert json.loads((got / "config.json").read_text())["opts"]["activation_checkpointing"]
+    mr, mg = metrics(ref), metrics(got)
+    assert [m["routed"] for m in mr] == [m["routed"] for m in mg] and any(m["routed"] for m in mr)
+    for x, y in zip(mr, mg):
+        assert y["loss_off"] == pytest.approx(x["loss_off"], rel=1e-5), x["step"]
+    for k, v in {**trained(ref), **load_file(str(ref / "echo.safetensors"))}.items():
+        other = {**trained(got), **load_file(str(got / "echo.safetensors"))}[k]
+        torch.testing.assert_close(other, v, atol=1e-4, rtol=1e-3, msg=k)
 
 
 def test_stats_on_host_holds_the_step_it_follows():

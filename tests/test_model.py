@@ -40,6 +40,7 @@ def test_meta_ffn_rule():
     assert ModelArgs.from_name("llama2-7b").ffn_hidden_dim == 11008
     assert ModelArgs.from_name("llama-13b").ffn_hidden_dim == 13824
     assert ModelArgs.from_name("llama3-8b").ffn_hidden_dim == 14336
+    assert ModelArgs.from_name("llama3-70b").ffn_hidden_dim == 28672          # Meta's 70B w1: [28672, 8192]
     assert ModelArgs(dim=64, n_heads=4, hidden_dim=100).ffn_hidden_dim == 100
 
 
