@@ -302,6 +302,9 @@ def tabulate(args, layer_probs=None):
     Path(args.table).write_text(table)
     if args.splice:                       # the real table, not a trial run's
         splice_into_readme(table, args.recipe.readme_marker)
+        if args.recipe.plan == "paper":
+            from .findings import main as write_findings
+            write_findings()
     state = f"PARTIAL ({res['main_runs_done']} of {res['main_runs_total']} runs)" if res["partial"] else "complete"
     c = res.get("cost") or {}
     print(f"wrote {args.json} and {args.table}: {state}; GPU-minutes so far (train + eval wall, from the records): "

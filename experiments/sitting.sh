@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# One GPU sitting of the reproduction on a lent machine that is given back soon after each call ends: the
+# One GPU sitting of the reproduction on a lent machine that is given back ~30 s after each call ends: the
 # runs go on in the background only while calls keep coming, so `wait` is a call of its own (≤ 10 min) and
-# `collect` packs the run records into one file to bring back before the machine goes.
+# `collect` packs the run records into ≤ 15 MiB parts to bring back before the machine goes.
+#
+# What the sittings so far taught (December 2026, one H200):
+# - Every call re-copies the working tree into the device's checkout. A suite or a queue running from that
+#   checkout can import a half-copied file (the first full-suite run lost one test to "No module named
+#   model.load"). So `suite` and `start` run from a snapshot, /work/snap, taken once.
+# - `pkill -f PATTERN` also matches the shell of the call that runs it (its command line holds PATTERN):
+#   write the pattern as "[t]rain.py ..." so it cannot match itself. `hold` stops new launches safely.
+# - Six SmolLM2 runs at once took 7.6 (LoRA) to 14.6 (Echo-DoRA) minutes to train, the eval of each ~2;
+#   the GPU suite beside them took 20 minutes (about 8 alone). Runs still training when the machine goes
+#   are lost (checkpoints are too big to bring back), so near the end `hold`, then collect.
 #
 #   here:   tar -cJf .cache/x1/shared.tar.xz -C .. --exclude=shared/models/smollm2-135m-instruct shared
 #           split -b 49M ../shared/models/smollm2-135m-instruct/*.gguf .cache/gguf.part.   (aa -> .cache/x1, ab -> .cache/x2)
 #   call 1: bash experiments/sitting.sh setup1            (carry .cache/x1)
-#   call 2: bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only seed0 ablation probe --jobs 6
-#                                                          (carry .cache/x2)
+#   call 2: bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only main --jobs 6
+#                                                          (carry .cache/x2; the committed runs are skipped; of
+#                                                          the sweep only lora-e3-lr0.001 is new: its 1-epoch
+#                                                          points are results/smollm2-135m/recipe-sweep's)
 #           COMMIT=<hash> bash experiments/sitting.sh suite    (the GPU suite in the background, into /work/gpu-suite.txt)
 #           bash experiments/sitting.sh nf4bench          (issue 24's NF4 / checkpointing benchmark, in the background)
-#   calls:  bash experiments/sitting.sh wait 580          (back to back: a gap over ~30 s loses the machine)
+#   calls:  bash experiments/sitting.sh wait 540          (back to back: a gap over ~30 s loses the machine)
+#           bash experiments/sitting.sh status            (suite, benchmark, runs and GPU at a glance)
+#           bash experiments/sitting.sh hold              (no new runs; those running finish)
 #           bash experiments/sitting.sh teacher           (the teacher probe, once echo-lora-s0 is done)
-#   last:   bash experiments/sitting.sh collect           (then, here: untar into results/smollm2-135m-paper-recipe/runs/
+#   last:   bash experiments/sitting.sh collect           (then, here: cat the parts | tar -xJ into a scratch folder,
+#                                                          copy each finished run into results/smollm2-135m-paper-recipe/runs/
 #                                                          and python -m experiments.reproduce --only-table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=/work/paper-runs
 LOG=/work/sitting.log
+SNAP=/work/snap                                              # ../shared from here is /work/shared too
+
+snapshot() {
+  [ -d "$SNAP" ] || { mkdir -p "$SNAP"; tar -c --exclude=./.cache . | tar -x -C "$SNAP"; }
+}
 
 case "${1:-}" in
   setup1)
@@ -32,31 +52,50 @@ case "${1:-}" in
     mv /work/smollm2.gguf /work/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf ;;
   start)
     shift
+    snapshot
+    mkdir -p "$RUNS"
+    cp -rn results/smollm2-135m-paper-recipe/runs/. "$RUNS"/          # finished runs: skipped by the queue
+    cd "$SNAP"
     PYTHONUNBUFFERED=1 setsid nohup python -m experiments.reproduce --model /work/smollm2 --runs-dir "$RUNS" "$@" \
       >"$LOG" 2>&1 </dev/null &
     sleep 5; tail -3 "$LOG" ;;
   wait)
-    end=$((SECONDS + ${2:-580}))
-    while (( SECONDS < end )) && pgrep -f experiments.reproduce >/dev/null; do sleep 20; done
-    grep -E "^\[|done|error" "$LOG" | tail -15
-    ls "$RUNS" | grep -c summary || true
-    find "$RUNS" -name summary.json | sed "s|$RUNS/||" ;;
+    end=$((SECONDS + ${2:-540}))
+    while (( SECONDS < end )) && pgrep -f "[e]xperiments.reproduce" >/dev/null; do sleep 20; done
+    bash "$0" status ;;
+  status)
+    tail -n 2 /work/gpu-suite.txt 2>/dev/null || true
+    [ -f /work/nf4-bench.jsonl ] && echo "nf4 bench: $(wc -l < /work/nf4-bench.jsonl) configurations" || true
+    for f in "$RUNS"/*.train.log; do
+      [ -f "$f" ] && echo "$(basename "$f" .train.log): $(tail -c 300 "$f" | tr '\r' '\n' | tail -n 1 | cut -c1-80)"
+    done
+    grep -E "^\[" "$LOG" 2>/dev/null | cut -c1-50 | tail -n 4 || true
+    echo "finished: $(find "$RUNS" -name summary.json 2>/dev/null | wc -l) runs"
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
+  hold)                                                      # the scheduler goes; its running children finish
+    pkill -f "[e]xperiments.reproduce" || true
+    echo "running: $(pgrep -fc '[t]rain.py|[e]val.py' || true)" ;;
   teacher)                                                   # once echo-lora-s0 has finished
+    cd "$SNAP"
     PYTHONUNBUFFERED=1 python -m experiments.teacher_probe "$RUNS/echo-lora-s0" --model /work/smollm2 \
       --out "$RUNS/echo-lora-s0/teacher-probe.json" ;;
   suite)                                                     # the GPU suite, beside the runs: COMMIT=<hash> names the tree
     : "${COMMIT:?set COMMIT to the commit hash of the tree under test}"
+    snapshot
     COMMIT=$COMMIT setsid nohup bash "$0" _suite >/dev/null 2>&1 </dev/null &
-    sleep 3; head -2 /work/gpu-suite.txt ;;
+    sleep 3; head -n 2 /work/gpu-suite.txt ;;
   _suite)
-    { echo "# python -m pytest -q -rA tests on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)," \
+    cd "$SNAP"
+    { echo "# python -m pytest -q -rA tests on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)," \
            "tree $COMMIT, ../shared complete, started $(date -u +%FT%TZ)"
       PYTHONUNBUFFERED=1 python -m pytest -q -rA tests 2>&1 && echo "# exit status 0" || echo "# exit status $?"
     } >/work/gpu-suite.txt 2>&1 ;;
   nf4bench)                                                  # issue 24's measurements, in the background
+    snapshot
     setsid nohup bash "$0" _nf4bench >/work/nf4-bench.log 2>&1 </dev/null &
-    sleep 3; tail -2 /work/nf4-bench.log ;;
+    sleep 3; tail -n 2 /work/nf4-bench.log ;;
   _nf4bench)                                                 # one configuration at a time
+    cd "$SNAP"
     B="python tests/benchmark.py --json /work/nf4-bench.jsonl"
     $B --model llama3-8b --batch 2 --seq 256 --echo off routed --base-format plain nf4 || true
     $B --model llama3-70b --batch 1 --seq 256 --echo off routed --base-format nf4 --warmup 3 --steps 5 || true
@@ -64,16 +103,14 @@ case "${1:-}" in
     $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 \
        --activation-checkpointing || true
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
-  status)                                                    # everything at a glance, between waits
-    tail -3 /work/gpu-suite.txt 2>/dev/null; grep -c . /work/nf4-bench.jsonl 2>/dev/null; tail -2 /work/nf4-bench.log 2>/dev/null
-    grep -E "^\[|done|error" "$LOG" | tail -8; find "$RUNS" -name summary.json | sed "s|$RUNS/||"
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
-  collect)
-    tar -cJf "$OUT/paper-runs.tar.xz" -C "$RUNS" --exclude='*/checkpoint' --exclude='*/adapter' \
-        --exclude='*-predictions' --exclude='*/base/data' .
+  collect)                                                   # metrics.jsonl is summarised, not brought back
+    (cd "$SNAP" && python -m experiments.reproduce --only-table --runs-dir "$RUNS" >/dev/null 2>&1) || true
+    tar -cJf /tmp/paper-runs.tar.xz -C "$RUNS" --exclude='*/checkpoint' --exclude='*/adapter' \
+        --exclude='*-predictions' --exclude='*/base/data' --exclude='*/metrics.jsonl' --exclude='*/echo.safetensors' .
+    split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
     cp "$LOG" "$OUT/sitting.log"
     for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
   *)
-    sed -n '2,15p' "$0"; exit 2 ;;
+    sed -n '2,30p' "$0"; exit 2 ;;
 esac
