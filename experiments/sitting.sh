@@ -26,9 +26,10 @@
 #           bash experiments/sitting.sh status            (suite, benchmark, runs and GPU at a glance)
 #           bash experiments/sitting.sh hold              (no new runs; those running finish)
 #           bash experiments/sitting.sh teacher           (the teacher probe, once echo-lora-s0 is done)
-#   last:   bash experiments/sitting.sh collect           (then, here: cat the parts | tar -xJ into a scratch folder,
-#                                                          copy each finished run into results/smollm2-135m-paper-recipe/runs/
-#                                                          and python -m experiments.reproduce --only-table)
+#   last:   bash experiments/sitting.sh collect           (then, here: cat the parts | tar -xJ into a scratch folder;
+#                                                          copy each finished run of paper-runs/ into
+#                                                          results/smollm2-135m-paper-recipe/runs/, each of paper-runs-sweep/
+#                                                          into …/sweep/; python -m experiments.reproduce --only-table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=/work/paper-runs
@@ -105,8 +106,9 @@ case "${1:-}" in
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
   collect)                                                   # metrics.jsonl is summarised, not brought back
     (cd "$SNAP" && python -m experiments.reproduce --only-table --runs-dir "$RUNS" >/dev/null 2>&1) || true
-    tar -cJf /tmp/paper-runs.tar.xz -C "$RUNS" --exclude='*/checkpoint' --exclude='*/adapter' \
-        --exclude='*-predictions' --exclude='*/base/data' --exclude='*/metrics.jsonl' --exclude='*/echo.safetensors' .
+    tar -cJf /tmp/paper-runs.tar.xz -C /work --exclude='*/checkpoint' --exclude='*/adapter' \
+        --exclude='*-predictions' --exclude='*/base/data' --exclude='*/metrics.jsonl' --exclude='*/echo.safetensors' \
+        "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" )
     split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
     cp "$LOG" "$OUT/sitting.log"
     for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log; do [ -f "$f" ] && cp "$f" "$OUT/"; done
