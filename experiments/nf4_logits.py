@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data.prompts import build_prompt  # noqa: E402
+from data import build_prompt, load_examples  # noqa: E402
 from model.io import fingerprint  # noqa: E402
 from model.load import load_model  # noqa: E402
 
@@ -33,14 +33,8 @@ PAIRS = [("fp32", "bf16"), ("fp32", "nf4"), ("bf16", "nf4")]
 
 def prompts(data_dir, per_task):
     """{task: [token-free prompt text]}: the eval template (alpaca, as eval.py) on the first rows of each test set."""
-    out = {}
-    for task in TASKS:
-        path = Path(data_dir) / task / "test.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (--data-dir)")
-        rows = json.loads(path.read_text())[:per_task]
-        out[task] = [build_prompt(r, "alpaca", for_eval=True) for r in rows]
-    return out
+    return {task: [build_prompt(r, "alpaca", for_eval=True)
+                   for r in load_examples(Path(data_dir) / task / "test.json")[:per_task]] for task in TASKS}
 
 
 @torch.no_grad()
@@ -93,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--per-task", type=int, default=40, help="prompts per test set (8 sets)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="default: results/nf4-logits-<model folder>.json")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out (default: refused)")
     args = ap.parse_args(argv)
     if args.per_task < 1:
         sys.exit(f"error: --per-task {args.per_task}: give at least 1")
@@ -101,19 +96,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or RESULTS / f"nf4-logits-{Path(args.model).name}.json")
+    if out.exists() and not args.force:
+        sys.exit(f"error: --out {out} exists: pass --force to overwrite it, or give another --out")
+    if not out.parent.is_dir():
+        sys.exit(f"error: --out {out}: folder {out.parent} does not exist")
     try:
         texts = prompts(args.data_dir, args.per_task)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
-    t0 = time.time()
-    result = {"what": "next-token distributions of one checkpoint in fp32, bf16 and NF4 (bf16 compute), "
-                      "teacher-forced on eval prompts; KL in nats per prompt token",
-              "model": Path(args.model).name, "weights": {p.name: fingerprint(p) for p in sorted(
-                  Path(args.model).glob("*")) if p.suffix in (".safetensors", ".pth")},
-              "prompts_per_task": args.per_task, "tasks": TASKS, "template": "alpaca",
-              "device": "cpu", "torch": torch.__version__,
-              "pairs": summarise(measure(args.model, texts)), "seconds": None}
-    result["seconds"] = round(time.time() - t0, 1)
+        result = run(args, texts)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     out.write_text(json.dumps(result, indent=1) + "\n")
     for key, r in result["pairs"].items():
         t = r["total"]
@@ -124,6 +115,19 @@ def main(argv=None):
         text = readme_fragment(result, out)
         (RESULTS / "README-nf4-logits.md").write_text(text)
         splice_into_readme(text, "results/README-nf4-logits.md")
+
+
+def run(args, texts):
+    t0 = time.time()
+    result = {"what": "next-token distributions of one checkpoint in fp32, bf16 and NF4 (bf16 compute), "
+                      "teacher-forced on eval prompts; KL in nats per prompt token",
+              "model": Path(args.model).name, "weights": {p.name: fingerprint(p) for p in sorted(
+                  Path(args.model).glob("*")) if p.suffix in (".safetensors", ".pth")},
+              "prompts_per_task": args.per_task, "tasks": TASKS, "template": "alpaca",
+              "device": "cpu", "torch": torch.__version__,
+              "pairs": summarise(measure(args.model, texts)), "seconds": None}
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
 
 
 def readme_fragment(result, path):
