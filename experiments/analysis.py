@@ -10,6 +10,7 @@ from .evals import eval_file, eval_seconds
 from .recipes import ABLATIONS, MAIN_METHODS, MAIN_SEEDS, PROBES, SWEEP_GRID, sweep_folder
 from .runs import JOBS_FILE, train_summary
 from .stats import mean_sd, min_detectable_delta
+from .tables import task_avg
 
 SUMMARY_FILE = "metrics-summary.json"     # committed: metrics.jsonl itself is not
 
@@ -66,11 +67,6 @@ def sweep_points(recipe, sweep_dir, runs_dir, legacy_sweep=None):
     return out
 
 
-def sweep_pick(points):
-    """The point with the lowest final validation loss, or None."""
-    return min(points, key=lambda p: p[3]["val"][-1]["val_loss"]) if points else None
-
-
 def probes(runs_dir):
     """{probe name: metrics summary + final validation loss} for the finished capacity probes."""
     out = {}
@@ -82,15 +78,6 @@ def probes(runs_dir):
                                                "routed_first10", "routed_last10")},
                       "final_val_loss": s["val"][-1]["val_loss"] if s.get("val") else None}
     return out
-
-
-def _acc(t):
-    return 100.0 * t["correct"] / t["total"] if t and t.get("total") else None
-
-
-def avg(run, tasks):
-    accs = [_acc(run["tasks"].get(t)) for t in tasks]
-    return None if any(a is None for a in accs) else sum(accs) / len(accs)
 
 
 def power(results, seeds=len(MAIN_SEEDS), alpha=0.05, target=0.8):
@@ -142,11 +129,15 @@ def ablation_rule(results):
     """Seeds 1-2 of a variant are queued when |Δ 8-task avg against full Echo-LoRA| at seed 0 exceeds the
     seed-to-seed sd of the main runs (pooled over the 4 methods). -> {"sd", "deltas", "queue": [...]}."""
     g = by_name(results, "greedy")
-    var = [mean_sd([avg(r, TASKS) for r in g.get(m, {}).values()])[1] for m in MAIN_METHODS]
+    var = [mean_sd([task_avg(r, TASKS) for r in g.get(m, {}).values()])[1] for m in MAIN_METHODS]
     var = [v for v in var if v is not None]
     sd = math.sqrt(sum(v * v for v in var) / len(var)) if var else None
     full = g.get("echo-lora", {}).get(0)
-    deltas = {a: (avg(g[a][0], TASKS) - avg(full, TASKS)) if full and 0 in g.get(a, {}) and avg(g[a][0], TASKS)
-              is not None and avg(full, TASKS) is not None else None for a in ABLATIONS}
+    base = task_avg(full, TASKS) if full else None
+
+    def delta(a):
+        ours = task_avg(g[a][0], TASKS) if 0 in g.get(a, {}) else None
+        return None if ours is None or base is None else ours - base
+    deltas = {a: delta(a) for a in ABLATIONS}
     queue = [a for a, d in deltas.items() if d is not None and sd is not None and abs(d) > sd]
     return {"sd": sd, "deltas": deltas, "queue": queue}

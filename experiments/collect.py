@@ -44,7 +44,7 @@ def _run_entry(name, seed, decoding, ev, summary):
 
 
 def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, beam_limit=None,
-            layer_probs=None, check=None, model_name=None, recipe_label=None):
+            layer_probs=None, check=None, recipe_label=None):
     """Everything the table needs, from the run folders: the requested {names} x {seeds} and any other
     run folder present. Only evaluations that exist are listed. check(name, seed, folder) -> None or the
     reason the folder's record does not match the claim (then it is listed under "excluded", not tabled)."""
@@ -56,7 +56,7 @@ def collect(runs_dir, names, seeds, *, model, train_files, recipe, limit=None, b
     limit, beam_limit = _limits_made(runs, base, limit, beam_limit)
     done = {(r["name"], r["seed"]) for r in runs if r["decoding"] == "greedy"}
     n_main = sum((n, s) in done for n in MAIN_METHODS for s in MAIN_SEEDS)
-    out = {"model": str(model), "model_name": model_name or model_label(folders, model),
+    out = {"model": str(model), "model_name": model_label(folders, model),
            "train_files": list(train_files), "recipe": _actual_recipe(recipe, folders),
            "partial": n_main < N_MAIN, "main_runs_done": n_main, "main_runs_total": N_MAIN,
            "limit": limit, "beam_limit": beam_limit, "paper_deltas": PAPER_DELTAS,

@@ -8,6 +8,7 @@ from model.io import fingerprint  # noqa: F401  (the one train.py records; repro
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
+DATA_DIR = ROOT.parent / "shared" / "data" / "commonsense"      # ../shared's commonsense suite
 
 TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 IN_FORMAT = ["boolq", "social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa"]   # train sets in the mix

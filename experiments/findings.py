@@ -9,35 +9,35 @@ import csv
 import statistics
 from pathlib import Path
 
-from .common import DISPLAY, IN_FORMAT, RESULTS, TASKS, read_json, shown_path
-from .recipes import ABLATIONS, METHODS, RECIPES
-from .tables import compare, splice_into_readme, task_avg
+from .common import DISPLAY, IN_FORMAT, RESULTS, TASKS, by_name, read_json, shown_path
+from .recipes import ABLATIONS, COMPARISONS, MAIN_METHODS, METHODS, N_MAIN, RECIPES
+from .stats import mean_sd
+from .tables import compare, publish_fragment, task_avg
+from .tables_paper import _seed0
 
 OUT = RESULTS / "README-findings.md"
-LEGACY_JSON = RESULTS / "smollm2-135m-commonsense.json"      # the 1-epoch recipe: three seeds of each method
-
-
-def _runs(results, name, decoding="greedy"):
-    return {r["seed"]: r for r in results.get("runs", []) if r["name"] == name and r["decoding"] == decoding}
 
 
 def seed_sd(results):
     """(sd over seeds of the 8-task and of the 5-task average, method, seeds, source) from the recipe's own
-    LoRA runs when it has two or more seeds, else from the 1-epoch recipe's, which has three."""
-    for res, where in ((results, "this recipe"), (read_json(LEGACY_JSON) or {}, "the 1-epoch recipe")):
-        for name in ("lora", "echo-lora", "dora", "echo-dora"):
-            runs = [r for r in _runs(res, name).values() if task_avg(r, TASKS) is not None]
+    runs of the first method with two or more seeds, else from the 1-epoch recipe's, which has three."""
+    legacy = read_json(RECIPES["1epoch-lr1e-3"].json) or {"runs": []}
+    for res, where in ((results, "this recipe"), (legacy, "the 1-epoch recipe")):
+        greedy = by_name(res, "greedy")
+        for name in MAIN_METHODS:
+            runs = [r for r in greedy.get(name, {}).values() if task_avg(r, TASKS) is not None]
             if len(runs) >= 2:
-                return (statistics.stdev(task_avg(r, TASKS) for r in runs),
-                        statistics.stdev(task_avg(r, IN_FORMAT) for r in runs), METHODS[name][3], len(runs), where)
+                return (mean_sd(task_avg(r, TASKS) for r in runs)[1], mean_sd(task_avg(r, IN_FORMAT) for r in runs)[1],
+                        METHODS[name][3], len(runs), where)
     return None
 
 
 def headline(results):
     seeds_note = seed_sd(results)
+    greedy = by_name(results, "greedy")
     L = []
-    for treated, control in (("echo-lora", "lora"), ("echo-dora", "dora")):
-        t, c = _runs(results, treated), _runs(results, control)
+    for treated, control, _ in COMPARISONS[:2]:                  # Echo-LoRA − LoRA, Echo-DoRA − DoRA
+        t, c = greedy.get(treated, {}), greedy.get(control, {})
         full, inf = compare(t, c, TASKS), compare(t, c, IN_FORMAT)
         if not full.get("seeds") or full.get("ci") is None:
             continue
@@ -54,15 +54,18 @@ def headline(results):
     if seeds_note and L:
         sd8, sd5, who, k, where = seeds_note
         L.append(f"- For scale: {who}'s 8-task average moves by {sd8:.2f} points (sd) from seed to seed, its 5-task "
-                 f"in-format average by {sd5:.2f} ({k} seeds of {where}). McNemar's test sees only the test-set sampling of one pair of runs, not that "
-                 f"seed-to-seed spread, so a Δ from one seed is a measurement of those two runs, not yet of the "
-                 f"method.")
+                 f"in-format average by {sd5:.2f} ({k} seeds of {where}). McNemar's test sees only the "
+                 f"test-set sampling of one pair of runs, not that seed-to-seed spread, so a Δ from one seed is a "
+                 f"measurement of those two runs, not yet of the method.")
     return L
 
 
 def diagnostics(path):
     """Mean gate, λ and ‖δ‖/‖o‖ over the target modules at the first and the last record; L_on − L_off and L_kd."""
-    rows = list(csv.DictReader(open(path))) if Path(path).is_file() else []
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         return []
     mods = [k[:-len("_gate")] for k in rows[0] if k.endswith("_gate")]
@@ -112,7 +115,7 @@ def probes(results):
 
 
 def ablations(results):
-    seed0 = {r["name"]: r for r in results.get("runs", []) if r["decoding"] == "greedy" and r["seed"] == 0}
+    seed0 = _seed0(results)
     a0 = seed0.get("lora")
     done = [a for a in ABLATIONS if a in seed0]
     if a0 is None or not done:
@@ -140,27 +143,27 @@ def power(results):
             f"in-format Δ of {pw['min_delta_points']:.2f} points (80 % power, α 0.05)."]
 
 
-def findings(results_json=None, runs_dir=None):
-    recipe = RECIPES["paper"]
-    results_json = Path(results_json or recipe.json)
-    runs_dir = Path(runs_dir or recipe.runs)
-    res = read_json(results_json) or {}
+def findings(res, runs_dir):
+    """The section's markdown from the paper recipe's results (as `reproduce` builds and writes them) and
+    its runs folder (the teacher probe)."""
     diag = (res.get("diagnostics") or {}).get("csv")
-    state = (f"{res.get('main_runs_done', 0)} of {res.get('main_runs_total', 12)} headline runs" if res.get("partial")
-             else "all headline runs")
-    lines = [f"<!-- generated by python -m experiments.findings from {shown_path(results_json)}, the diagnostics CSV "
+    state = (f"{res.get('main_runs_done', 0)} of {res.get('main_runs_total', N_MAIN)} headline runs"
+             if res.get("partial") else "all headline runs")
+    lines = [f"<!-- generated by python -m experiments.findings from {res.get('json_name')}, the diagnostics CSV "
              f"and the teacher probe: do not edit -->",
-             f"**What we found** (SmolLM2-135M, the paper's recipe; {state} recorded so far, so read every Δ below "
-             f"as provisional until three seeds are in):", ""]
+             f"**What we found** ({res.get('model_name')}, the paper's recipe; {state} recorded so far, so read "
+             f"every Δ below as provisional until three seeds are in):", ""]
     lines += headline(res) + (diagnostics(RESULTS.parent / diag) if diag else [])
-    lines += teacher(runs_dir / "echo-lora-s0" / "teacher-probe.json") + probes(res) + ablations(res) + power(res)
-    return "\n".join(lines) + "\n"
+    lines += teacher(Path(runs_dir) / "echo-lora-s0" / "teacher-probe.json") + probes(res) + ablations(res)
+    return "\n".join(lines + power(res)) + "\n"
 
 
-def main():
-    text = findings()
-    OUT.write_text(text)
-    spliced = splice_into_readme(text, "results/README-findings.md")
+def main(res=None, runs_dir=None):
+    """Write results/README-findings.md and splice it into README; `reproduce --only-table` passes the results
+    it just built, alone the command reads the paper recipe's results JSON."""
+    recipe = RECIPES["paper"]
+    text = findings(res if res is not None else read_json(recipe.json) or {"runs": []}, runs_dir or recipe.runs)
+    spliced = publish_fragment(text, OUT)
     print(f"wrote {shown_path(OUT)}" + (" and spliced it into README.md" if spliced else
                                          " (README.md has no results/README-findings.md markers)"))
 

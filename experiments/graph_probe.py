@@ -42,7 +42,6 @@ def diff(a, b):
     ld = max(abs(x[k] - y[k]) for x, y in zip(ma, mb) for k in ("loss_off", "loss_on", "loss_kd") if x[k] is not None)
     return f"adapter max|d| {ad:.3e}  loss max|d| {ld:.3e}"
 
-res = {}
 t0 = time.time()
 off = run("off", "--cuda-graphs", "off", reset=False)
 blk_noreset = run("blk_noreset", "--cuda-graphs", "blocks", reset=False)

@@ -28,7 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import RESULTS, ROOT, TRAIN_TASKS
+from .common import DATA_DIR, RESULTS, ROOT
+from .runs import train_files
 
 SPEED = RESULTS / "speed"
 
@@ -126,7 +127,7 @@ def build_parser():
     p.add_argument("--model", help="model folder (real weights)")
     p.add_argument("--shape", help="preset name or params.json: random weights (with --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer folder for --shape")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "commonsense"))
+    p.add_argument("--data-dir", default=str(DATA_DIR))
     p.add_argument("--tag", required=True, help="results/speed/real-vs-step-<tag>/")
     p.add_argument("--echo", action="store_true", help="Echo-LoRA (the benchmark then times routed and unrouted)")
     p.add_argument("--method", default="lora", choices=["lora", "dora"])
@@ -144,7 +145,7 @@ def refuse_bad_input(p, a):
         p.error("give --model (a real checkpoint) or --shape (random weights), not both")
     if a.shape and not a.tokenizer:
         p.error("--shape needs --tokenizer (the data are tokenized for real)")
-    files = [Path(a.data_dir) / t / "train.json" for t in TRAIN_TASKS]
+    files = train_files(a.data_dir)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         p.error(f"train file not found: {missing[0]} (--data-dir)")

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, TASKS, shown_path
-from .tables import splice_into_readme
+from data import build_prompt, load_examples
+from model.io import fingerprint
+from model.load import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from data import build_prompt, load_examples  # noqa: E402
-from model.io import fingerprint  # noqa: E402
-from model.load import load_model  # noqa: E402
+from .common import DATA_DIR, RESULTS, TASKS, shown_path
+from .tables import publish_fragment
 
 VARIANTS = {"fp32": dict(dtype=torch.float32), "bf16": dict(dtype=torch.bfloat16),
             "nf4": dict(dtype=torch.bfloat16, base_format="nf4")}
@@ -61,7 +57,7 @@ def measure(model_dir, texts):
         for key in sums:
             sums[key][task] = {"kl": 0.0, "agree": 0, "nll_ref": 0.0, "nll": 0.0, "tokens": 0, "next_tokens": 0}
         for text in prompts_:
-            ids = tok.encode(text, bos=True, eos=False)
+            ids = tok.encode(text, bos=tok.add_bos, eos=False)      # as eval.py feeds the prompt
             lp = {name: log_probs(m, ids) for name, m in models.items()}
             for a, b in PAIRS:
                 for k, v in compare(lp[a], lp[b], ids).items():
@@ -83,7 +79,7 @@ def summarise(sums):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Meta-layout model folder (params.json, weights, tokenizer)")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "commonsense"))
+    ap.add_argument("--data-dir", default=str(DATA_DIR))
     ap.add_argument("--per-task", type=int, default=40, help="prompts per test set (8 sets)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="default: results/nf4-logits-<model folder>.json")
@@ -112,9 +108,7 @@ def main(argv=None):
               f"NLL {t['nll_ref_per_token']:.3f} -> {t['nll_per_token']:.3f} ({t['tokens']:,} tokens)")
     print(f"wrote {out}")
     if out.parent.resolve() == RESULTS.resolve():         # the committed measurement, not a trial
-        text = readme_fragment(result, out)
-        (RESULTS / "README-nf4-logits.md").write_text(text)
-        splice_into_readme(text, "results/README-nf4-logits.md")
+        publish_fragment(readme_fragment(result, out), RESULTS / "README-nf4-logits.md")
 
 
 def run(args, texts):

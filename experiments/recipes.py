@@ -48,7 +48,7 @@ SWEEP_GRID = [(1, 2e-4), (1, 1e-3), (3, 2e-4), (3, 1e-3)]          # (epochs, lr
 EVAL_EVERY = 800                                                    # validation points of the sweep's curves
 # (treated, control, the paper's delta of the 8-task average in points, or None)
 COMPARISONS = [("echo-lora", "lora", 3.0), ("echo-dora", "dora", 2.7), ("echo-lora-norouting", "echo-lora", None)]
-PAPER_DELTAS = {"echo-lora vs lora": 3.0, "echo-dora vs dora": 2.7,
+PAPER_DELTAS = {**{f"{a} vs {b}": d for a, b, d in COMPARISONS if d is not None},
                 "note": "8-task average, 7-8B LLaMA models, all 8 train sets (commonsense_170k), beam search, "
                         "against the paper's own reproduced LoRA/DoRA"}
 

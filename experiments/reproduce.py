@@ -25,17 +25,19 @@ from pathlib import Path
 
 from . import analysis, figures
 from .collect import collect, write_json
-from .common import ROOT, StepFailed, file_name, fingerprint, read_json, shown_path
+from .common import DATA_DIR, StepFailed, file_name, fingerprint, read_json, shown_path
 from .recipes import (DEFAULT_RECIPE, MAIN_METHODS, MAIN_SEEDS, METHODS, RECIPES, Unit, main_units, plan,
                       select)
-from .runs import (claim, check_record, ensure_eval, layer_probs_command, run_all, run_logged, status,
-                   train_files, unit_dir)
+from .runs import (beam_limit, claim, check_record, ensure_eval, layer_probs_command, recipe_values, run_all,
+                   run_logged, status, train_files, unit_dir)
+from .findings import main as write_findings
 from .tables import build_table, splice_into_readme
 from .tables_paper import (ablation_tables, cost_sentence, diagnostics_note, legacy_sweep_table, power_sentence,
                            probe_table, sweep_table)
 
-RECIPE_FLAGS = ["lr", "epochs", "rank", "alpha", "dropout", "global_batch", "micro_batch", "max_len",
-                "warmup_steps", "max_steps", "template", "val_split"]
+RECIPE_FLAGS = {"lr": float, "epochs": float, "rank": int, "alpha": float, "dropout": float, "global_batch": int,
+                "micro_batch": int, "max_len": int, "warmup_steps": int, "max_steps": int, "template": str,
+                "val_split": float}                                      # the train.py flags a recipe sets
 
 
 class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -57,9 +59,7 @@ def build_parser():
     _add_queue_flags(p.add_argument)
     g = p.add_argument_group("recipe (train.py flags; default: the --recipe's value, "
                              "paper = " + ", ".join(f"{k} {v:g}" for k, v in RECIPES["paper"].flags.items()) + ")")
-    for k, kind in (("lr", float), ("epochs", float), ("rank", int), ("alpha", float), ("dropout", float),
-                    ("global_batch", int), ("micro_batch", int), ("max_len", int), ("warmup_steps", int),
-                    ("max_steps", int), ("template", str), ("val_split", float)):
+    for k, kind in RECIPE_FLAGS.items():
         g.add_argument("--" + k.replace("_", "-"), type=kind, default=None)
     g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
     e = p.add_argument_group("evaluation")
@@ -80,7 +80,7 @@ def _add_queue_flags(a):
       help="paper: 3 epochs, lr 2e-4 (+ ablations, probes, sweep); 1epoch-lr1e-3: the earlier recipe")
     a("--model", help="Meta-layout model folder (see ../shared/tools/gguf_to_meta.py); required unless "
                       "--only-table (then: the one recorded in the results JSON or the runs' config.json)")
-    a("--data-dir", default=os.path.relpath(ROOT.parent / "shared" / "data" / "commonsense"),
+    a("--data-dir", default=os.path.relpath(DATA_DIR),
       help="folder with <task>/train.json and <task>/test.json")
     a("--methods", nargs="+", default=None, choices=list(METHODS),
       help="train just these x --seeds instead of the recipe's queue")
@@ -240,7 +240,9 @@ def check_fn(args):
     return check
 
 
-def build_results(args, layer_probs=None):
+def collected(args, layer_probs=None):
+    """The tabled runs' records (collect.collect), without the analyses, figures and summaries build_results
+    adds: all the queue needs, and nothing is written."""
     prev = read_json(args.json) if Path(args.json).is_file() else None
     if layer_probs is None and isinstance(prev, dict):
         layer_probs = prev.get("layer_probs")
@@ -249,13 +251,16 @@ def build_results(args, layer_probs=None):
     names = list(dict.fromkeys(MAIN_METHODS + (args.methods or [])))
     res = collect(args.runs_dir, names, sorted(set(MAIN_SEEDS) | set(args.seeds or [])),
                   model=recorded_name(args.model),
-                  train_files=tf, recipe={k: v for k, v in analysis_recipe(args).items()},
-                  limit=args.limit, beam_limit=(args.beam_limit if args.limit is None else min(
-                      args.limit, args.beam_limit or args.limit)) if args.run_beam else None,
+                  train_files=tf, recipe=analysis_recipe(args),
+                  limit=args.limit, beam_limit=beam_limit(args) if args.run_beam else None,
                   layer_probs=layer_probs, check=check_fn(args), recipe_label=args.recipe.label)
     res["json_name"] = shown_path(args.json)
+    return res
+
+
+def build_results(args, layer_probs=None):
+    res = collected(args, layer_probs)
     folders = [d for d in Path(args.runs_dir).iterdir() if d.is_dir()] if Path(args.runs_dir).is_dir() else []
-    sweep_dirs = [Path(args.sweep_dir)] + ([RECIPES["1epoch-lr1e-3"].sweep] if args.recipe.plan == "paper" else [])
     if args.recipe.plan == "paper":
         pts = analysis.sweep_points(args.recipe, args.sweep_dir, args.runs_dir,
                                     RECIPES["1epoch-lr1e-3"].sweep if Path(args.runs_dir).resolve()
@@ -267,7 +272,8 @@ def build_results(args, layer_probs=None):
                          "best_step": min(s["val"], key=lambda v: v["val_loss"])["step"]} for e, lr, d, s in pts]
         res["probes"] = analysis.probes(args.runs_dir)
         res["ablation_rule"] = analysis.ablation_rule(res)
-        folders += [d for sd in sweep_dirs[:1] if sd.is_dir() for d in sd.iterdir() if d.is_dir()]
+        if Path(args.sweep_dir).is_dir():
+            folders += [d for d in Path(args.sweep_dir).iterdir() if d.is_dir()]
     res["power"] = analysis.power(res)
     res["cost"] = analysis.cost(folders)
     diag = Path(args.runs_dir) / "echo-lora-s0" / "echo_diagnostics.jsonl"
@@ -281,7 +287,6 @@ def build_results(args, layer_probs=None):
 
 
 def analysis_recipe(args):
-    from .runs import recipe_values
     return {k: v for k, v in recipe_values(args).items() if v is not None}
 
 
@@ -290,10 +295,7 @@ def tabulate(args, layer_probs=None):
     write_json(res, args.json)
     table = build_table(res)
     if args.recipe.plan == "paper":
-        sw = res.get("sweep") or []
-        table += sweep_table(sw, "the headline recipe" if sw and analysis.sweep_pick(
-            [(p["epochs"], p["lr"], None, {"val": [{"val_loss": p["final_val_loss"]}]}) for p in sw])[:2]
-            == (args.recipe.flags["epochs"], args.recipe.flags["lr"]) else "not the headline recipe")
+        table += sweep_table(res.get("sweep"), (args.recipe.flags["epochs"], args.recipe.flags["lr"]))
         table += ablation_tables(res) + probe_table(res.get("probes")) + diagnostics_note(res.get("diagnostics"))
     else:
         table += legacy_sweep_table(args.sweep_dir)
@@ -303,8 +305,7 @@ def tabulate(args, layer_probs=None):
     if args.splice:                       # the real table, not a trial run's
         splice_into_readme(table, args.recipe.readme_marker)
         if args.recipe.plan == "paper":
-            from .findings import main as write_findings
-            write_findings()
+            write_findings(res, args.runs_dir)
     state = f"PARTIAL ({res['main_runs_done']} of {res['main_runs_total']} runs)" if res["partial"] else "complete"
     c = res.get("cost") or {}
     print(f"wrote {args.json} and {args.table}: {state}; GPU-minutes so far (train + eval wall, from the records): "
@@ -347,7 +348,7 @@ def main(argv=None):
     try:
         if args.sweep_lr:
             return legacy_sweep(args)
-        prev = build_results(args) if (args.methods is None and not args.only_table
+        prev = collected(args) if (args.methods is None and not args.only_table
                                        and Path(args.runs_dir).is_dir()) else None
         units = queue(args, prev)
         if args.dry_run:
@@ -360,7 +361,7 @@ def main(argv=None):
             ensure_eval(args, None, "greedy", "eval base greedy")    # after the runs: the GPU's time goes to them first
             if not args.dry_run and args.methods is None and not args.only and args.max_runs is None:
                 done = {u.run_name for u in units}        # seeds 1-2 of ablations that now qualify
-                more = [u for u in queue(args, build_results(args)) if u.run_name not in done]
+                more = [u for u in queue(args, collected(args)) if u.run_name not in done]
                 if more:
                     print(f"queued from this sitting's results: {', '.join(u.run_name for u in more)}")
                     run_all(args, more, after_each=lambda: tabulate(args))

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 from echo import EchoConfig
 from echo.echo import module_out_dim
-from experiments.common import RESULTS, ROOT
+from experiments.common import RESULTS
 from model.model import ModelArgs
 
 GLOBAL_BATCH = 16
@@ -97,9 +97,8 @@ def main():
     pred = predict()
     (RESULTS / "scaling-prediction.json").write_text(json.dumps(pred, indent=1) + "\n")
     fragment = table(pred)
-    (RESULTS / "README-scaling.md").write_text(fragment)
-    from experiments.tables import splice_into_readme
-    splice_into_readme(fragment, "results/README-scaling.md", ROOT / "README.md")
+    from experiments.tables import publish_fragment
+    publish_fragment(fragment, RESULTS / "README-scaling.md")
     print(fragment)
 
 

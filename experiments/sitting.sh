@@ -105,7 +105,9 @@ case "${1:-}" in
        --activation-checkpointing || true
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
   collect)                                                   # metrics.jsonl is summarised, not brought back
-    (cd "$SNAP" && python -m experiments.reproduce --only-table --runs-dir "$RUNS" >/dev/null 2>&1) || true
+    (cd "$SNAP" && python -c "import sys, pathlib; from experiments.analysis import metrics_summary
+for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') if (r / 'summary.json').is_file()]" \
+        "$RUNS" "$RUNS-sweep") || true                                  # metrics-summary.json in each finished run
     tar -cJf /tmp/paper-runs.tar.xz -C /work --exclude='*/checkpoint' --exclude='*/adapter' \
         --exclude='*-predictions' --exclude='*/base/data' --exclude='*/metrics.jsonl' --exclude='*/echo.safetensors' \
         "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" )

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .common import RESULTS
-from .tables import splice_into_readme
+from .tables import publish_fragment, splice_into_readme
 
 HERE = RESULTS                       # results/: reads HERE/speed/, writes HERE/speed-table.md
 GRAPHS = {"step": "whole step, one CUDA graph (train.py's one-GPU default)",
@@ -122,7 +122,6 @@ def default_run():
 
 if __name__ == "__main__":
     t = table()
-    (HERE / "speed-table.md").write_text(t)
-    splice_into_readme(t, "results/speed-table.md")
+    publish_fragment(t, HERE / "speed-table.md")
     splice_into_readme(default_run(), "default-run")
     print(t)

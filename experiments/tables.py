@@ -211,10 +211,11 @@ def _accuracy_cell(col, runs):
 def _delta_table(greedy):
     """Echo − baseline per task and averages. -> (lines, significance rows: (label, block, seeds, Δ, compare()))"""
     comps = [(a, b, paper) for a, b, paper in COMPARISONS if a in greedy or (a in MAIN_METHODS and b in MAIN_METHODS)]
+    paper = " and ".join(f"{d:+.1f} for {METHODS[a][3]}" for a, _, d in COMPARISONS if d is not None)
     lines = ["**Echo − baseline** (points, mean over the seeds both methods have). The paper's deltas "
-             "(Peng et al. 2026, 8-task average against its own reproduced LoRA/DoRA) are +3.0 for Echo-LoRA "
-             "and +2.7 for Echo-DoRA — with 7–8B LLaMA models trained on all 8 train sets "
-             "(commonsense_170k) and beam search, so only the sign and rough size are comparable here.", ""]
+             f"(Peng et al. 2026, 8-task average against its own reproduced LoRA/DoRA) are {paper} — with 7–8B "
+             "LLaMA models trained on all 8 train sets (commonsense_170k) and beam search, so only the sign and "
+             "rough size are comparable here.", ""]
     lines += _table_head(DELTA_HEAD)
     stats_rows = []
     for a, b, paper in comps:
@@ -337,6 +338,14 @@ def _num(v):
     if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
         return str(int(v))
     return str(v)
+
+
+def publish_fragment(fragment, path):
+    """Write a README fragment (a file under results/) and splice it into README.md between the markers its
+    path relative to the project names. -> whether README has those markers."""
+    path = Path(path)
+    path.write_text(fragment)
+    return splice_into_readme(fragment, path.resolve().relative_to(ROOT).as_posix())
 
 
 def splice_into_readme(fragment, name, readme=ROOT / "README.md"):

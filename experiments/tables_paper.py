@@ -3,13 +3,9 @@ deltas, the validation sweep, the capacity probes, the test's power, GPU-minutes
 import json
 from pathlib import Path
 
-from .analysis import avg
 from .common import DISPLAY, IN_FORMAT, TASKS, TRANSFER
 from .recipes import ABLATIONS, METHODS, PROBES, paper_ablations
-
-
-def _signed(v, digits=1):
-    return "—" if v is None else f"{v:+.{digits}f}"
+from .tables import _signed, task_avg
 
 
 def _seed0(results):
@@ -47,12 +43,13 @@ def ablation_tables(results):
         for t in order:
             x, y = r["tasks"].get(t), a0["tasks"].get(t)
             cells.append(_signed(100 * (x["correct"] / x["total"] - y["correct"] / y["total"])) if x and y else "—")
-        d = (avg(r, TASKS) - avg(a0, TASKS)) if avg(r, TASKS) is not None and avg(a0, TASKS) is not None else None
+        avg_r, avg_a0 = task_avg(r, TASKS), task_avg(a0, TASKS)
+        d = avg_r - avg_a0 if avg_r is not None and avg_a0 is not None else None
         pr = prow.get(key, {})
         pd = pr.get("avg") - p0.get("avg") if isinstance(pr.get("avg"), (int, float)) and \
             isinstance(p0.get("avg"), (int, float)) else None
         L.append(f"| {label} | " + " | ".join(cells) + f" | **{_signed(d)}** | {_signed(pd)} |")
-    a0avg = avg(a0, TASKS)
+    a0avg = task_avg(a0, TASKS)
     L += ["", f"A-0 (LoRA) itself: {a0avg:.1f} % (8-task average) here" + (
         f", {p0['avg']:.1f} % in the paper." if isinstance(p0.get("avg"), (int, float)) else ".")]
     rule = results.get("ablation_rule")
@@ -63,11 +60,14 @@ def ablation_tables(results):
     return "\n".join(L) + "\n"
 
 
-def sweep_table(sweep, pick_label=None):
-    """The validation sweep: LoRA seed 0 at each (epochs, lr); final / best validation loss and exact match."""
+def sweep_table(sweep, headline=None):
+    """The validation sweep: LoRA seed 0 at each (epochs, lr); final / best validation loss and exact match.
+    headline: the table's own (epochs, lr), said to be validation's pick or not."""
     if not sweep:
         return ""
     best = min(sweep, key=lambda p: p["final_val_loss"])
+    pick_label = None if headline is None else (
+        "the headline recipe" if (best["epochs"], best["lr"]) == tuple(headline) else "not the headline recipe")
     L = ["", f"**Recipe choice on validation** (LoRA, seed 0, validation loss / exact match on the "
              f"{sweep[0].get('val_rows') or '?'} held-out rows of `--val-split 0.02`; the test sets are not read). "
              f"Lowest final validation loss: {best['epochs']:g} epoch{'s' if best['epochs'] != 1 else ''}, lr "
