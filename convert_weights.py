@@ -43,7 +43,6 @@ what belongs to the foreign layouts (HF names and q/k order, Meta sharding, PEFT
 Everything is written into a temporary folder beside OUT and renamed into place, so a failed
 conversion leaves nothing half-written.
 """
-import argparse
 import base64
 import contextlib
 import glob
@@ -58,13 +57,15 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from model.load import (CliParser, args_from_params, build_model, dtype_arg, expected_adapter_shapes,
-                        expected_shapes, load_dir_tokenizer, read_json, read_pth, read_safetensors)
+from model.io import read_json, read_pth, read_safetensors
+from model.load import (CliParser, HelpFormatter, args_from_params, dtype_arg, expected_adapter_shapes,
+                        expected_shapes, load_dir_tokenizer, torch_dtype)
 from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight,
                         read_adapter_config)
 from model.model import ATTENTION_MODULES, FFN_MODULES, MODULE_ALIASES, Transformer, canonical_module
+from model.nf4 import dequantize_nf4, quantize_nf4
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp16", "fp32")}     # the --dtype values
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 # our module name -> HF's (wq -> q_proj), and Meta's path of a module inside a block
@@ -696,11 +697,13 @@ _PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp
 _PEFT_PARTS = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 
 
-def read_adapter(adapter_dir):
+def read_adapter(adapter_dir, cfg=None):
     """(state dict, config) of our adapter folder; a damaged file or NaN/inf tensors are refused (naming the
-    file). Echo parameters, if any were saved, are left out: they are never part of an export."""
+    file). Echo parameters, if any were saved, are left out: they are never part of an export.
+    cfg: its adapter_config.json as read_adapter_config returned it already (None: read here)."""
     from model.lora import read_adapter_tensors
-    cfg = read_adapter_config(adapter_dir)           # types and values checked, one line naming the key
+    if cfg is None:
+        cfg = read_adapter_config(adapter_dir)       # types and values checked, one line naming the key
     path = os.path.join(adapter_dir, "adapter.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing adapter.safetensors in {adapter_dir}")
@@ -752,16 +755,15 @@ def fold_adapter(state_dict, adapter_sd, adapter_cfg):
     return out
 
 
-def dequantized_base(state_dict, params):
+def dequantized_base(state_dict):
     """The base an NF4 run trained against: every NF4-stored linear W replaced by dequant(NF4(W)) in fp32,
     quantised from these checkpoint tensors exactly as load_model quantises them (Transformer.load_base_weights
-    into an NF4 model); the embedding, norms and head are kept as they are (an NF4 model keeps them too)."""
-    from model.nf4 import NF4Weight
-    net = build_model(args_from_params(params, base_format="nf4"), "cpu", model_dtype(state_dict))
-    net.load_base_weights(state_dict)
-    quantized = {k for k, w in net.named_weights() if isinstance(w, NF4Weight)}
-    dequantized = net.dequantized_state_dict(torch.float32)
-    return {k: dequantized[k] if k in quantized else v for k, v in state_dict.items()}
+    into an NF4 model: NF4Weight.copy_ is quantize_nf4 with its defaults); the embedding, norms and head are
+    kept as they are (an NF4 model keeps them too). One weight at a time, no model is built."""
+    quantized = set(MODULE_PATHS.values())     # base_format="nf4": every linear of the blocks, wq..w3
+    return {k: dequantize_nf4(quantize_nf4(v), torch.float32)
+            if (m := _BLOCK_KEY.fullmatch(k)) and m[2] in quantized else v
+            for k, v in state_dict.items()}
 
 
 def export_base_format(flag, adapter_cfg, model_dir, adapter_dir):
@@ -839,8 +841,8 @@ def adapter_to_peft(adapter_sd, adapter_cfg, params, base_model_name_or_path=Non
 
 
 def peft_to_adapter(peft_sd, peft_cfg, params, origin="PEFT adapter"):
-    """Inverse of adapter_to_peft: a PEFT LoRA/DoRA adapter -> (our adapter state dict, config)."""
-    check_peft_config(peft_cfg)
+    """Inverse of adapter_to_peft: a PEFT LoRA/DoRA adapter -> (our adapter state dict, config).
+    peft_cfg: checked by check_peft_config first (convert does, naming the file, before the base is read)."""
     if peft_cfg.get("peft_type") != "LORA":
         raise ValueError(f"adapter_config.json: peft_type '{peft_cfg.get('peft_type')}' is not LORA")
     for flag in ("use_rslora", "fan_in_fan_out"):
@@ -1077,7 +1079,7 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_
         adapter_cfg = read_adapter_config(adapter_dir)      # a broken config is refused before the base is read
     if fmt == "peft":
         _, params, layout = read_model(model_dir)
-        adapter_sd, adapter_cfg = read_adapter(adapter_dir)
+        adapter_sd, adapter_cfg = read_adapter(adapter_dir, adapter_cfg)
         base_name = peft_base_name(model_dir, params, layout, base_model_name_or_path)
         with atomic_dir(out, force) as tmp:
             export_peft(adapter_sd, adapter_cfg, params, tmp, base_name)
@@ -1087,12 +1089,12 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_
     note_dtype_change(sd, dtype, model_dir)
     target = dtype or model_dtype(sd)
     if nf4:
-        sd, target = dequantized_base(sd, params), dtype or torch.bfloat16
+        sd, target = dequantized_base(sd), dtype or torch.bfloat16
         if dtype is None:
             print(f"NF4 base: writing the {'merged ' if adapter_dir else ''}model as bf16 "
                   f"(dequant(W){' + ΔW' if adapter_dir else ''}; pass --dtype fp32 for fp32); it is not re-quantised")
     if adapter_dir is not None:
-        adapter_sd, adapter_cfg = read_adapter(adapter_dir)
+        adapter_sd, adapter_cfg = read_adapter(adapter_dir, adapter_cfg)
         check_adapter(adapter_sd, adapter_cfg, params, adapter_dir)
         merged = {k: v.to(target) for k, v in fold_adapter(sd, adapter_sd, adapter_cfg).items()}
         if target != torch.float32:
@@ -1118,15 +1120,11 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_
                 print(f"warning: {model_dir} has no tokenizer; {out} has none either", file=sys.stderr)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
 def main(argv=None):
     usage = ("%(prog)s SRC OUT [--dtype D] [--tokenizer PATH | --no-tokenizer] [--model BASE_DIR]\n"
              "       %(prog)s --export {hf,meta,peft} --model MODEL_DIR [--adapter ADAPTER_DIR] [--dtype D] "
              "[--base-format {plain,nf4}] OUT")
-    ap = CliParser(usage=usage, description=__doc__, formatter_class=_HelpFormatter)
+    ap = CliParser(usage=usage, description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT (import) or OUT (export)")
     ap.add_argument("--export", choices=["hf", "meta", "peft"], help="write MODEL_DIR (+ adapter) in this layout")
     ap.add_argument("--model", help="our model folder (export) or the base model (PEFT import)")
@@ -1146,7 +1144,7 @@ def main(argv=None):
                          "the base of train.py --base-format nf4; None: the adapter's recorded base_format, "
                          "else plain")
     args = ap.parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = torch_dtype(args.dtype) if args.dtype else None
     try:
         if args.export:
             if len(args.paths) != 1 or not args.model:

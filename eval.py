@@ -371,7 +371,7 @@ def merge_enabled_adapters(model):
     from model.lora import lora_linears
     for _, m in lora_linears(model):
         if m.enabled:
-            m.merge(model.tok_embeddings.weight.dtype)
+            m.merge()       # an NF4 W: in the model's dtype (merge's default, NF4Weight.dtype follows it)
 
 
 @torch.no_grad()
@@ -733,7 +733,8 @@ def load_deployable(setup, args):
     """Base + adapter, eval mode. The deployable model holds base + adapter weights only (a subprocess
     test also checks that this file never imports the echo package nor opens echo.safetensors)."""
     from model.generate import load_for_inference
-    model, tokenizer = load_for_inference(setup.model_path, setup.adapter_dir, args.device, getattr(torch, args.dtype),
+    from model.load import torch_dtype
+    model, tokenizer = load_for_inference(setup.model_path, setup.adapter_dir, args.device, torch_dtype(args.dtype),
                                           setup.base_format)
     if any("echo" in name for name, _ in model.named_parameters()):
         raise RuntimeError("an Echo parameter was built: eval must measure the deployable model")
