@@ -104,6 +104,15 @@ case "${1:-}" in
     $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 \
        --activation-checkpointing || true
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
+  bench)                                                     # the routed step, the tree before the Echo refactor
+    snapshot                                                 # (.cache/before, carried) against this one, GPU alone
+    for m in "/work/smollm2 --batch 16" "llama3-8b --batch 2"; do
+      (cd .cache/before && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo off routed --steps 30 \
+         --json /work/bench-before.jsonl | grep -o '"ms": [0-9.]*' | tr '\n' ' ') || true
+      (cd "$SNAP" && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo off routed --steps 30 \
+         --json /work/bench-after.jsonl | grep -o '"ms": [0-9.]*' | tr '\n' ' ') || true
+      echo " <- $m: before, after"
+    done ;;
   collect)                                                   # metrics.jsonl is summarised, not brought back
     (cd "$SNAP" && python -c "import sys, pathlib; from experiments.analysis import metrics_summary
 for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') if (r / 'summary.json').is_file()]" \
@@ -113,7 +122,7 @@ for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') i
         "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" )
     split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
     cp "$LOG" "$OUT/sitting.log"
-    for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
   *)
     sed -n '2,30p' "$0"; exit 2 ;;
