@@ -107,9 +107,9 @@ case "${1:-}" in
   bench)                                                     # the routed step, the tree before the Echo refactor
     snapshot                                                 # (.cache/before, carried) against this one, GPU alone
     for m in "/work/smollm2 --batch 16" "llama3-8b --batch 2"; do
-      (cd .cache/before && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo off routed --steps 30 \
+      (cd .cache/before && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo routed --steps 30 \
          --json /work/bench-before.jsonl | grep -o '"ms": [0-9.]*' | tr '\n' ' ') || true
-      (cd "$SNAP" && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo off routed --steps 30 \
+      (cd "$SNAP" && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo routed --steps 30 \
          --json /work/bench-after.jsonl | grep -o '"ms": [0-9.]*' | tr '\n' ' ') || true
       echo " <- $m: before, after"
     done ;;
