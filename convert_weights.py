@@ -57,7 +57,8 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from model.io import read_json, read_pth, read_safetensors
+from model.io import contiguous as _contiguous, read_json, read_pth, read_safetensors, write_ours  # noqa: F401
+from model.io import write_json as _write_json
 from model.load import (CliParser, HelpFormatter, args_from_params, dtype_arg, expected_adapter_shapes,
                         expected_shapes, load_dir_tokenizer, torch_dtype)
 from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight,
@@ -905,21 +906,6 @@ def check_peft_config(peft_cfg, path="adapter_config.json"):
 
 # ----------------------------------------------------------------------------------------------------------------
 # writers (into a fresh folder)
-
-def _contiguous(sd, dtype=None):
-    """Own, contiguous tensors (safetensors refuses shared storage, e.g. tied or narrowed views)."""
-    return {k: (v.to(dtype) if dtype else v).contiguous().clone() for k, v in sd.items()}
-
-
-def _write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def write_ours(sd, params, out, dtype=None):
-    save_file(_contiguous(sd, dtype), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(params, os.path.join(out, "params.json"))
-
 
 def write_meta(sd, params, out, dtype=None):
     torch.save(_contiguous(sd, dtype), os.path.join(out, "consolidated.00.pth"))

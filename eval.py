@@ -48,7 +48,6 @@ when it disagrees (an NF4-trained adapter on a plain base is a real but differen
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -58,143 +57,16 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
-DEFAULT_RUN = Path("runs") / "default"
+from data.tasks import (ANSWER_PATTERNS, COMMONSENSE, DEFAULT_RUN, DISPLAY, PROGRESS_EVERY_S, SHARED, TASKS,  # noqa: F401
+                        Progress, Task, _duration, _load_gsm8k, accuracy, extract_choice, extract_number, is_correct,
+                        load_task_examples, resolve_task, response_of, score_record, task_key)
+from data.prompts import RESPONSE_MARKER  # noqa: F401
+from model.rundir import base_model_of, run_config  # noqa: F401
 
-COMMONSENSE = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
-               "openbookqa"]
-_CHOICE5 = r"answer1|answer2|answer3|answer4|answer5"
-ANSWER_PATTERNS = {"boolq": r"true|false", "piqa": r"solution1|solution2", "social_i_qa": _CHOICE5,
-                   "hellaswag": r"ending1|ending2|ending3|ending4", "winogrande": r"option1|option2",
-                   "ARC-Easy": _CHOICE5, "ARC-Challenge": _CHOICE5, "openbookqa": _CHOICE5}
-TASKS = COMMONSENSE + ["gsm8k"]
-DISPLAY = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaSwag",
-           "winogrande": "WinoGrande", "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c", "openbookqa": "OBQA",
-           "gsm8k": "GSM8K"}
 ECHO_LINE = "Echo: off (deployable model: base + adapter only; no Echo module built or loaded)"
-RESPONSE_MARKER = "### Response:"
 SKIP_RULE = "prompt tokens + max_new_tokens > the model's context: not generated, counted wrong"
-PROGRESS_EVERY_S = 10.0
-
-
-# ---------------------------------------------------------------- answers --------------------------------
-
-def extract_choice(pattern, response):
-    """First match of `pattern` in the stripped response, '' if none (commonsense_evaluate.py)."""
-    found = re.findall(pattern, response.strip())
-    return found[0] if found else ""
-
-
-def extract_number(response):
-    """Last number in the response with commas removed, inf if none (LLM-Adapters evaluate.py)."""
-    found = re.findall(r"-?\d+\.?\d*", response.replace(",", ""))
-    return float(found[-1]) if found else float("inf")
-
-
-def response_of(completion):
-    """The generated text after the prompt's '### Response:' up to any further marker, stripped."""
-    return completion.split(RESPONSE_MARKER)[0].strip()
-
-
-def is_correct(task, pred, answer):
-    if task.kind == "number":
-        return abs(float(answer) - pred) <= 1e-3
-    return pred == answer
-
-
-def accuracy(flags):
-    return sum(bool(f) for f in flags) / len(flags) if flags else 0.0
-
-
-# ---------------------------------------------------------------- tasks ----------------------------------
-
-class Task:
-    """name, test file, kind ('choice' with a regex, or 'number'), optional train file for validation."""
-
-    def __init__(self, name, path, kind="choice", pattern=None, train_path=None):
-        self.name, self.path, self.kind, self.pattern, self.train_path = name, Path(path), kind, pattern, train_path
-
-    def extract(self, response):
-        return extract_number(response) if self.kind == "number" else extract_choice(self.pattern, response)
-
-
-def resolve_task(name, data_dir, run_dir=None):
-    """A suite task name (looked up in data_dir), "default" (the built-in task: RUN/data/test.json, scored
-    with the answer1..answer5 regex), or a path to an LLM-Adapters-format test .json file (whose regex is
-    then the alternation of its distinct answers, longest first)."""
-    if name == "default":
-        path = Path(run_dir or DEFAULT_RUN) / "data" / "test.json"
-        if not path.exists():
-            raise FileNotFoundError(f"task 'default': {path} not found (written by `python train.py`)")
-        return Task("default", path, "choice", _CHOICE5, path.with_name("train.json")
-                    if path.with_name("train.json").exists() else None)
-    if name in ANSWER_PATTERNS:
-        if data_dir is None:
-            raise FileNotFoundError(f"task {name!r} needs --data-dir (no ../shared/data/commonsense here)")
-        path = Path(data_dir) / name / "test.json"
-        if not path.exists():
-            raise FileNotFoundError(f"task {name!r}: {path} not found")
-        train = path.with_name("train.json")
-        return Task(name, path, "choice", ANSWER_PATTERNS[name], train if train.exists() else None)
-    if name == "gsm8k":
-        candidates = [Path(data_dir) / "gsm8k" / f for f in ("test.jsonl", "test.json")] if data_dir else []
-        candidates += [Path(data_dir).parent / "gsm8k" / "test.jsonl"] if data_dir else []
-        candidates += [SHARED / "data" / "gsm8k" / "test.jsonl"]
-        for path in candidates:
-            if path.exists():
-                train = path.with_name("train.jsonl")
-                return Task(name, path, "number", None, train if train.exists() else None)
-        raise FileNotFoundError(f"task 'gsm8k': none of {', '.join(map(str, candidates))} exists")
-    path = Path(name)
-    if path.suffix in (".json", ".jsonl") and path.is_file():
-        train = path.with_name("train" + path.suffix)
-        return Task(path.parent.name or path.stem, path, "choice", None, train if train.exists() else None)
-    raise ValueError(f"unknown task {name!r} (choose from {', '.join(TASKS)}, default, "
-                     f"or a path to a test .json file)")
-
-
-def load_task_examples(task, path=None, limit=None):
-    """Examples {instruction, input, output, answer} from the task's file (or `path`), validated."""
-    from data import load_examples
-    path = Path(path or task.path)
-    if task.kind == "number":
-        examples = _load_gsm8k(path)
-    else:
-        examples = load_examples(path)
-        for n, ex in enumerate(examples, 1):
-            if not ex["answer"]:
-                raise ValueError(f"{path}: row {n} has no 'answer'")
-    if task.pattern is None and task.kind == "choice":
-        answers = sorted({ex["answer"] for ex in examples}, key=lambda a: (-len(a), a))
-        task.pattern = "|".join(re.escape(a) for a in answers)
-    return examples[:limit] if limit is not None else examples
-
-
-def _load_gsm8k(path):
-    from data.dataset import _read_rows
-    examples = []
-    for where, row in _read_rows(path):
-        if not (isinstance(row, dict) and isinstance(row.get("question"), str)
-                and isinstance(row.get("answer"), str) and "####" in row["answer"]):
-            raise ValueError(f"{where}: expected {{\"question\": str, \"answer\": str ending in '#### N'}}")
-        gold = row["answer"].split("####")[-1].strip().replace(",", "")
-        try:
-            float(gold)
-        except ValueError:
-            raise ValueError(f"{where}: answer after '####' is not a number: {gold!r}") from None
-        examples.append({"instruction": row["question"], "input": "", "output": row["answer"], "answer": gold})
-    if not examples:
-        raise ValueError(f"no examples in {path}")
-    return examples
-
 
 # ---------------------------------------------------------------- validation rows ------------------------
-
-def task_key(task):
-    """The folder name that ties data files to a task: .../boolq/test.json -> boolq (the default task's
-    RUN/data/test.json and the run's RUN/data/train.json share "data")."""
-    return task.path.parent.name
-
 
 def heldout_files(run_cfg, val_data):
     """-> (what, [(file, rows)]) of validation rows the adapter never trained on, or None when there are
@@ -258,33 +130,6 @@ def train_file_examples(task, n, seed=0):
 
 # ---------------------------------------------------------------- evaluation -----------------------------
 
-class Progress:
-    """A line per task at most every `every` seconds (and at the end): done/total, examples/s, ETA."""
-
-    def __init__(self, name, total, every=PROGRESS_EVERY_S, clock=time.monotonic, out=None):
-        self.name, self.total, self.every, self.clock, self.out = name, total, every, clock, out
-        self.start = self.last = clock()
-
-    def update(self, done):
-        now = self.clock()
-        if done < self.total and now - self.last < self.every:
-            return None
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (f"  {self.name}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
-                f"{rate:.1f} examples/s, ETA {_duration(eta)}")
-        print(line, file=self.out or sys.stderr, flush=True)
-        return line
-
-
-def _duration(s):
-    if not math.isfinite(s):
-        return "?"
-    s = round(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def evaluate_task(model, tokenizer, task, examples, *, template="alpaca", num_beams=4, max_new_tokens=32,
                   batch_size=16, device=None, progress=False):
     """-> (accuracy, records), records in the input order. Prompts run sorted by length so a batch holds
@@ -310,18 +155,6 @@ def evaluate_task(model, tokenizer, task, examples, *, template="alpaca", num_be
     records = [score_record(task, ex, prompt, completion)
                for ex, prompt, completion in zip(examples, prompts, completions)]
     return accuracy([r["correct"] for r in records]), records
-
-
-def score_record(task, example, prompt, completion):
-    """One prediction record; completion None = skipped (too long for the context)."""
-    if completion is None:
-        return {**example, "prompt": prompt, "response": None, "pred": None, "correct": False, "skipped": True}
-    response = response_of(completion)
-    pred = task.extract(response)
-    correct = is_correct(task, pred, example["answer"])
-    if task.kind == "number" and not math.isfinite(pred):
-        pred = None                                                   # no number in the response
-    return {**example, "prompt": prompt, "response": response, "pred": pred, "correct": correct, "skipped": False}
 
 
 def task_result(records, seconds, max_new_tokens):
@@ -510,28 +343,6 @@ def format_table(label, results):
 
 
 # ---------------------------------------------------------------- CLI ------------------------------------
-
-def run_config(run_dir):
-    cfg = Path(run_dir) / "config.json"
-    if not cfg.exists():
-        return {}
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: invalid JSON ({e.msg})") from None
-
-
-def base_model_of(run_dir, cfg):
-    """The run's base model: run_dir/base/ (the default run's tiny model, saved by train.py) or the
-    model train.py was given (config.json "opts"."model")."""
-    if (Path(run_dir) / "base" / "params.json").exists():
-        return str(Path(run_dir) / "base")
-    model = cfg.get("opts", {}).get("model")
-    if not isinstance(model, str) or not model:
-        raise ValueError(f"{run_dir}: cannot tell the base model (no base/ folder, no opts.model in config.json);"
-                         f" pass --model")
-    return model
-
 
 def build_parser():
     from model.load import DTYPE_NAMES, CliParser, HelpFormatter, dtype_arg

@@ -82,3 +82,20 @@ def fingerprint(path, sample_above=256 * 2**20, chunk=2**20, samples=32):
             f.seek((size - chunk) * i // (samples - 1))
             h.update(f.read(chunk))
     return {"bytes": size, "sha256": h.hexdigest(), "sampled": True}
+
+
+def contiguous(sd, dtype=None):
+    """Own, contiguous tensors (safetensors refuses shared storage, e.g. tied or narrowed views)."""
+    return {k: (v.to(dtype) if dtype else v).contiguous().clone() for k, v in sd.items()}
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_ours(sd, params, out, dtype=None):
+    """Our model layout into folder `out`: model.safetensors + params.json (model/load.py loads it)."""
+    from safetensors.torch import save_file
+    save_file(contiguous(sd, dtype), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    write_json(params, os.path.join(out, "params.json"))
