@@ -2,9 +2,11 @@
 and content fingerprints (size + sha256) of files. The bottom of experiments/: it imports nothing from it."""
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from model.io import fingerprint  # noqa: F401  (the one train.py records; reproduce compares with it)
+from model.io import first_line, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -21,6 +23,38 @@ BLOCKS = [("8 tasks", TASKS), ("5 in-format", IN_FORMAT), ("3 format-transfer", 
 
 class StepFailed(Exception):
     """A step of the tooling failed; the CLIs print it as one line `error: ...`."""
+
+
+def committed(path):
+    """Whether path is one of the files the project publishes: README.md or a record under results/. A trial
+    (a toy model, other runs, another model) must never write one: see refuse_trial."""
+    p = Path(path).resolve()
+    return p == (ROOT / "README.md").resolve() or RESULTS.resolve() in p.parents
+
+
+def refuse_trial(path, why, fix):
+    """The one rule of every publisher: a committed file is written only on inputs that match what it
+    claims. Raises StepFailed naming the file, why this run is not the one it records, and what to do."""
+    raise StepFailed(f"{shown_path(path)} is a committed record and {why}: not written; {fix}")
+
+
+def write_atomic(path, text):
+    """Write text to path through a temp file in its folder renamed over it (model.io.publish): a full disk
+    or a read-only folder leaves the old file whole, and the error (StepFailed) names the path."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise StepFailed(f"cannot write {path} ({e.strerror or first_line(e)}); the previous version, if any, "
+                         f"is intact: free space or choose a writable folder") from None
 
 
 def read_json(path):

@@ -1,7 +1,8 @@
 """The multi-GPU scaling prediction (on paper until a multi-GPU machine is lent): step time and efficiency on
 4 and 8 GPUs from the measured 1-GPU step and the bytes DDP all-reduces per step, over NVLink and over PCIe.
 
-    python -m experiments.scaling      # writes results/scaling-prediction.json + results/README-scaling.md
+    python -m experiments.scaling                      # results/scaling-prediction.json + README-scaling.md
+    python -m experiments.scaling --bench B.jsonl --out DIR    # a trial: DIR/ only, README untouched
 
 The model (a ring all-reduce, no overlap with compute, so a lower bound on efficiency where it matters):
     T_1 = (G / b) · t_b                       G = global batch (16 rows), t_b = measured step at micro-batch b
@@ -12,11 +13,14 @@ For SmolLM2 the per-GPU batch falls below the measured 16 rows; T_N's compute te
 which overstates the gain (a 135M step at 2-4 rows is bound by kernel latency, not FLOPs).
 """
 import json
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from echo import EchoConfig
 from echo.echo import module_out_dim
-from experiments.common import RESULTS
+from experiments.common import RESULTS, StepFailed, committed, refuse_trial, shown_path, write_atomic
+from model.load import CliParser, HelpFormatter
 from model.model import ModelArgs
 
 GLOBAL_BATCH = 16
@@ -26,7 +30,7 @@ LINKS = {   # assumed, not measured here: NCCL all-reduce bus bandwidth (bytes/s
 }
 SHAPES = {  # name: (ModelArgs, the benchmark record's model field)
     "SmolLM2-135M": (ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536),
-                     "/root/keep/smol-shape"),
+                     "smol-shape"),
     "llama3-8b": (ModelArgs.from_name("llama3-8b"), "llama3-8b"),
 }
 LORA_MODULES, RANK = ("wq", "wk", "wv", "wo"), 16      # train.py's defaults
@@ -46,20 +50,47 @@ def allreduce_s(n, size, bandwidth, latency):
     return 2 * (n - 1) / n * size / bandwidth + 2 * (n - 1) * latency
 
 
-def measured_steps(path=RESULTS / "speed" / "benchmark-h200.jsonl"):
-    """{(benchmark model, echo 'off' | 'routed'): (micro-batch rows, ms)} of the whole-step-graph benchmark."""
+BENCH = RESULTS / "speed" / "benchmark-h200.jsonl"
+
+
+def bench_model(model):
+    """A benchmark line's model as a name: old records hold the GPU machine's path, new ones the name."""
+    return Path(str(model)).name
+
+
+def measured_steps(path=BENCH):
+    """{(benchmark model, echo 'off' | 'routed'): (micro-batch rows, ms)} of the whole-step-graph benchmark;
+    a damaged line is a StepFailed naming the file, the line and the field."""
     out = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StepFailed(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): give tests/benchmark.py --json "
+                         f"lines with --bench") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            raise StepFailed(f"{path}:{i}: not a JSON line") from None
+        if not isinstance(r, dict):
+            raise StepFailed(f"{path}:{i}: not a JSON object")
         if r.get("graphs") == "step" and r.get("seq") == 256:
-            out[(r["model"], r["echo"])] = (r["batch"], r["ms"])
+            for k in ("batch", "ms"):
+                if not isinstance(r.get(k), (int, float)) or isinstance(r.get(k), bool) or r[k] <= 0:
+                    raise StepFailed(f"{path}:{i}: field {k!r} is {r.get(k)!r}, not a positive number")
+            out[(bench_model(r.get("model")), r.get("echo"))] = (r["batch"], r["ms"])
     return out
 
 
-def predict():
-    steps, rows = measured_steps(), []
+def predict(bench=BENCH):
+    steps, rows = measured_steps(bench), []
     for name, (args, bench_name) in SHAPES.items():
         for echo in ("off", "routed"):
+            if (bench_name, echo) not in steps:
+                raise StepFailed(f"{bench}: no whole-step (graphs step, seq 256) line of model {bench_name} with "
+                                 f"echo {echo}")
             b, ms = steps[(bench_name, echo)]
             size = 4 * (adapter_params(args) + (echo_params(args) if echo == "routed" else 0))
             t1 = GLOBAL_BATCH / b * ms / 1e3
@@ -93,12 +124,34 @@ def table(pred):
     return "\n".join(L) + "\n"
 
 
-def main():
-    pred = predict()
-    (RESULTS / "scaling-prediction.json").write_text(json.dumps(pred, indent=1) + "\n")
-    fragment = table(pred)
-    from experiments.tables import publish_fragment
-    publish_fragment(fragment, RESULTS / "README-scaling.md")
+def parse_args(argv=None):
+    p = CliParser(prog="python -m experiments.scaling", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--bench", default=shown_path(BENCH), help="tests/benchmark.py --json lines (the 1-GPU steps)")
+    p.add_argument("--out", default=shown_path(RESULTS),
+                   help="folder for scaling-prediction.json and README-scaling.md; README.md is rewritten only "
+                        "at the default, from the default --bench")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)                 # --help and bad flags end here: nothing is read or written
+    out = Path(args.out)
+    try:
+        official = Path(args.bench).resolve() == BENCH.resolve()
+        if committed(out / "scaling-prediction.json") and not official:
+            refuse_trial(out / "scaling-prediction.json", f"--bench {args.bench} is not {shown_path(BENCH)}",
+                         "give --out a folder of your own")
+        if not out.is_dir():
+            raise StepFailed(f"--out {out} is not a folder")
+        pred = predict(Path(args.bench))
+        write_atomic(out / "scaling-prediction.json", json.dumps(pred, indent=1) + "\n")
+        fragment = table(pred)
+        write_atomic(out / "README-scaling.md", fragment)
+        if out.resolve() == RESULTS.resolve():        # the committed prediction: README shows it
+            from experiments.tables import splice_into_readme
+            splice_into_readme(fragment, "results/README-scaling.md")
+    except StepFailed as e:
+        sys.exit(f"error: {e}")
     print(fragment)
 
 
