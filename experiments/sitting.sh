@@ -13,8 +13,8 @@
 #   the GPU suite beside them took 20 minutes (about 8 alone). Runs still training when the machine goes
 #   are lost (checkpoints are too big to bring back), so near the end `hold`, then collect.
 #
-#   here:   tar -cJf .cache/x1/shared.tar.xz -C .. --exclude=shared/models/smollm2-135m-instruct shared
-#           split -b 49M ../shared/models/smollm2-135m-instruct/*.gguf .cache/gguf.part.   (aa -> .cache/x1, ab -> .cache/x2)
+#   here:   split -b 49M ../shared/models/smollm2-135m-instruct/*.gguf .cache/gguf.part.   (aa -> .cache/x1, ab -> .cache/x2)
+#           tar -cJf .cache/x2/shared.tar.xz -C .. --exclude=shared/models/smollm2-135m-instruct shared
 #   call 1: bash experiments/sitting.sh setup1            (carry .cache/x1)
 #   call 2: bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only main --jobs 6
 #                                                          (carry .cache/x2; the committed runs are skipped; of
@@ -41,12 +41,12 @@ snapshot() {
 }
 
 case "${1:-}" in
-  setup1)
-    tar -xJf .cache/x1/shared.tar.xz -C /work
-    cp .cache/x1/gguf.part.aa /work/gguf.part.aa
+  setup1)                                                    # each call carries ≤ 64 MiB with the tree: the GGUF
+    cp .cache/x1/gguf.part.aa /work/gguf.part.aa             # goes in two halves, ../shared's rest with the second
     nvidia-cuda-mps-control -d || true                       # several runs share the GPU instead of taking turns
-    ls /work/shared ;;
+    ls /work ;;
   setup2)
+    tar -xJf .cache/x2/shared.tar.xz -C /work
     cat /work/gguf.part.aa .cache/x2/gguf.part.ab > /work/smollm2.gguf
     python ../shared/tools/gguf_to_meta.py /work/smollm2.gguf /work/smollm2
     mkdir -p /work/shared/models/smollm2-135m-instruct
