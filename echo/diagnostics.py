@@ -5,8 +5,8 @@
 
 It answers "is the Echo path inert, and why": δ small next to o (λ, gate), Echo weights that barely
 move (gradient), or a signal that carries nothing (then L_on ≈ L_off although δ/o is not small).
-Computed on one micro-batch, in eval mode (no dropout) and eagerly, with the same functions that
-training uses: eqs. 2-8 (EchoModule, EchoInjector.gate) and echo_loss for the gradient.
+Computed on one micro-batch, in eval mode (no dropout) and eagerly, from one routed echo_loss: the same
+passes and injection as training (eqs. 2-12), its backward for the gradient, and one host sync.
 """
 import contextlib
 
@@ -26,54 +26,45 @@ def echo_diagnostics(model, echo, tokens, labels, supervised):
 
     gate: mean of g (eq. 5) over rows and features; lambda: λ (eq. 6); delta_rms / out_rms: RMS of δ
     and of the module's own output o over the positions M injects into (eq. 8; eq. 7 adds M δ to o);
-    delta_ratio: ‖M δ‖ / ‖M o‖; grad_norm: ‖∂L/∂θ‖ over that injector's weights, L = eq. 11 with r = 1
-    on this micro-batch (token mean)."""
+    delta_ratio:
+    ‖M δ‖ / ‖M o‖; grad_norm: ‖∂L/∂θ‖ over that injector's weights, L = eq. 11 with r = 1 on this
+    micro-batch (token mean)."""
     was_training = model.training
     model.eval()
     try:
         with eager():
-            grads = injector_grad_norms(model, echo, tokens, labels, supervised)
-            with torch.no_grad():
-                return {key: {**stats, "grad_norm": grads[key]}
-                        for key, stats in injector_stats(model, echo, tokens, labels, supervised).items()}
+            return injector_stats(model, echo, tokens, labels, supervised)
     finally:
         model.train(was_training)
 
 
-def injector_grad_norms(model, echo, tokens, labels, supervised):
-    loss, _ = echo_loss(model, echo, tokens, labels, routed=True, supervised=supervised)
-    names = [name for name, _ in echo.named_parameters()]
-    grads = torch.autograd.grad(loss, list(echo.parameters()), allow_unused=True)
-    squares = {}
-    for name, g in zip(names, grads):
-        key = name.split(".")[1]                          # injectors.<layer>_<module>.<weight>
-        squares[key] = squares.get(key, 0.0) + (0.0 if g is None else float(g.double().pow(2).sum()))
-    return {key: s ** 0.5 for key, s in squares.items()}
+STATS = ("gate", "lambda", "delta_rms", "out_rms", "delta_ratio", "grad_norm")
 
 
 def injector_stats(model, echo, tokens, labels, supervised):
-    _, _, boundary = supervised
-    sources, hiddens = echo.cfg.source_layers, {}
-    positions = model.positions_for(tokens)
-    h = model.embed(tokens)
-    model.run_layers(h, 0, model.args.n_layers, positions=positions, hidden_layers=sources, hiddens=hiddens)
-    source_hiddens = [hiddens[l] for l in sources]
-    with torch.autocast(tokens.device.type, enabled=False):      # the Echo weights run in fp32, as in echo_loss
-        inject = echo(source_hiddens, boundary, labels)                                 # eqs. 2-8
-        z = aggregate_sources(source_hiddens, boundary)                                 # eq. 2, for the gate
-    norms = inject.norms = {}
-    model.run_layers(h, 0, model.args.n_layers, positions=positions, echo_inject=inject)   # eq. 7, recorded
-    n = inject.mask.sum().clamp_min(1)
-    out = {}
-    for (layer, module), delta in inject.deltas.items():
-        injector = echo.injectors[echo.key(layer, module)]
-        with torch.autocast(tokens.device.type, enabled=False):
+    """One routed echo_loss (training's own passes and injection, eqs. 2-12) and its backward give every
+    number: the Echo-on pass records the norms, the gradient comes from its loss. One host sync."""
+    record = {}
+    loss, _ = echo_loss(model, echo, tokens, labels, routed=True, supervised=supervised, record=record,
+                        window=False)     # every answer token's injection (the answer window skips the last)
+    names = [name.split(".")[1] for name, _ in echo.named_parameters()]   # injectors.<layer>_<module>.<weight>
+    grads = torch.autograd.grad(loss, list(echo.parameters()), allow_unused=True)
+    inject, norms = record["inject"], record["norms"]
+    with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):    # the Echo weights run in fp32
+        z = aggregate_sources(record["source_hiddens"], record["boundary"])              # eq. 2
+        n = inject.mask.sum().clamp_min(1)
+        keys, rows = [], []
+        for (layer, module), delta in inject.deltas.items():
+            key = echo.key(layer, module)
+            injector = echo.injectors[key]
             z_bar = echo_norm(z.to(injector.b.dtype), injector.norm, injector.norm_eps)     # eq. 3
-            gate = float(injector.gate(z_bar).mean())                                       # eq. 5
-        o_sq, d_sq = norms[layer][module]
-        width = delta.shape[-1]
-        out[echo.key(layer, module)] = {
-            "gate": gate, "lambda": float(injector.lam),
-            "delta_rms": float((d_sq / (n * width)).sqrt()), "out_rms": float((o_sq / (n * width)).sqrt()),
-            "delta_ratio": float((d_sq / o_sq.clamp_min(1e-30)).sqrt())}
-    return out
+            o_sq, d_sq = norms[layer][module]
+            width = delta.shape[-1]
+            grad_sq = [g.double().pow(2).sum() for k, g in zip(names, grads) if k == key and g is not None]
+            row = [injector.gate(z_bar).mean(), injector.lam, (d_sq / (n * width)).sqrt(),          # eq. 5
+                   (o_sq / (n * width)).sqrt(), (d_sq / o_sq.clamp_min(1e-30)).sqrt(),
+                   torch.stack(grad_sq).sum().sqrt() if grad_sq else torch.zeros((), device=z.device)]
+            keys.append(key)
+            rows.append(torch.stack([v.detach().double().reshape(()) for v in row]))
+        values = torch.stack(rows).tolist()                                              # the one host sync
+    return {key: dict(zip(STATS, row)) for key, row in zip(keys, values)}

@@ -33,10 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.io import publish
-from model.model import (ATTENTION_MODULES, FFN_MODULES, EchoInject, PromptKV, at_least_fp32, canonical_module,
+from echo.inject import EchoInject
+from model.model import (ATTENTION_MODULES, FFN_MODULES, IGNORE_INDEX, PromptKV, at_least_fp32, canonical_module,
                          window_attention_mask)
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 MODULES = ATTENTION_MODULES + FFN_MODULES
 
 
@@ -98,6 +99,8 @@ class EchoConfig:
                                  "token and reads the prompt's keys/values from the Echo-off pass (exact: "
                                  "eq. 8 leaves the prompt untouched; LoRA dropout draws on the prompt are "
                                  "shared); --no-echo-answer-window recomputes every position", before=False)
+    token_scale: bool = option(False, "per-token scale λ_t = λ + w·x_t in eq. 6 (x_t: the target module's "
+                               "input; w trainable, initialised to 0, so the run starts at the scalar λ)")
     seed: int = field(default=0, metadata={"flag": False})   # the router's seed: train.py's --seed
 
     def resolve(self, n_layers):
@@ -162,7 +165,7 @@ class EchoConfig:
     @staticmethod
     def flag(name):
         """The train.py flag of field `name` (None: not a flag)."""
-        f = {f.name: f for f in fields(EchoConfig)}[name]
+        f = FIELDS[name]
         if f.metadata.get("flag") is False:
             return None
         return f.metadata.get("flag") or "--echo-" + name.replace("_", "-")
@@ -171,7 +174,7 @@ class EchoConfig:
     def add_flags(cls, parser):
         """Add one flag per field to an argparse parser (dest = echo_<field>)."""
         group = parser.add_argument_group("Echo (eqs. 2-12, train-time only) and the ablations of the paper's Tables 4/7")
-        for f in fields(cls):
+        for f in FIELDS.values():
             flag = cls.flag(f.name)
             if flag is None:
                 continue
@@ -188,14 +191,17 @@ class EchoConfig:
     @staticmethod
     def value_before(name):
         """What runs older than field `name` did: its `before` if declared, else its default."""
-        f = {f.name: f for f in fields(EchoConfig)}[name]
+        f = FIELDS[name]
         return f.metadata.get("before", f.default)
 
     @classmethod
     def from_flags(cls, opts, **fixed):
         """The config the parsed flags describe; `fixed` supplies the non-flag fields (seed)."""
-        values = {f.name: getattr(opts, "echo_" + f.name) for f in fields(cls) if cls.flag(f.name)}
+        values = {f.name: getattr(opts, "echo_" + f.name) for f in FIELDS.values() if cls.flag(f.name)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, **fixed)
+
+
+FIELDS = {f.name: f for f in fields(EchoConfig)}     # name → dataclass field, built once
 
 
 def where(name):
@@ -273,13 +279,14 @@ class EchoInjector(nn.Module):
     """One injector for one (target layer, module): z [B, d_in] → δ [B, d_out] (eqs. 3-6).
 
     W1, U1: [bottleneck, d_in]; W2, U2: [d_out, bottleneck]; b: [d_out]; λ: scalar. No other biases.
+    token_dim (--echo-token-scale): also w [token_dim], zeros, for λ_t = λ + w·x_t (echo.inject.add_echo).
     W/U keep nn.Linear's init (uniform ±1/sqrt(fan_in)), b = gate_bias_init, λ = lambda_init ≠ 0:
     with a zero W2 (LoRA-B style) W1 and U1, U2 would get no gradient at step 1; with λ = 0, none
     of them would. With both non-zero every Echo weight gets a gradient on the first routed step.
     """
 
     def __init__(self, d_in, d_out, *, bottleneck=64, gate_bias_init=-2.0, lambda_init=0.1,
-                 norm="layernorm", norm_eps=1e-5):
+                 norm="layernorm", norm_eps=1e-5, token_dim=None):
         super().__init__()
         self.norm, self.norm_eps = norm, norm_eps
         self.W1 = nn.Linear(d_in, bottleneck, bias=False)
@@ -288,11 +295,18 @@ class EchoInjector(nn.Module):
         self.U2 = nn.Linear(bottleneck, d_out, bias=False)
         self.b = nn.Parameter(torch.full((d_out,), float(gate_bias_init)))
         self.lam = nn.Parameter(torch.tensor(float(lambda_init)))
+        if token_dim is not None:          # zeros: the per-token scale starts exactly at the scalar λ
+            self.token_w = nn.Parameter(torch.zeros(token_dim))
 
     def forward(self, z):
+        return self.delta_and_unscaled(z)[0]
+
+    def delta_and_unscaled(self, z):
+        """-> (δ = λ (e ⊙ g), e ⊙ g) [B, d_out]; the second is what a per-token scale multiplies."""
         z_bar = echo_norm(z.to(self.b.dtype), self.norm, self.norm_eps)     # eq. 3
         e = self.W2(torch.tanh(self.W1(z_bar)))                              # eq. 4
-        return self.lam * (e * self.gate(z_bar))                             # eq. 6
+        unscaled = e * self.gate(z_bar)
+        return self.lam * unscaled, unscaled                                 # eq. 6
 
     def gate(self, z_bar):
         """eq. 5: g = σ(U2 tanh(U1 z̄) + b), from the normalised z̄ of eq. 3."""
@@ -328,6 +342,11 @@ def module_out_dim(args, module):
             "w1": args.ffn_hidden_dim, "w3": args.ffn_hidden_dim, "w2": args.dim}[module]
 
 
+def module_in_dim(args, module):
+    """Input width of a target projection (what a per-token scale reads), from ModelArgs."""
+    return {"wo": args.n_heads * args.head_dim, "w2": args.ffn_hidden_dim}.get(module, args.dim)
+
+
 class EchoModule(nn.Module):
     """All of a run's Echo computation after the Echo-off pass: source hidden states → EchoInject.
 
@@ -340,7 +359,7 @@ class EchoModule(nn.Module):
     compiled with it.
     """
 
-    def __init__(self, cfg, args=None, *, n_layers=None, dim=None, out_dims=None):
+    def __init__(self, cfg, args=None, *, n_layers=None, dim=None, out_dims=None, in_dims=None):
         super().__init__()
         if args is not None:
             n_layers, dim = args.n_layers, args.dim
@@ -350,10 +369,16 @@ class EchoModule(nn.Module):
             out_dims = {m: module_out_dim(args, m) for m in self.cfg.target_modules}
         self.out_dims = dict(out_dims)
         c = self.cfg
+        self.in_dims = None
+        if c.token_scale:
+            if in_dims is None and args is None:
+                raise ValueError(f"{where('token_scale')} needs the target modules' input widths (in_dims)")
+            self.in_dims = dict(in_dims or {m: module_in_dim(args, m) for m in c.target_modules})
         self.injectors = nn.ModuleDict({
             self.key(l, m): EchoInjector(dim, self.out_dims[m], bottleneck=c.bottleneck,
                                          gate_bias_init=c.gate_bias_init, lambda_init=c.lambda_init,
-                                         norm=c.norm, norm_eps=c.norm_eps)
+                                         norm=c.norm, norm_eps=c.norm_eps,
+                                         token_dim=self.in_dims[m] if c.token_scale else None)
             for l in c.target_layers for m in c.target_modules})
 
     @staticmethod
@@ -370,7 +395,16 @@ class EchoModule(nn.Module):
         The model casts δ and M to each module's output dtype when it adds them (eq. 7)."""
         if tuple(z.shape) != (labels.shape[0], self.dim):
             raise ValueError(f"Echo z has shape {list(z.shape)}, expected [{labels.shape[0]}, {self.dim}]")
-        return EchoInject(deltas=self.deltas(z), mask=answer_mask(labels, self.cfg.all_positions, attention_mask))
+        mask = answer_mask(labels, self.cfg.all_positions, attention_mask)                   # eq. 8
+        if not self.cfg.token_scale:
+            return EchoInject(deltas=self.deltas(z), mask=mask)
+        deltas, scales = {}, {}
+        for l in self.cfg.target_layers:
+            for m in self.cfg.target_modules:
+                injector = self.injectors[self.key(l, m)]
+                deltas[l, m], unscaled = injector.delta_and_unscaled(z)                        # eqs. 3-6
+                scales[l, m] = (injector.token_w, unscaled)                                   # λ_t = λ + w·x_t
+        return EchoInject(deltas=deltas, mask=mask, token_scales=scales)
 
     def forward(self, source_hiddens, boundary, labels, attention_mask=None):
         """source_hiddens: the Echo-off pass's residual streams [B, T, D] of cfg.source_layers, in
@@ -380,7 +414,7 @@ class EchoModule(nn.Module):
 
     def config_dict(self):
         return {"echo": asdict(self.cfg), "n_layers": self.n_layers, "dim": self.dim,
-                "out_dims": self.out_dims}
+                "out_dims": self.out_dims, **({"in_dims": self.in_dims} if self.in_dims else {})}
 
 
 # ----------------------------------------------------------------------------- eqs. 9-10
@@ -481,7 +515,8 @@ def uses_answer_window(cfg):
     return cfg.answer_window and not cfg.all_positions and not cfg.separate_passes
 
 
-def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, attention_mask=None):
+def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, attention_mask=None,
+              record=None, window=None):
     """One micro-batch of training, LoRA / DoRA (echo=None) or Echo-LoRA / Echo-DoRA (eqs. 2-12).
 
     Echo-off pass → CE_off (and the source hidden states); if routed, Echo-on pass → CE_on and
@@ -506,6 +541,12 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     supervised: (index, targets, boundary) from `supervision(labels)`, precomputed on the host by
     train.py; computed (and validated) here when omitted.
 
+    record: a dict, for analysis (echo.diagnostics, tests): a routed pass puts its EchoInject there as
+    "inject", with its norms recorded ("norms"; run it eagerly), "source_hiddens" and "boundary" (eq. 2's
+    inputs), and the Echo-on logits at the supervised positions as "logits_on" [B, P, V] (padding slots:
+    where targets is IGNORE). window=False: the Echo-on pass over every position even where
+    uses_answer_window(cfg) (the same loss; diagnostics see every answer token's injection).
+
     Returns (loss, sums): loss = eq. 11 / normalizer (for backward); sums = detached [3] tensor
     (Σ CE_off, Σ CE_on, τ² Σ KL) over this micro-batch's answer tokens (zeros for a skipped pass).
     """
@@ -519,20 +560,14 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     n_layers = model.args.n_layers
     split = 0 if echo is None or echo.cfg.separate_passes else echo.cfg.target_layers[0]
     sources = echo.cfg.source_layers if echo is not None else ()
-    window = routed and echo is not None and uses_answer_window(echo.cfg)
+    window = routed and echo is not None and (uses_answer_window(echo.cfg) if window is None else window)
     hiddens, keys = {}, {} if window else None
-
-    def ce_sum(h, logits_index):
-        logits = model.head(h, logits_index=logits_index)
-        ce = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                             reduction="sum")
-        return ce, logits
 
     h_split = model.embed(tokens)
     if split > 0:
         h_split = model.run_layers(h_split, 0, split, hidden_layers=sources, hiddens=hiddens, **kw)
     h_off = model.run_layers(h_split, split, n_layers, hidden_layers=sources, hiddens=hiddens, keys=keys, **kw)
-    off_sum, logits_off = ce_sum(h_off, index)
+    off_sum, logits_off = model.head_loss(h_off, index, targets)
     if not routed:
         zero = torch.zeros((), device=off_sum.device)
         return echo_objective(off_sum, None, None, False) / normalizer, torch.stack([off_sum.detach(), zero, zero])
@@ -545,6 +580,7 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
         slots = slots.clamp_max(T - 1)
         with torch.autocast(tokens.device.type, enabled=False):     # the Echo weights stay fp32 (eqs. 2-8)
             inject = echo(source_hiddens, boundary, torch.where(inside, labels.gather(1, slots), IGNORE))
+        record_into(record, inject, source_hiddens, boundary)
         real = inside if attention_mask is None else attention_mask.bool().gather(1, slots) & inside
         prompt = PromptKV(keys, window_attention_mask(boundary, T, real, attention_mask))
         h_window = h_split.gather(1, slots[..., None].expand(-1, -1, h_split.shape[-1]))
@@ -554,12 +590,22 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     else:
         with torch.autocast(tokens.device.type, enabled=False):
             inject = echo(source_hiddens, boundary, labels, attention_mask)
+        record_into(record, inject, source_hiddens, boundary)
         h_on = model.run_layers(h_split, split, n_layers, echo_inject=inject, **kw)
         on_index = index
-    on_sum, logits_on = ce_sum(h_on, on_index)
+    on_sum, logits_on = model.head_loss(h_on, on_index, targets)
+    if record is not None:
+        record["logits_on"] = logits_on
     kd_sum, _ = masked_kl(logits_on, logits_off, valid=targets != IGNORE, tau=echo.cfg.tau, reduction="sum")
     loss = echo_objective(off_sum, on_sum, kd_sum, True, echo.cfg.lambda_kd) / normalizer     # eq. 11
     return loss, torch.stack([off_sum.detach(), on_sum.detach(), kd_sum.detach()])
+
+
+def record_into(record, inject, source_hiddens, boundary):
+    """echo_loss's `record`: keep the injection (recording its norms) and what z (eq. 2) is made of."""
+    if record is not None:
+        inject.norms = record.setdefault("norms", {})
+        record.update(inject=inject, source_hiddens=source_hiddens, boundary=boundary)
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -589,12 +635,12 @@ def load_echo(in_dir, device="cpu"):
             raise FileNotFoundError(f"no {name} in {in_dir}")
     meta = json.loads((in_dir / "echo_config.json").read_text())
     c = meta["echo"]
-    known = {f.name for f in fields(EchoConfig)}
-    unknown = sorted(set(c) - known)
+    unknown = sorted(set(c) - set(FIELDS))
     if unknown:
         raise ValueError(f"{in_dir / 'echo_config.json'}: unknown Echo option(s) {unknown} (written by another version?)")
     cfg = EchoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
-    echo = EchoModule(cfg, n_layers=meta["n_layers"], dim=meta["dim"], out_dims=meta["out_dims"])
+    echo = EchoModule(cfg, n_layers=meta["n_layers"], dim=meta["dim"], out_dims=meta["out_dims"],
+                      in_dims=meta.get("in_dims"))
     tensors = load_file(str(in_dir / "echo.safetensors"))
     expected = echo.state_dict()
     if set(tensors) != set(expected):

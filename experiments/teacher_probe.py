@@ -7,8 +7,8 @@ Method. The run's base + adapter (loaded as eval.py loads them) decodes the 5 in
 with ONE loop (no KV cache: the whole sequence is recomputed for every new token, max 32 new tokens, stop at
 EOS), prompts built, left-padded, answers extracted and scored by eval.py's / model.generate's own helpers:
   * student: echo_inject=None: the deployable model (what eval.py measures);
-  * teacher: the run's trained EchoModule (echo.load_echo(RUN)) switched on at inference, as the Echo-on pass
-    of training sees it:
+  * teacher: the run's trained EchoModule (echo.load_echo(RUN)) switched on at inference, through training's
+    own injection (EchoModule → echo.inject; tests/test_echo_room.py holds the two equal):
         t*  = the last prompt position (left padding: the same column for every row),
         z   = mean_l h_l[t*] over cfg.source_layers, from a forward over the prompt       eq. 2
         δ   = λ (e ⊙ g) per (target layer, module), from z                                eqs. 3-6
@@ -39,30 +39,26 @@ EVAL_GREEDY_FILES = ("eval-greedy.json", "eval/results-*greedy*.json")
 
 # ----------------------------------------------------------------------------- the Echo path at inference
 
-def teacher_deltas(model, echo, ids, mask):
-    """eqs. 2-6 from a forward over the left-padded prompts ids/mask [B, T0]: -> (δ per (layer, module), t*).
-    t* = T0 - 1 (left padding puts every row's last prompt token there); z = mean of cfg.source_layers' residual
-    streams at t* (echo.aggregate_sources), from a pass without injection."""
-    from echo.echo import aggregate_sources
+def teacher_source(model, echo, ids, mask):
+    """The Echo-off pass over the left-padded prompts ids/mask [B, T0] -> (cfg.source_layers' residual
+    streams, t* [B]): what eq. 2 reads. t* = T0 - 1 (left padding puts every row's last prompt token there)."""
     if echo.n_layers != model.args.n_layers or echo.dim != model.args.dim:
         raise ValueError(f"the Echo module was built for n_layers={echo.n_layers}, dim={echo.dim}; the model has "
                          f"n_layers={model.args.n_layers}, dim={model.args.dim} (another base model?)")
-    sources = echo.cfg.source_layers
-    hiddens = {}
-    positions = model.positions_for(ids, mask)
-    model.run_layers(model.embed(ids), 0, model.args.n_layers, positions=positions, attention_mask=mask,
-                     hidden_layers=set(sources), hiddens=hiddens)
-    t_star = ids.shape[1] - 1
-    boundary = torch.full((ids.shape[0],), t_star, dtype=torch.long, device=ids.device)
-    z = aggregate_sources([hiddens[l] for l in sources], boundary)                 # eq. 2
-    return echo.deltas(z.to(next(echo.parameters()).device)), t_star                # eqs. 3-6
+    sources, hiddens = echo.cfg.source_layers, {}
+    model.run_layers(model.embed(ids), 0, model.args.n_layers, positions=model.positions_for(ids, mask),
+                     attention_mask=mask, hidden_layers=set(sources), hiddens=hiddens)
+    boundary = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    return [hiddens[l] for l in sources], boundary
 
 
-def teacher_inject(deltas, t_star, B, T, device):
-    """EchoInject for a sequence of T columns: M [B, T] bool, True at the generated positions t > t* (eq. 8)."""
-    from model.model import EchoInject
-    mask = (torch.arange(T, device=device) > t_star)[None, :].expand(B, T)
-    return EchoInject(deltas={k: d.to(device) for k, d in deltas.items()}, mask=mask)
+def teacher_inject(echo, source, ids, mask):
+    """Training's injection (the EchoModule's eqs. 2-8, echo.inject's eq. 7) for the sequence ids/mask [B, T]:
+    labels are −100 up to t*, so M (eq. 8) is 1 on the generated positions t > t*, as on training's answers."""
+    from echo.echo import IGNORE
+    source_hiddens, boundary = source
+    after = torch.arange(ids.shape[1], device=ids.device)[None, :] > boundary[:, None]
+    return echo(source_hiddens, boundary, torch.where(after, ids, IGNORE), mask)
 
 
 def forward_logits(model, ids, mask, echo_inject=None, logits_index=None):
@@ -83,14 +79,14 @@ def greedy_decode(model, prompts, *, echo=None, max_new_tokens=32, eos_ids=(), d
     device = device or next(model.parameters()).device
     ids, mask = _batch(prompts, device)
     B = ids.shape[0]
-    deltas, t_star = teacher_deltas(model, echo, ids, mask) if echo is not None else (None, ids.shape[1] - 1)
+    source = teacher_source(model, echo, ids, mask) if echo is not None else None
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     out, kept = [], []
     for i in range(max_new_tokens):
         T = ids.shape[1]
-        inject = None if echo is None else teacher_inject(deltas, t_star, B, T, device)
+        inject = None if echo is None else teacher_inject(echo, source, ids, mask)
         last = torch.full((B, 1), T - 1, dtype=torch.long, device=device)
         logits = forward_logits(model, ids, mask, inject, last)[:, 0].float()
         if keep_logits:

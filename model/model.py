@@ -1,12 +1,16 @@
-"""A minimal LLaMA 1 / 2 / 3 decoder with native LoRA/DoRA and an explicit Echo injection argument.
+"""A minimal LLaMA 1 / 2 / 3 decoder with native LoRA/DoRA and an explicit injection argument.
 
 Parameter names equal Meta's checkpoint keys, so `consolidated.00.pth` loads with strict checking
 and no renaming. Read top to bottom: config, RMSNorm, RoPE, attention (GQA), SwiGLU, block, model.
 
-Echo (eq. 7) enters through `echo_inject`, passed explicitly from `Transformer.forward` through each
-block to the projections: for each chosen (layer, module) the module output o becomes o + M·δ.
+The injection protocol (Echo's eq. 7 uses it; its math lives in echo/, which model/ does
+not import but for one temporary name, see the end):
+`run_layers(echo_inject=X)` asks X.at_layer(i) for block i's site, passed explicitly through the block to
+its projections; each projection's output becomes `site.apply(module, x, out)` (x: its input), see
+`injected`. No hooks, no global state; blocks never see their index, so one compiled block graph serves
+every layer as long as X hands every injected layer the same kind of site.
 A pass may also run on a window of positions only and read the other positions' keys and values from
-an earlier pass (`PromptKV`): the Echo-on pass recomputes only the answer, not the prompt.
+an earlier pass (`PromptKV`): Echo's Echo-on pass recomputes only the answer, not the prompt.
 
 Two opt-in memory options (ModelArgs; off, the model is exactly the one above):
   base_format="nf4"  QLoRA: every frozen linear of the blocks (wq..w3, with or without an adapter) keeps
@@ -33,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from .lora import ADAPTER_KEYS, LoRALinear
 from .nf4 import NF4Weight, dequantize_nf4
 
+IGNORE_INDEX = -100     # label of an unsupervised position (cross_entropy's default; echo.IGNORE)
 ATTENTION_MODULES = ("wq", "wk", "wv", "wo")
 FFN_MODULES = ("w1", "w2", "w3")
 MODULE_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
@@ -198,33 +203,12 @@ def apply_rope(x, cos, sin):
 
 
 @dataclass
-class EchoInject:
-    """The Echo signal for one forward pass (eq. 7): module output o ← o + M ⊙ δ.
-
-    deltas: {(layer ≥ 0, module name): δ [B, d_out]}; mask: M [B, T] (eq. 8, 1 on answer positions).
-    """
-    deltas: dict
-    mask: torch.Tensor
-    norms: dict = None     # analysis only (echo.diagnostics): filled in as {layer: {module: (Σ (M o)², Σ (M δ)²)}}
-
-    def at_layer(self, layer_id):
-        """(module → δ, M, where to record norms or None) for one block, or None. Blocks never see their
-        own index, so one compiled block graph serves every layer (torch.compile would otherwise
-        specialise per layer)."""
-        deltas = {module: d for (layer, module), d in self.deltas.items() if layer == layer_id}
-        if not deltas:
-            return None
-        return deltas, self.mask, None if self.norms is None else self.norms.setdefault(layer_id, {})
-
-
-@dataclass
 class PromptKV:
     """What a pass over a window of W positions per row reads besides its own keys and values: another
     pass's keys/values of all T positions, of which each row sees only those before its window.
 
     kv: {layer: (k, v) [B, n_kv_heads, T, head_dim]} (RoPE applied), as `run_layers(keys=...)` collects
-    them; mask: [B, 1, W, T + W] bool from `window_attention_mask`. The Echo-on pass uses it: eq. 8 leaves
-    every position up to t* untouched, so under causal attention their keys/values are the Echo-off pass's.
+    them; mask: [B, 1, W, T + W] bool from `window_attention_mask`. Echo's answer-window pass uses it.
     """
     kv: dict
     mask: torch.Tensor
@@ -242,14 +226,10 @@ def window_attention_mask(starts, T, window_real, attention_mask=None):
     return torch.cat([before[:, None, None, :].expand(-1, 1, W, -1), attention_mask_4d(window_real, W, 0)], 3)
 
 
-def add_echo(out, layer_echo, module):   # eq. 7
-    if layer_echo is None or module not in layer_echo[0]:
-        return out
-    deltas, mask, norms = layer_echo
-    added = mask[..., None].to(out.dtype) * deltas[module][:, None, :].to(out.dtype)
-    if norms is not None:          # the module's own output and δ at the injected positions (diagnostics)
-        norms[module] = (at_least_fp32(mask[..., None] * out).pow(2).sum(), at_least_fp32(added).pow(2).sum())
-    return out + added
+def injected(site, module, x, out):
+    """The injection protocol: `site` is run_layers' `echo_inject.at_layer(i)` for this block (None: nothing
+    to add); it returns the output module `module` (wq … w3) passes on, given its input x and output out."""
+    return out if site is None else site.apply(module, x, out)
 
 
 def make_linear(args, layer_id, module, d_in, d_out):
@@ -305,9 +285,9 @@ class Attention(nn.Module):
         which a later window pass may read. prompt_kv: another pass's (k, v) to attend to first (a window
         pass; `mask` says which of them each query sees)."""
         B, T, _ = x.shape
-        q = add_echo(self.wq(x), echo, "wq").view(B, T, self.n_heads, self.head_dim)
-        k = add_echo(self.wk(x), echo, "wk").view(B, T, self.n_kv_heads, self.head_dim)
-        v = add_echo(self.wv(x), echo, "wv").view(B, T, self.n_kv_heads, self.head_dim)
+        q = injected(echo, "wq", x, self.wq(x)).view(B, T, self.n_heads, self.head_dim)
+        k = injected(echo, "wk", x, self.wk(x)).view(B, T, self.n_kv_heads, self.head_dim)
+        v = injected(echo, "wv", x, self.wv(x)).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
@@ -319,7 +299,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return add_echo(self.wo(y), echo, "wo"), own
+        return injected(echo, "wo", y, self.wo(y)), own
 
 
 class FeedForward(nn.Module):
@@ -333,9 +313,10 @@ class FeedForward(nn.Module):
         self.w3 = make_linear(args, layer_id, "w3", args.dim, hidden)
 
     def forward(self, x, echo=None):
-        gate = add_echo(self.w1(x), echo, "w1")
-        up = add_echo(self.w3(x), echo, "w3")
-        return add_echo(self.w2(F.silu(gate) * up), echo, "w2")
+        gate = injected(echo, "w1", x, self.w1(x))
+        up = injected(echo, "w3", x, self.w3(x))
+        hidden = F.silu(gate) * up
+        return injected(echo, "w2", hidden, self.w2(hidden))
 
 
 class TransformerBlock(nn.Module):
@@ -347,7 +328,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0, prompt_kv=None):
-        """echo: this block's share of the Echo signal, (module → δ, M), or None. Returns (h, (k, v))."""
+        """echo: this block's injection site (see `injected`), or None. Returns (h, (k, v))."""
         attended, kv = self.attention(self.attention_norm(h), cos, sin, mask, echo, kv_cache, cache_pos, prompt_kv)
         h = h + attended
         return h + self.feed_forward(self.ffn_norm(h), echo), kv
@@ -491,6 +472,7 @@ class Transformer(nn.Module):
             mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
         recompute = self.args.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i in range(start, end):
+            # the same kind of object for every layer (or None), so one compiled block graph serves them all
             layer_echo = None if echo_inject is None else echo_inject.at_layer(i)
             block = functools.partial(checkpoint, self.layers[i], use_reentrant=False) if recompute else self.layers[i]
             h, kv = block(h, cos, sin, mask, layer_echo, kv_cache, cache_pos,
@@ -507,6 +489,14 @@ class Transformer(nn.Module):
             h = h.gather(1, logits_index[..., None].expand(-1, -1, h.shape[-1]))
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(self.norm(h), weight)
+
+    def head_loss(self, h, logits_index, targets):
+        """Logits at logits_index [B, P] and their summed cross-entropy against targets [B, P] (IGNORE_INDEX
+        in padding slots), in (at least) fp32: -> (Σ CE, logits). The one loss every training pass uses."""
+        logits = self.head(h, logits_index=logits_index)
+        ce = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+        return ce, logits
 
     def positions_for(self, tokens, attention_mask=None, cache_pos=0):
         T = tokens.shape[1]
@@ -526,3 +516,12 @@ class Transformer(nn.Module):
                             hiddens=hiddens, kv_cache=kv_cache, cache_pos=cache_pos)
         logits = self.head(h, logits_index)
         return (logits, [hiddens[i] for i in wanted]) if hidden_layers else logits
+
+
+def __getattr__(name):
+    """TEMPORARY: EchoInject moved to echo/inject.py; model/__init__.py and tests/test_model.py still import it
+    from here. Remove this once they import it from echo (the only place model/ reaches into echo/)."""
+    if name == "EchoInject":
+        from echo.inject import EchoInject
+        return EchoInject
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

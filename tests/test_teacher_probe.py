@@ -122,11 +122,11 @@ def test_inference_injection_is_the_training_echo_on_pass(setup, loaded, lam):
         padded = [a + [ord("x")] * (L - len(a)) for a in answers]
         from model.generate import _batch
         ids_p, mask_p = _batch(ps, "cpu")
-        deltas, t_star = tp.teacher_deltas(model, echo, ids_p, mask_p)
-        assert t_star == T0 - 1
+        source = tp.teacher_source(model, echo, ids_p, mask_p)
+        assert source[1].tolist() == [T0 - 1, T0 - 1]
         ids = torch.cat([ids_p, torch.tensor(padded)], 1)
         mask = torch.cat([mask_p, torch.ones(2, L, dtype=torch.bool)], 1)
-        probe = tp.forward_logits(model, ids, mask, tp.teacher_inject(deltas, t_star, 2, T0 + L, "cpu"))
+        probe = tp.forward_logits(model, ids, mask, tp.teacher_inject(echo, source, ids, mask))
         plain = tp.forward_logits(model, ids, mask)
         for b, (p, a) in enumerate(zip(ps, answers)):
             tokens = torch.tensor([p + a])
