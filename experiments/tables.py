@@ -5,9 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
+from training.checkpoint import atomic_file
+
 from .common import BLOCKS, DISPLAY, IN_FORMAT, ROOT, TASKS, TRAIN_TASKS, TRANSFER, by_name
 from .recipes import ABLATIONS, COMPARISONS, MAIN_METHODS, MAIN_SEEDS, METHODS, N_MAIN
-from .stats import BOOT_SEED, N_BOOT, mcnemar_exact, mean_sd, paired_bootstrap_ci, two_proportion_z
+from .stats import (BOOT_SEED, N_BOOT, mcnemar_exact, mean_sd, paired_bootstrap_ci, paired_t_test, seed_bootstrap_ci,
+                    two_proportion_z)
 
 
 def _acc(t):
@@ -69,9 +72,7 @@ def compare(treated, control, tasks):
         for t in tasks:
             acc_diff = None
             for s in seeds:
-                x = np.frombuffer(treated[s]["tasks"][t]["per_example"].encode(), dtype=np.uint8) - ord("0")
-                y = np.frombuffer(control[s]["tasks"][t]["per_example"].encode(), dtype=np.uint8) - ord("0")
-                x, y = x.astype(np.int64), y.astype(np.int64)
+                x, y = _correct(treated[s], t), _correct(control[s], t)
                 b += int(((x == 1) & (y == 0)).sum())
                 c += int(((x == 0) & (y == 1)).sum())
                 n += len(x)
@@ -91,6 +92,28 @@ def compare(treated, control, tasks):
     return out
 
 
+
+def _correct(run, task):
+    """A run's per-example correctness on a task as int64 0/1, or None when it was not recorded."""
+    pe = run["tasks"].get(task, {}).get("per_example")
+    return None if pe is None else (np.frombuffer(pe.encode(), dtype=np.uint8) - ord("0")).astype(np.int64)
+
+
+def seed_level(treated, control, tasks):
+    """The view whose unit is the seed. treated / control: {seed: run}. -> {"seeds", "deltas": {seed: Δ of
+    the task-averaged accuracy, points}, "test": paired_t_test over the seed pairs (None below 2 pairs), "ci":
+    95 % bootstrap CI over seeds and test examples together (points; None below 2 pairs or without
+    per-example correctness)}."""
+    seeds = [s for s in sorted(set(treated) & set(control))
+             if task_avg(treated[s], tasks) is not None and task_avg(control[s], tasks) is not None]
+    deltas = {s: task_avg(treated[s], tasks) - task_avg(control[s], tasks) for s in seeds}
+    out = {"seeds": seeds, "deltas": deltas, "test": paired_t_test(deltas.values()), "ci": None}
+    diffs = [[(_correct(treated[s], t), _correct(control[s], t)) for t in tasks] for s in seeds]
+    if len(seeds) >= 2 and all(x is not None and y is not None and len(x) == len(y) for d in diffs for x, y in d):
+        lo, hi = seed_bootstrap_ci([[x - y for x, y in d] for d in diffs])
+        out["ci"] = (100 * lo, 100 * hi)
+    return out
+
 ACCURACY_COLUMNS = IN_FORMAT + ["avg5"] + TRANSFER + ["avg8"]
 DELTA_HEAD = (["comparison", "seeds"] + [DISPLAY[t] for t in IN_FORMAT] + ["**Δ 5-task**"]
               + [DISPLAY[t] for t in TRANSFER] + ["**Δ 8-task**", "paper Δ 8-task"])
@@ -102,7 +125,7 @@ def build_table(results):
     names = _names_in(results)
     delta_lines, stats_rows = _delta_table(greedy)
     lines = (_header_lines(results) + _intro_lines(results) + _accuracy_table(results, greedy, names)
-             + delta_lines + _significance_lines(stats_rows)
+             + delta_lines + _significance_lines(stats_rows) + _seed_level_lines(greedy)
              + _published_protocol(results, by_name(results, "beam4"), names)
              + _training_cost(greedy, names) + _layer_figure(results))
     return "\n".join(lines).rstrip() + "\n"
@@ -240,8 +263,9 @@ def _significance_lines(stats_rows):
     """How the p-values and CIs are made, the per-block table, and the per-task one folded away."""
     if not stats_rows:
         return []
-    lines = [f"**Significance** (greedy, test examples pooled over the tasks of each block and over the "
-             f"common seeds). Paired: exact two-sided McNemar test on the discordant pairs — b = examples "
+    lines = [f"**Within-seed view: significance over test examples** (greedy, test examples pooled over the "
+             f"tasks of each block and over the common seeds; it sees the test-set sampling of these runs, not "
+             f"the seed-to-seed spread). Paired: exact two-sided McNemar test on the discordant pairs — b = examples "
              f"only the Echo variant gets right, c = only the baseline — p = 2·P(X ≤ min(b, c)), "
              f"X ~ Bin(b + c, ½); and a 95% paired bootstrap CI of the Δ of the task-averaged accuracy "
              f"({N_BOOT} resamples of the test examples within each task, seed {BOOT_SEED}). Pooling "
@@ -257,6 +281,32 @@ def _significance_lines(stats_rows):
     lines += ["<details><summary>per task</summary>", ""]
     lines += _significance_table([r for r in stats_rows if r[1] not in blocks]) + ["</details>", ""]
     return lines
+
+
+def _seed_level_lines(greedy):
+    """Echo − baseline with the seed as the unit: each seed pair's Δ, their mean ± sd, the paired t-test over
+    the seed pairs and the bootstrap over seeds and test examples; nothing until a comparison has 2 seed pairs."""
+    rows = []
+    for a, b, _ in COMPARISONS:
+        for block, tasks in BLOCKS[:2]:
+            lv = seed_level(greedy.get(a, {}), greedy.get(b, {}), tasks)
+            if lv["test"] is not None:
+                rows.append((f"{METHODS[a][3]} − {METHODS[b][3]}", block, lv))
+    if not rows:
+        return []
+    lines = ["**Seed-level test** (the unit is the seed: each seed's paired Δ of the task-averaged accuracy, "
+             "their mean ± sample sd, a paired t-test over the seed pairs with n − 1 degrees of freedom, and a 95 % "
+             f"bootstrap CI that resamples the seed pairs and, within each, the test examples; {N_BOOT} "
+             f"resamples, seed {BOOT_SEED}). This is the test that carries a conclusion about the method.", "",
+             "| comparison | tasks | Δ per seed | mean ± sd | t (df) | p | 95% CI over seeds and examples |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for label, block, lv in rows:
+        t, ci = lv["test"], lv["ci"]
+        per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in lv["deltas"].items())
+        lines.append(f"| {label} | {block} | {per_seed} | {t['mean']:+.2f} ± {t['sd']:.2f} | {t['t']:.2f} "
+                     f"({t['df']}) | {_p(t['p'])} | " + ("—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]")
+                     + " |")
+    return lines + [""]
 
 
 def _significance_table(stats_rows):
@@ -344,7 +394,7 @@ def publish_fragment(fragment, path):
     """Write a README fragment (a file under results/) and splice it into README.md between the markers its
     path relative to the project names. -> whether README has those markers."""
     path = Path(path)
-    path.write_text(fragment)
+    atomic_file(path, lambda tmp: tmp.write_text(fragment))
     return splice_into_readme(fragment, path.resolve().relative_to(ROOT).as_posix())
 
 
@@ -355,6 +405,7 @@ def splice_into_readme(fragment, name, readme=ROOT / "README.md"):
     text = readme.read_text() if readme.is_file() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        readme.write_text(head + begin + "\n" + fragment.rstrip() + "\n" + end + rest.split(end, 1)[1])
+        text = head + begin + "\n" + fragment.rstrip() + "\n" + end + rest.split(end, 1)[1]
+        atomic_file(readme, lambda tmp: tmp.write_text(text))
         return True
     return False
