@@ -2,13 +2,15 @@
 import argparse
 import contextlib
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
 
-from .io import DAMAGED, first_line, read_json, read_pth, read_safetensors  # noqa: F401 (re-exported)
+from .io import DAMAGED, first_line, read_json, read_pth, read_safetensors
 from .lora import ADAPTER_KEYS, adapter_state_dict, load_adapter, load_adapter_tensors, read_adapter_config
 from .model import PARAMS_FIELDS, PRESETS, ModelArgs, Transformer
+from .nf4 import NF4Weight
 
 
 def args_from_params(params, **overrides):
@@ -56,6 +58,8 @@ def adapter_overrides(adapter_dir):
 
 
 def read_state_dict(model_dir):
+    """The whole state dict of a one-file model folder (model.safetensors or consolidated.00.pth), in memory.
+    load_model does not use it: it streams any checkpoint, sharded or not (open_checkpoint)."""
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").exists():
         return read_safetensors(model_dir / "model.safetensors")
@@ -66,6 +70,165 @@ def read_state_dict(model_dir):
         raise ValueError(f"{model_dir} holds {len(shards)} model-parallel shards: "
                          f"merge them first with `python convert_weights.py {model_dir} OUT`")
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or consolidated.00.pth")
+
+
+# ---------------------------------------------------------------- streamed checkpoint load -----------------
+# A checkpoint is checked whole (files, keys, shapes) before the model is built, then read one tensor at a
+# time into it: the host holds the model plus one tensor (and its pieces), never the whole checkpoint.
+
+SAFETENSORS_SHARD = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
+META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def checkpoint_files(model_dir):
+    """("safetensors" | "meta", [paths]) of a model folder's weights: model.safetensors, or its shards
+    model-00001-of-0000N.safetensors (each tensor whole in one of them), or Meta's model-parallel
+    consolidated.00.pth … (each tensor split across all of them). A shard missing from the numbering is
+    named; one missing from the end of Meta's shows in the shapes (check_meta_shards)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").exists():
+        return "safetensors", [model_dir / "model.safetensors"]
+    for kind, pattern in (("safetensors", SAFETENSORS_SHARD), ("meta", META_SHARD)):
+        found = sorted(f for f in model_dir.iterdir() if pattern.fullmatch(f.name))
+        if not found:
+            continue
+        if kind == "safetensors":
+            counts = {int(pattern.fullmatch(f.name)[2]) for f in found}
+            if len(counts) > 1:
+                raise ValueError(f"{model_dir}: safetensors shards of {len(counts)} different checkpoints "
+                                 f"(-of-{min(counts):05d}, -of-{max(counts):05d}): keep one set")
+            n = counts.pop()
+            want = [model_dir / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        else:
+            want = [model_dir / f"consolidated.{i:02d}.pth" for i in range(len(found))]
+        for path in want:
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: missing shard of the checkpoint in {model_dir} "
+                                        f"(found {', '.join(f.name for f in found)}); re-download it")
+        return kind, want
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors, model-*-of-*.safetensors or consolidated.*.pth")
+
+
+def open_checkpoint(model_dir, args):
+    """Check a model folder's weights against the model `args` describe, reading headers only (safetensors'
+    header, Meta shards memory-mapped): every file present and whole, every weight there with its shape,
+    nothing unknown. Returns [(file, [keys])]: what read_checkpoint then reads, one file's keys at a time.
+    Every refusal is one line naming the file."""
+    kind, paths = checkpoint_files(model_dir)
+    want = expected_shapes(args)
+    shapes, plan = {}, []
+    if kind == "meta":
+        return [(paths, check_meta_shards(paths, want, args))]
+    from safetensors import safe_open
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = [k for k in f.keys() if k != "rope.freqs"]
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in keys})
+        except Exception as e:  # SafetensorError / OSError: a header or data region cut short
+            raise ValueError(f"{path}: cannot read this checkpoint ({first_line(e)}); {DAMAGED}") from None
+        plan.append((path, keys))
+    check_keys_and_shapes(shapes, want, args, paths[0] if len(paths) == 1 else Path(model_dir))
+    return plan
+
+
+def check_keys_and_shapes(shapes, want, args, origin):
+    """shapes ({key: shape} of a checkpoint) hold exactly the weights of `want` (expected_shapes), with
+    theirs; a tied model's redundant output.weight is allowed (read_checkpoint checks it is the embedding)."""
+    if args.tie_word_embeddings and "output.weight" in shapes:
+        want = {**want, "output.weight": want["tok_embeddings.weight"]}
+    missing = [k for k in want if k not in shapes]
+    if missing:
+        raise ValueError(f"{origin}: missing {len(missing)} weight(s) that params.json implies, first "
+                         f"{missing[0]}: a shard missing, or the wrong params.json")
+    unknown = [k for k in shapes if k not in want]
+    if unknown:
+        raise ValueError(f"{origin}: {len(unknown)} weight(s) this model does not have, first {unknown[0]}: "
+                         f"the wrong params.json?")
+    for k, shape in want.items():
+        if shapes[k] != shape:
+            raise ValueError(f"{origin}: {k} has shape {list(shapes[k])}, params.json implies {list(shape)}")
+
+
+def meta_split_dim(piece, full, n):
+    """Dimension along which Meta's model-parallel code split a weight of shape `full` into n pieces of shape
+    `piece` (None: replicated, as the norms are), read off the shapes: wq wk wv w1 w3 and output split their
+    rows, wo and w2 their columns, the embedding either (LLaMA 1/2 its columns, LLaMA 3 its rows)."""
+    if piece == full:
+        return None
+    for dim in (0, 1):
+        if len(piece) == 2 and piece[dim] * n == full[dim] and piece[1 - dim] == full[1 - dim]:
+            return dim
+    return -1
+
+
+def check_meta_shards(paths, want, args):
+    """{key: split dim} of Meta shards (each memory-mapped, so checking reads no weights) that together
+    hold exactly the weights of `want`; a shard whose keys or pieces disagree is named."""
+    n, dims, shapes = len(paths), {}, {}
+    first = read_pth(paths[0])
+    for path in paths[1:]:
+        other = read_pth(path)
+        if set(other) != set(first):
+            extra = sorted(set(other) ^ set(first))[0]
+            raise ValueError(f"{path}: key {extra} is not in every shard (this shard and {paths[0].name} "
+                             f"disagree); {DAMAGED}")
+        for k, w in other.items():
+            if w.shape != first[k].shape:
+                raise ValueError(f"{path}: {k} has shape {list(w.shape)}, {paths[0].name} has "
+                                 f"{list(first[k].shape)}; {DAMAGED}")
+    for k, w in first.items():
+        if k == "rope.freqs":
+            continue
+        full = want.get(k, want["tok_embeddings.weight"] if k == "output.weight" else None)
+        dims[k] = None if full is None else meta_split_dim(tuple(w.shape), full, n)
+        shapes[k] = tuple(w.shape) if dims[k] is None or dims[k] < 0 else full
+        if dims[k] == -1:
+            raise ValueError(f"{paths[0]}: {k} is a {list(w.shape)} piece; {n} shard(s) of it cannot make the "
+                             f"{list(full)} that params.json implies: a shard missing, or the wrong params.json")
+    check_keys_and_shapes(shapes, want, args, paths[0])
+    return dims
+
+
+def read_checkpoint(plan):
+    """(key, tensor) of each weight of open_checkpoint's plan, one at a time, in the checkpoint's dtype. A
+    Meta weight is its pieces concatenated (each shard memory-mapped: only the pieces are read)."""
+    for source, keys in plan:
+        if isinstance(source, list):           # Meta shards: keys is {key: split dim}
+            shards = [read_pth(path) for path in source]
+            for k, dim in keys.items():
+                yield k, shards[0][k] if dim is None else torch.cat([s[k] for s in shards], dim)
+            continue
+        from safetensors import safe_open
+        with safe_open(str(source), framework="pt") as f:
+            for k in keys:
+                yield k, f.get_tensor(k)
+
+
+@torch.no_grad()
+def load_checkpoint(net, plan, origin):
+    """Copy the weights of open_checkpoint's plan into net's base, one tensor at a time: an NF4 weight is
+    quantised as it is copied (NF4Weight.copy_). Then DoRA's ‖W‖ and magnitudes, once."""
+    params = {k: p for k, p in net.named_weights() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
+    embedding = None
+    for k, w in read_checkpoint(plan):
+        if k == "output.weight" and net.output is None:    # tied: a redundant copy must be the embedding
+            embedding = dict(read_checkpoint(plan_for(plan, "tok_embeddings.weight")))["tok_embeddings.weight"]
+            if not torch.equal(w, embedding):
+                raise ValueError(f"{origin}: output.weight differs from tok_embeddings.weight, but params.json "
+                                 f"says tie_word_embeddings")
+            continue
+        params[k].copy_(w)
+    net.init_dora_magnitudes()
+    return net
+
+
+def plan_for(plan, key):
+    """The part of open_checkpoint's plan that reads `key` alone."""
+    for source, keys in plan:
+        if key in keys:
+            return [(source, {key: keys[key]} if isinstance(keys, dict) else [key])]
+    raise KeyError(key)
 
 
 def build_model(args, device="cpu", dtype=torch.float32):
@@ -104,19 +267,21 @@ def dir_model_args(model_dir, tokenizer=None, **overrides):
 
 
 def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **overrides):
-    """`model`: a directory (params.json, tokenizer.model, model.safetensors | consolidated.00.pth)
-    or a preset name (random weights, no tokenizer). Returns (model, tokenizer or None)."""
+    """`model`: a directory (params.json, tokenizer.model, model.safetensors | model-*-of-*.safetensors |
+    consolidated.*.pth) or a preset name (random weights, no tokenizer). Returns (model, tokenizer or None).
+    A checkpoint is checked whole, then streamed into the model one tensor at a time (open_checkpoint,
+    load_checkpoint): an NF4 base quantises each as it is read, never a random one first."""
     if adapter_dir is not None:
         adapter_cfg, from_adapter = adapter_overrides(adapter_dir)
         overrides = {**from_adapter, **overrides}
     model_dir = Path(model)
     if str(model) in PRESETS and not model_dir.exists():
         args = ModelArgs.from_name(str(model), **overrides)
-        tokenizer, state_dict = None, None
+        tokenizer, plan = None, None
     elif model_dir.is_dir():
         tokenizer = load_dir_tokenizer(model_dir)
         args = dir_model_args(model_dir, tokenizer, **overrides)
-        state_dict = read_state_dict(model_dir)
+        plan = open_checkpoint(model_dir, args)
     else:
         raise FileNotFoundError(f"model {model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
     if adapter_dir is not None:
@@ -125,10 +290,13 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
             if key in base and base[key] != getattr(args, key):
                 raise ValueError(f"adapter {adapter_dir} was trained on a base with {key}={base[key]}, "
                                  f"this model has {key}={getattr(args, key)}")
-    net = build_model(args, device, dtype)
-    if state_dict is not None:
-        net.load_base_weights(state_dict)
-    net.init_dora_magnitudes()
+    if plan is None:
+        net = build_model(args, device, dtype)
+        net.init_dora_magnitudes()
+    else:
+        with NF4Weight.skipping_copies():       # the checkpoint replaces the random base: not quantised
+            net = build_model(args, device, dtype)
+        load_checkpoint(net, plan, model_dir)
     if adapter_dir is not None:
         load_adapter(net, adapter_dir)
     return net, tokenizer

@@ -21,7 +21,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,45 @@ _nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_se
 def nf4_linear(u, q):
     """F.linear(u, dequant(q)) for an NF4Weight q, saving only q's 4-bit buffers for the backward."""
     return _nf4_linear(u, *q.tensors(), list(q.shape), q.blocksize, q.dq_blocksize)
+
+
+@torch.library.custom_op("echo_lora::nf4_linear_and_wat", mutates_args=())
+def _nf4_linear_and_wat(u: torch.Tensor, a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                        absmax2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
+                        dq_code: torch.Tensor, shape: List[int], blocksize: int,
+                        dq_blocksize: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(u · dequant(W)ᵀ, a · dequant(W)ᵀ) from ONE dequantisation: DoRA on an NF4 base needs both W u and the
+    W Aᵀ of its row norm (weight_norm), and dequantising twice per forward doubled its cost. The second
+    output is a constant of the backward (the norm is detached, DoRA §4.3): only ∂L/∂u flows back."""
+    w = dequantize_tensors(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
+                           dq_blocksize=dq_blocksize, dtype=u.dtype)
+    return F.linear(u, w), F.linear(a, w)
+
+
+@_nf4_linear_and_wat.register_fake
+def _(u, a, packed, absmax, absmax2, offset, code, dq_code, shape, blocksize, dq_blocksize):
+    return u.new_empty(*u.shape[:-1], shape[0]), a.new_empty(a.shape[0], shape[0])
+
+
+def _nf4_linear_and_wat_setup_context(ctx, inputs, output):
+    u, a, *tensors, shape, blocksize, dq_blocksize = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.layout = dict(shape=shape, blocksize=blocksize, dq_blocksize=dq_blocksize)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _nf4_linear_and_wat_backward(ctx, grad, _grad_wat):
+    w = dequantize_tensors(*ctx.saved_tensors, **ctx.layout, dtype=grad.dtype)
+    return grad @ w, *[None] * 10
+
+
+_nf4_linear_and_wat.register_autograd(_nf4_linear_and_wat_backward, setup_context=_nf4_linear_and_wat_setup_context)
+
+
+def nf4_linear_and_wat(u, a, q):
+    """(F.linear(u, dequant(q)), F.linear(a, dequant(q))) for an NF4Weight q, dequantised once; a gets no
+    gradient."""
+    return _nf4_linear_and_wat(u, a.detach(), *q.tensors(), list(q.shape), q.blocksize, q.dq_blocksize)
 
 
 class LoRALinear(nn.Module):
@@ -125,31 +164,41 @@ class LoRALinear(nn.Module):
         """s · B A in fp32 (the dense LoRA update, for merging and DoRA's norm)."""
         return self.scale * (self.lora_b.float() @ self.lora_a.float())
 
-    def weight_norm(self, dtype=None):
+    def weight_norm(self, dtype=None, w_at=None):
         """‖W + s·B A‖ per output row, fp32, detached (DoRA §4.3), clamped away from 0. dtype: the forward's,
-        in which an NF4 base is dequantised (a plain W is used in its own dtype).
+        in which an NF4 base is dequantised (a plain W is used in its own dtype). w_at: W Aᵀ [d_out, r] when
+        the caller has it already (an NF4 forward computes it beside W u from the same dequantised W).
 
         Expanded so the dense d_out×d_in update is never materialised:
             ‖W + sBA‖²_i = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ
         ‖W‖² is cached (W is frozen); W Aᵀ is one skinny matmul over W in W's dtype with fp32
         accumulation (with bf16 W the norm is within ~1e-3 relative of the dense fp32 one; merge()
-        uses the exact fp32 norm). Everything else is fp32. An NF4 W Aᵀ goes through the same custom op as
-        the base matmul, (A · dequant(W)ᵀ)ᵀ: a dequant(W) in the forward graph would be shared, under
-        torch.compile, with the backward's, and saved for it.
+        uses the exact fp32 norm). Everything else is fp32. An NF4 W Aᵀ goes through a custom op, as the
+        base matmul does: a dequant(W) in the forward graph would be shared, under torch.compile, with the
+        backward's, and saved for it.
         """
         with torch.no_grad():
             a, b = self.lora_a.float(), self.lora_b.float()
-            if self.quantized:
-                w_at = nf4_linear(self.lora_a.to(dtype or self.weight.dtype), self.weight).t().float()       # [d_out, r]
-            else:
-                w_at = (self.weight @ self.lora_a.to(self.weight.dtype).t()).float()
-            cross = (w_at * b).sum(dim=1)
+            if w_at is None:
+                w_at = self.base_times_a(dtype)
+            cross = (w_at.float() * b).sum(dim=1)
             ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
             sq = self.base_sq_norm + 2 * self.scale * cross + self.scale ** 2 * ba_sq
             return sq.clamp_min(1e-24).sqrt()
 
+    def base_times_a(self, dtype=None):
+        """W Aᵀ [d_out, r] (weight_norm's skinny matmul), in W's dtype, or for an NF4 W in dtype."""
+        if self.quantized:
+            return nf4_linear(self.lora_a.to(dtype or self.weight.dtype), self.weight).t()
+        return self.weight @ self.lora_a.to(self.weight.dtype).t()
+
     def forward(self, u):
-        base = nf4_linear(u, self.weight) if self.quantized else F.linear(u, self.weight)
+        w_at = None
+        if self.quantized and self.adapted and self.dora:    # W u and the norm's W Aᵀ from one dequant(W)
+            base, a_w = nf4_linear_and_wat(u, self.lora_a.to(u.dtype), self.weight)
+            w_at = a_w.t()
+        else:
+            base = nf4_linear(u, self.weight) if self.quantized else F.linear(u, self.weight)
         if not self.adapted:
             return base
         a, b = self.lora_a.to(u.dtype), self.lora_b.to(u.dtype)
@@ -159,7 +208,7 @@ class LoRALinear(nn.Module):
         if self.base_sq_norm is None:
             raise RuntimeError("DoRA magnitude not initialised: call model.init_dora_magnitudes() "
                                "after loading base weights (load_model does this)")
-        column_scale = (self.magnitude / self.weight_norm(u.dtype)).to(base.dtype)
+        column_scale = (self.magnitude / self.weight_norm(u.dtype, w_at)).to(base.dtype)
         return column_scale * (base + lora)
 
     @torch.no_grad()
@@ -226,11 +275,10 @@ def lora_linears(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.rank > 0]
 
 
-def merge_adapters(model, dtype=None):
-    """Fold every adapter into its W; dtype: that of the merged weights of an NF4 base (a plain W keeps its
-    own), None: the model's (its embedding's), see LoRALinear.merge."""
+def merge_adapters(model):
+    """Fold every adapter into its W (an NF4 base's merged W in the model's dtype, see LoRALinear.merge)."""
     for _, m in lora_linears(model):
-        m.merge(dtype)
+        m.merge()
     return model
 
 
@@ -362,7 +410,7 @@ def load_adapter_tensors(model, tensors, origin="adapter"):
     check_adapter_tensors(tensors, adapter_shapes(model), origin)
     model.load_state_dict(tensors, strict=False)
     for _, m in lora_linears(model):
-        if m.dora:
+        if m.dora and m.base_sq_norm is None:    # ‖W‖² depends on W alone: cached when W was loaded
             m.cache_base_norm()
     return model
 

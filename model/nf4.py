@@ -65,6 +65,7 @@ Not bit-exact, or not verified here:
 This module stores the packed codes of whole blocks (ceil(n/64)·32 bytes); bitsandbytes stores the first
 ceil(n/2) of those bytes.
 """
+import contextlib
 from fractions import Fraction
 from math import prod
 
@@ -154,13 +155,30 @@ class NF4Weight(nn.Module):
         return cls(torch.zeros(nblocks * blocksize // 2, dtype=torch.uint8), absmax, absmax2, offset, shape,
                    blocksize, dq_blocksize)
 
+    copies_skipped = False      # True inside skipping_copies()
+
+    @classmethod
+    @contextlib.contextmanager
+    def skipping_copies(cls):
+        """Inside, copy_ checks the shape and writes nothing. For building a model whose base a checkpoint is
+        about to replace (model.load.load_model): Transformer's random init still draws each weight, so the
+        random-number stream after the build is the plain model's (the same adapter init, Echo init and
+        dropout masks whatever the base format), but the draws are not quantised (~8× the draws' time)."""
+        cls.copies_skipped = True
+        try:
+            yield
+        finally:
+            cls.copies_skipped = False
+
     @torch.no_grad()
     def copy_(self, w):
         """Quantise the dense tensor w into these buffers, in place, on their device. A loader that copies
-        each checkpoint tensor into its weight (Transformer.load_base_weights) thus quantises layer by
-        layer: only this one weight is ever on the device in full precision."""
+        each checkpoint tensor into its weight (Transformer.load_base_weights, model.load's streamed load)
+        thus quantises layer by layer: only this one weight is ever on the device in full precision."""
         if tuple(w.shape) != self.shape:
             raise ValueError(f"cannot quantise a {tuple(w.shape)} tensor into an NF4 weight of shape {self.shape}")
+        if NF4Weight.copies_skipped:
+            return self
         q = quantize_nf4(w.to(self.packed.device), self.blocksize, self.double_quant, self.dq_blocksize)
         for name in ("packed", "absmax", "absmax2", "offset"):
             if getattr(self, name) is not None:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from echo import EchoConfig, EchoModule, supervision  # noqa: E402
 from model import ModelArgs  # noqa: E402
-from model.load import build_model, dir_model_args  # noqa: E402
+from model.load import CliParser, HelpFormatter, build_model, dir_model_args  # noqa: E402
 
 
 def model_args(name, method, dropout, base_format="plain"):
@@ -71,7 +71,7 @@ def batch(opts, vocab):
 def measure(opts, method, echo_mode, graphs, base_format="plain"):
     gc.collect()                          # the previous configuration's model and graphs are gone before
     torch.cuda.empty_cache()              # this one's memory is measured
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()  # once, before the model is built: the peaks cover the whole run
     torch._dynamo.reset()
     run = make_run(opts, method, echo_mode != "off", graphs, base_format)
     mbs, routed = batch(opts, run.model.args.vocab_size), echo_mode == "routed"
@@ -80,10 +80,6 @@ def measure(opts, method, echo_mode, graphs, base_format="plain"):
         train.train_step(run, mbs, routed, 0)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    # the warm-up's peak includes the first, uncaptured step (its activations, what train.py's summary
-    # reports); after it, replays reuse the graph's pool, which max_memory_allocated does not count
-    peak_warmup = torch.cuda.max_memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(opts.steps):
         stats = train.train_step(run, mbs, routed, 0)
@@ -102,26 +98,38 @@ def measure(opts, method, echo_mode, graphs, base_format="plain"):
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
             "mfu": round(train.step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
                          / (ms / 1000) / (opts.peak_tflops * 1e12), 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "warmup_s": round(warmup_s, 1),
-            "peak_gib_warmup": round(peak_warmup / 2**30, 2),
+            **peak_memory(), "warmup_s": round(warmup_s, 1),
             "loss_off": round(stats[0].item() / mbs[0]["global_n_targets"], 4),
             "device": torch.cuda.get_device_name()}
 
 
+def peak_memory():
+    """The GPU memory this configuration needed, from model build to its last step (warm-up, compilation and
+    CUDA-graph capture included). peak_gib: the most the caching allocator held (max_memory_reserved), the
+    private pool the CUDA graphs replay in included; what a user must have free, less the CUDA context (a few
+    hundred MiB, outside PyTorch's allocator). peak_allocated_gib: the most live tensors held; after the
+    capture, graph replays reuse the pool without allocating, so this alone under-reports the need."""
+    return {"peak_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default="llama3-8b", help="preset name or model folder (params.json)")
-    ap.add_argument("--method", nargs="+", default=["lora"], choices=["lora", "dora"])
-    ap.add_argument("--echo", nargs="+", default=["off", "routed"], choices=["off", "routed", "unrouted"])
-    ap.add_argument("--graphs", nargs="+", default=["step"], choices=["step", "blocks", "off", "eager"])
+    ap.add_argument("--method", nargs="+", default=["lora"], choices=["lora", "dora"],
+                    help="adapter method(s); one configuration per value")
+    ap.add_argument("--echo", nargs="+", default=["off", "routed"], choices=["off", "routed", "unrouted"],
+                    help="no Echo module, Echo with the router forced on (both passes) or off")
+    ap.add_argument("--graphs", nargs="+", default=["step"], choices=["step", "blocks", "off", "eager"],
+                    help="CUDA graphs of the whole step, of each block, none (compiled), or eager")
     ap.add_argument("--base-format", nargs="+", default=["plain"], choices=["plain", "nf4"],
                     help="frozen linears in bf16 (plain) or QLoRA's NF4; one configuration per value")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seq", type=int, nargs="+", default=[256], help="one configuration per length")
-    ap.add_argument("--answer", type=int, default=32)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--answer", type=int, default=32, help="supervised (answer) positions at the end of each row")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, graph capture)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--activation-checkpointing", action="store_true",
                     help="recompute each block in the backward (as train.py's flag; needs --graphs off or eager)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
