@@ -23,7 +23,6 @@ when the run finished, summary.json.
 import json
 import math
 import signal
-import shutil  # noqa: F401  (tests patch train.shutil.rmtree, i.e. shutil's: training/checkpoint.py uses it)
 import sys
 import time
 from contextlib import nullcontext
@@ -38,20 +37,20 @@ import data
 from echo import EchoConfig, EchoModule, Router, echo_loss, supervision
 from echo.diagnostics import echo_diagnostics
 from model import load_model
-from model.load import as_plain_model
 from model.tokenizer import ByteTokenizer
 from training.checkpoint import (CheckpointWriter, atomic_file, check_run_dir, last_checkpoint, load_checkpoint,
-                                 make_run_dir, run_fingerprints, save_base, save_checkpoint)
+                                 make_run_dir, recorded_opts, recorded_path, run_fingerprints, save_base, save_checkpoint)
 from training.distributed import (StopRequest, check_routing_agrees, exit_with_one_line, leave, setup_distributed,
                                   smallest_over_ranks)
-# StatsOnHost and step_flops are imported for tests and tests/benchmark.py, which build a step from train's names
-from training.graphs import (P_BUCKET, StatsOnHost, StepGraphs, keep_grads, make_trainer,  # noqa: F401
-                             pick_micro_batch, set_learning_rate)
-from training.log import STATS, Log, step_flops  # noqa: F401
-from training.options import apply_default_run, check_options, parse_args
+from training.graphs import P_BUCKET, StepGraphs, keep_grads, make_trainer, pick_micro_batch, set_learning_rate
+from training.log import STATS, Log, summary_of
+from training.options import DEFAULT_RUN, apply_default_run, check_options, compute_dtype, parse_args
 
-IGNORE = -100
-DEFAULT_RUN = "runs/default"
+# Only for tests/benchmark.py and tests/test_gpu.py, which still take these from train: to go when they import
+# them from data and training.log / training.graphs.
+from data import IGNORE_INDEX as IGNORE  # noqa: E402,F401
+from training.graphs import StatsOnHost  # noqa: E402,F401
+from training.log import step_flops  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------ setup
@@ -61,7 +60,7 @@ def build_model(opts, device):
     overrides = dict(adapter=opts.method, lora_rank=opts.rank, lora_alpha=opts.alpha,
                      lora_dropout=opts.dropout, lora_modules=tuple(opts.modules),
                      base_format=opts.base_format, activation_checkpointing=opts.activation_checkpointing)
-    dtype = torch.bfloat16 if opts.dtype == "bf16" and str(device).startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32      # setup made it compute_dtype's
     if opts.model == "default-tiny":
         tokenizer = ByteTokenizer()
         model, _ = load_model("tiny", device=device, dtype=dtype, vocab_size=tokenizer.vocab_size, **overrides)
@@ -85,9 +84,10 @@ def build_model(opts, device):
 def load_data(opts, tokenizer, out, master, world, base_model=None):
     """The training rows and the validation rows (--val-split: held out of --data, seeded)."""
     if opts.model == "default-tiny":
-        if master:
+        written = (out / "data" / "train.json").exists() and (out / "base" / "model.safetensors").exists()
+        if master and not (opts.resume and written):      # a resume leaves the run's own files as they are
             data.write_default_task(out / "data")
-            save_base(as_plain_model(base_model), tokenizer, out / "base")    # NF4: dequant(W), what it trains on
+            save_base(base_model, tokenizer, out / "base")    # NF4: dequant(W), what it trains on
         if world > 1:
             dist.barrier()
         opts.data = [str(out / "data" / "train.json")]
@@ -133,6 +133,7 @@ class Run:
     writer: object = None         # CheckpointWriter: the checkpoint being written while training goes on
     pending_step: int = None      # ranks > 0: the step rank 0 may still be writing
     fingerprints: dict = None     # the content of --model / --data / --val-data (resume compares it)
+    totals_before: dict = None    # Log.totals of the checkpoint resumed from (summary.json covers the whole run)
 
     @property
     def master(self):
@@ -147,6 +148,7 @@ def setup(opts):
     """Processes, run folder, model, Echo module, data, optimizer, schedule, router."""
     rank, world, device = setup_distributed(opts.device, opts.ranks_share_gpu)
     check_options(opts, world)
+    opts.dtype = compute_dtype(opts.dtype, device)      # what runs is what config.json and the checkpoint record
     master = rank == 0
     torch.manual_seed(opts.seed)                        # identical adapter init on every rank
     out = Path(opts.out or f"runs/{Path(opts.model).name}-{opts.method}{'-echo' if opts.echo else ''}")
@@ -184,7 +186,7 @@ def setup(opts):
     total = int(math.ceil(opts.epochs * per_epoch)) if opts.max_steps is None else opts.max_steps
     router = Router(echo.cfg, total) if echo is not None else None
     run = Run(opts, out, rank, world, device, model, echo, step_module, ddp, params, echo_params, optimizers,
-              None, router, train_set, val_set, total, accum, graphs == "blocks", fingerprints=run_fingerprints(opts))
+              None, router, train_set, val_set, total, accum, graphs == "blocks", fingerprints=run_fingerprints(opts, rank, world))
     run.graphs = StepGraphs(run, step_once) if graphs == "step" else None
     run.writer = CheckpointWriter()
     return run
@@ -287,10 +289,15 @@ def main(argv=None):
     opts = apply_default_run(parse_args(argv, __doc__), DEFAULT_RUN)
     run = setup(opts)
     position = load_checkpoint(run) if opts.resume else (0, 0, 0)      # (step, epoch, step in epoch)
+    if position[0] >= run.total_steps and (run.out / "summary.json").exists():
+        if run.master:        # nothing left to do: every file stays as the run left it
+            print(f"{run.out} already finished its {run.total_steps} steps: nothing to do, its files are left as "
+                  f"they are", flush=True)
+        leave(run.world)
+        return run.out
     if run.master:
         write_config(run)
-    log, stop = Log(run, position[0]), StopRequest()
-    t_start = time.perf_counter()
+    log, stop = Log(run, position[0], run.totals_before), StopRequest()
     try:
         step = train(run, log, stop, *position)
     except BaseException:
@@ -299,7 +306,7 @@ def main(argv=None):
     finally:
         stop.restore()
         log.close()
-    finish(run, log, stop, step, time.perf_counter() - t_start)
+    finish(run, log, stop, step, time.perf_counter() - log.started)
     return run.out
 
 
@@ -331,7 +338,7 @@ def train(run, log, stop, step, epoch, epoch_step):
             stopping = log.stop_signal or (run.world == 1 and stop.signum)    # one process: stop at this step
             if last or step % run.opts.save_every == 0 or stopping:
                 log.flush()                           # never checkpoint a step whose loss was not checked
-                save_checkpoint(run, step, epoch, epoch_step, wait=last or bool(stopping))
+                save_checkpoint(run, step, epoch, epoch_step, wait=last or bool(stopping), totals=log.totals())
             if last or stopping:             # both also triggered the save above, which flushed the log
                 if run.world == 1:           # several ranks decide only from the all-reduced stats, together
                     log.stop_signal = log.stop_signal or stop.signum
@@ -378,8 +385,9 @@ def validate(run):
         with autocast(run):
             h = model.run_layers(model.embed(tokens), 0, model.args.n_layers, positions=model.positions_for(tokens))
             logits = model.head(h, logits_index=index).float()
-        valid = targets != IGNORE
-        ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        valid = targets != data.IGNORE_INDEX
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=data.IGNORE_INDEX,
+                                         reduction="sum")
         exact = ((logits.argmax(-1) == targets) | ~valid).all(dim=1)
         sums += torch.stack([ce, valid.sum(), exact.sum(), torch.tensor(len(rows), device=run.device)]).float()
     if run.world > 1:
@@ -393,21 +401,24 @@ def validate(run):
 
 
 def write_config(run):
-    """config.json: the options (feed it back with --config), the model, Echo and what the run trains on."""
-    fingerprints = run.fingerprints
-    atomic_file(run.out / "config.json", lambda tmp: tmp.write_text(json.dumps({
-        "opts": vars(run.opts), "model": run.model.args.to_params_json(),
+    """config.json: the options (feed it back with --config), the model, Echo and what the run trains on. Paths
+    are written as recorded_path writes them (no absolute path of this machine), each file beside its content
+    fingerprint."""
+    fingerprints, out = run.fingerprints, run.out
+    by_file = lambda paths, found: {recorded_path(p, out): fp for p, (_, fp) in zip(paths or [], found)}
+    atomic_file(out / "config.json", lambda tmp: tmp.write_text(json.dumps({
+        "opts": recorded_opts(run.opts, out), "model": run.model.args.to_params_json(),
         "echo": asdict(run.echo.cfg) if run.echo else None, "world_size": run.world, "grad_accum": run.grad_accum,
         "train_rows": len(run.train_set), "dropped_rows": run.train_set.n_dropped,
         "val_rows": len(run.val_set) if run.val_set else 0, "total_steps": run.total_steps,
-        "data_fingerprints": dict(zip(run.opts.data, (fp for _, fp in fingerprints["data"]))),
-        "val_data_fingerprints": dict(zip(run.opts.val_data or [], (fp for _, fp in fingerprints["val_data"]))),
+        "data_fingerprints": by_file(run.opts.data, fingerprints["data"]),
+        "val_data_fingerprints": by_file(run.opts.val_data, fingerprints["val_data"]),
         "model_fingerprints": dict(fingerprints["model"])}, indent=2)))
     print(f"{len(run.train_set)} rows ({run.train_set.n_dropped} longer than {run.opts.max_len} tokens dropped"
           f"{f', {len(run.val_set)} for validation' if run.val_set else ''}), {run.total_steps} steps of "
-          f"{run.opts.global_batch} on {run.world} × {run.device}, micro-batch {run.opts.micro_batch} × grad_accum "
-          f"{run.grad_accum}, {sum(p.numel() for p in run.params) / 1e6:.2f}M trainable, "
-          f"Echo {'on' if run.echo else 'off'}", flush=True)
+          f"{run.opts.global_batch} on {run.world} × {run.device} in {run.opts.dtype}, micro-batch "
+          f"{run.opts.micro_batch} × grad_accum {run.grad_accum}, {sum(p.numel() for p in run.params) / 1e6:.2f}M "
+          f"trainable, Echo {'on' if run.echo else 'off'}", flush=True)
 
 
 def finish(run, log, stop, step, wall):
@@ -422,10 +433,12 @@ def finish(run, log, stop, step, wall):
     if run.world > 1 and run.router is not None:      # the router must agree on every rank: check it, once
         check_routing_agrees(log.routing, run.rank, run.world)
     if run.master:
-        summary = log.summary(wall)
+        summary = summary_of(run, log.totals())
         atomic_file(run.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         steady = f", {summary['tokens_per_s'] / 1e3:.1f}k tok/s steady" if summary["tokens_per_s"] else ""
-        print(f"done in {wall:.0f}s (warm-up {summary['warmup_seconds']:.0f}s, {summary['batch_shapes']} batch "
+        whole = f" ({summary['train_seconds']:.0f}s over its {summary['stretches']} stretches)" \
+            if summary["stretches"] > 1 else ""
+        print(f"done in {wall:.0f}s{whole} (warm-up {summary['warmup_seconds']:.0f}s, {summary['batch_shapes']} batch "
               f"shapes{steady}): adapter in {run.out / 'adapter'}"
               + (f", Echo weights (analysis only) in {run.out}" if run.echo else ""), flush=True)
     leave(run.world)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import train
+from training.log import step_flops
 from conftest import ROOT
 from echo import EchoConfig, EchoModule, supervision
 from model import ModelArgs, Transformer
@@ -323,7 +324,7 @@ def instrument(monkeypatch, kill_at=None):
     """Count (and name) the filesystem operations train.py's checkpoint writer makes; with kill_at=k,
     die at the k-th one of the run's second checkpoint (a torch.save dies half-way through its file)."""
     ops, saves = [], []
-    real = {"save": torch.save, "fsync": os.fsync, "replace": os.replace, "rmtree": train.shutil.rmtree}
+    real = {"save": torch.save, "fsync": os.fsync, "replace": os.replace, "rmtree": shutil.rmtree}
 
     def hit(name):
         if saves and len(saves) == 2:
@@ -352,7 +353,7 @@ def instrument(monkeypatch, kill_at=None):
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(os, "fsync", wrap("fsync"))
     monkeypatch.setattr(os, "replace", wrap("replace"))
-    monkeypatch.setattr(train.shutil, "rmtree", wrap("rmtree"))
+    monkeypatch.setattr(shutil, "rmtree", wrap("rmtree"))
     return ops
 
 
@@ -759,11 +760,11 @@ def test_step_flops_count_the_answer_window():
     echo = EchoModule(cfg, model.args)
     shapes = [(2, 40, 8), (3, 20, 4)]
     plain = 4 * n * (2 * 40 + 3 * 20)
-    assert train.step_flops(model, None, False, shapes) == plain
-    assert train.step_flops(model, echo, False, shapes) == plain
-    assert train.step_flops(model, echo, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 8 + 3 * 4))
+    assert step_flops(model, None, False, shapes) == plain
+    assert step_flops(model, echo, False, shapes) == plain
+    assert step_flops(model, echo, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 8 + 3 * 4))
     full = EchoModule(replace(cfg, answer_window=False), model.args)
-    assert train.step_flops(model, full, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 40 + 3 * 20))
+    assert step_flops(model, full, True, shapes) == pytest.approx(plain + 4 * n * 0.75 * (2 * 40 + 3 * 20))
 
 
 def test_a_checkpoint_older_than_an_option_resumes_as_it_was_trained(setup, tmp_path, capsys):

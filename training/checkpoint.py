@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from echo import save_echo
-from model.io import fingerprint
+from model.io import fingerprint, first_line, umask_mode
 from model.lora import ADAPTER_KEYS, save_adapter
-from training.options import default_of
+from training.options import compute_dtype, default_of
 
 RUN_FILES = ("config.json", "metrics.jsonl", "echo_diagnostics.jsonl", "summary.json", "checkpoint", "adapter",
              "echo.safetensors",
@@ -72,18 +72,25 @@ def split_trainable(state):
 
 def atomic_file(path, write):
     """write(tmp), flush it to disk, then rename it over `path`: a reader (or a resume after kill -9,
-    power loss or a full disk) finds the complete old file or the complete new one, never a mix."""
+    power loss or a full disk) finds the complete old file or the complete new one, never a mix. The file
+    gets the mode a plain new file would have (umask), whatever mode write() gave it."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:     # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else disk_error(e, path)
-        raise OSError(getattr(e, "errno", None), f"writing {path} failed ({why}); the previous version is "
-                                                 f"intact — free space or fix the folder, then --resume") from None
+        raise write_failed(e, path) from None
+
+
+def write_failed(e, path):
+    """The one-line OSError for a failed atomic write of `path` (atomic_file, atomic_dir)."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else disk_error(e, path)
+    return OSError(getattr(e, "errno", None), f"writing {path} failed ({why}); the previous version is intact — "
+                                              f"free space or fix the folder, then --resume")
 
 
 def disk_error(e, path):
@@ -94,7 +101,7 @@ def disk_error(e, path):
         free = None
     if free is not None and free < 64 * 2**20:
         return f"No space left on device: {free / 2**20:.0f} MiB free"
-    return str(e).splitlines()[0][:120]
+    return first_line(e)[:120]
 
 
 def atomic_dir(path, write):
@@ -107,9 +114,7 @@ def atomic_dir(path, write):
         write(tmp)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else disk_error(e, path)
-        raise OSError(getattr(e, "errno", None), f"writing {path} failed ({why}); the previous version is "
-                                                 f"intact — free space or fix the folder, then --resume") from None
+        raise write_failed(e, path) from None
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -183,12 +188,13 @@ class CheckpointWriter:
             print(f"error: the checkpoint being written failed too: {error}", file=sys.stderr, flush=True)
 
 
-def save_checkpoint(run, step, epoch, epoch_step, wait=False):
+def save_checkpoint(run, step, epoch, epoch_step, wait=False, totals=None):
     """checkpoint/state.pt — one file, so one atomic unit: adapter + Echo weights, AdamW, LR schedule,
     router, every rank's RNG (dropout draws differ per rank), the data position and the options.
     Then the deployable outputs adapter/ and echo.safetensors, each replaced atomically as well.
     The state is copied to host memory here; the files are written by run.writer while the next steps
-    run (wait=True: before returning, as for the last checkpoint of a run)."""
+    run (wait=True: before returning, as for the last checkpoint of a run). `totals`: Log.totals, the run's time
+    and token counts up to this step, which a resumed run's summary.json adds to."""
     check_finite(run, step)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.device) if run.cuda else None}
     rngs = [rng]
@@ -200,7 +206,7 @@ def save_checkpoint(run, step, epoch, epoch_step, wait=False):
                          "optimizers": {k: opt.state_dict() for k, opt in run.optimizers.items()},
                          "router": run.router.state_dict() if run.router else None, "rng": rngs,
                          "step": step, "epoch": epoch, "epoch_step": epoch_step, "opts": vars(run.opts),
-                         "fingerprints": run.fingerprints})
+                         "fingerprints": run.fingerprints, "totals": totals})
         adapter, echo = split_trainable(state["trainable"])     # adapter/ and echo.safetensors: fp32 copies of these
         outputs = {name: {k: v.float().contiguous() for k, v in part.items()} for name, part in
                    (("adapter", adapter), ("echo", echo))}
@@ -234,15 +240,19 @@ RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs
 BY_CONTENT = {"model", "data", "val_data"}
 
 
-def check_resume_options(saved, opts, saved_fingerprints, fingerprints, say=True):
+def check_resume_options(saved, opts, saved_fingerprints, fingerprints, say=True, device="cpu"):
     """Refuse a resume that would train something else, naming the option. An option the checkpoint
     predates counts as trained at its value from before it existed (its default unless declared, see
     options.default_of), said once; another value of it is refused like any change. A run without Echo
-    ignores the --echo-* options. --model / --data / --val-data compare by content where they have files."""
+    ignores the --echo-* options, and an option that changes nothing for this run (changes_nothing) is not
+    compared. --dtype compares what ran on `device` (older checkpoints recorded bf16 for CPU runs in fp32).
+    --model / --data / --val-data compare by content where they have files."""
     missing = sorted(k for k in vars(opts) if k not in saved and k not in RESUME_MAY_CHANGE)
     saved = {**{k: default_of(k, opts.model == "default-tiny") for k in missing}, **saved}
+    if saved.get("dtype") in ("bf16", "fp32"):
+        saved["dtype"] = compute_dtype(saved["dtype"], device)
     for key in sorted(set(saved) & set(vars(opts))):      # options this version no longer has are ignored
-        if key in RESUME_MAY_CHANGE or saved[key] == getattr(opts, key):
+        if key in RESUME_MAY_CHANGE or saved[key] == getattr(opts, key) or changes_nothing(key, opts):
             continue
         if key.startswith("echo_") and not (opts.echo or saved.get("echo")):
             continue
@@ -261,6 +271,13 @@ def check_resume_options(saved, opts, saved_fingerprints, fingerprints, say=True
     if missing and say:
         print(f"note: the checkpoint predates {', '.join('--' + k.replace('_', '-') for k in missing)}: "
               f"resuming as it was trained (the value before the option existed)", file=sys.stderr, flush=True)
+
+
+def changes_nothing(key, opts):
+    """Whether option `key` cannot change what this run computes: --echo-answer-window with
+    --echo-separate-passes or --echo-all-positions, which always recompute every position (see
+    echo.uses_answer_window). The options that decide it are compared themselves."""
+    return key == "echo_answer_window" and bool(opts.echo_separate_passes or opts.echo_all_positions)
 
 
 def by_content(key, saved_fingerprints, fingerprints):
@@ -288,14 +305,51 @@ def changed_file(saved, now):
     return "?"
 
 
-def run_fingerprints(opts):
+def run_fingerprints(opts, rank=0, world=1):
     """What the run trains on, by content: each --data / --val-data file and every file of the model folder
     (weights, params.json, tokenizer), as [[name, fingerprint], ...] (a preset model has none: its name is
-    compared instead)."""
-    files = lambda paths: [[Path(p).name, fingerprint(p)] for p in paths or []]
-    model = Path(opts.model)
-    model_files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
-    return {"data": files(opts.data), "val_data": files(opts.val_data), "model": files(model_files)}
+    compared instead). Rank 0 reads the files and sends the result to the other ranks."""
+    found = [None]
+    if rank == 0:
+        files = lambda paths: [[Path(p).name, fingerprint(p)] for p in paths or []]
+        model = Path(opts.model)
+        model_files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
+        found = [{"data": files(opts.data), "val_data": files(opts.val_data), "model": files(model_files)}]
+    if world > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+PATH_OPTIONS = ("model", "data", "val_data", "out", "config")       # the options that name files or folders
+
+
+def recorded_path(path, out):
+    """A path as the run's records (config.json) write it, never an absolute path of the machine: relative to
+    the repository (where train.py, eval.py and experiments/ run) when it lies inside it or beside it
+    (../shared/...); "<run folder>/..." (relative to the run folder `out`) when it lies in the run folder's
+    parent folder; else "<outside the repository>/NAME". A name that is no path (a preset such as tiny) stays.
+    The content fingerprints recorded beside it (data_fingerprints, model_fingerprints) identify the file."""
+    if path is None or (not Path(path).is_absolute() and not Path(path).exists()):
+        return path
+    full, run = Path(os.path.abspath(path)), Path(os.path.abspath(out))
+    if full.is_relative_to(REPOSITORY):
+        return full.relative_to(REPOSITORY).as_posix() or "."
+    if REPOSITORY.parent != Path(REPOSITORY.anchor) and full.is_relative_to(REPOSITORY.parent):
+        return "../" + full.relative_to(REPOSITORY.parent).as_posix()
+    if full.is_relative_to(run.parent) and run.parent != Path(run.anchor):
+        inside = os.path.relpath(full, run).replace(os.sep, "/")
+        return "<run folder>" if inside == "." else "<run folder>/" + inside
+    return f"<outside the repository>/{full.name}"
+
+
+def recorded_opts(opts, out):
+    """vars(opts) with every path option as recorded_path writes it (config.json's "opts")."""
+    record = dict(vars(opts))
+    for key in PATH_OPTIONS:
+        value = record.get(key)
+        record[key] = [recorded_path(v, out) for v in value] if isinstance(value, list) else recorded_path(value, out)
+    return record
 
 
 def load_checkpoint(run):
@@ -306,7 +360,8 @@ def load_checkpoint(run):
         trainable, rngs = state["trainable"], state["rng"]
     except Exception as e:       # truncated or foreign file: name it, say what to do
         raise ValueError(f"{path} is damaged ({type(e).__name__}); restore it, or start again with --force") from None
-    check_resume_options(state["opts"], run.opts, state.get("fingerprints"), run.fingerprints, say=run.master)
+    check_resume_options(state["opts"], run.opts, state.get("fingerprints"), run.fingerprints, say=run.master,
+                         device=run.device)
     expected = trainable_state(run.model, run.echo)
     if set(trainable) != set(expected):
         raise ValueError(f"{path} does not match this model's adapter (e.g. {sorted(set(trainable) ^ set(expected))[0]})")
@@ -335,18 +390,20 @@ def load_checkpoint(run):
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and run.cuda:
         torch.cuda.set_rng_state(rng["cuda"], run.device)
-    if run.master:
+    if run.master and state["step"] < run.total_steps:      # a finished run says so itself (train.main)
         print(f"resumed from step {state['step']} of {run.total_steps} ({path})", flush=True)
-    run.saved_step = state["step"]
+    run.saved_step, run.totals_before = state["step"], state.get("totals")     # older checkpoints: no totals
     return state["step"], state["epoch"], state["epoch_step"]
 
 
 def save_base(model, tokenizer, out_dir):
-    """The default run's random base model, so eval.py can rebuild exactly the model that was trained."""
+    """The default run's random base model, so eval.py can rebuild exactly the model that was trained. An NF4
+    base is saved as the plain weights its forward uses, dequant(W), without building a second model. Each
+    file is written atomically and follows the umask (safetensors alone would leave model.safetensors 0600)."""
     from safetensors.torch import save_file
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
-    save_file(base, str(out_dir / "model.safetensors"))
-    (out_dir / "params.json").write_text(json.dumps(model.args.to_params_json(), indent=2))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
+    base = {k: v.contiguous() for k, v in model.dequantized_state_dict(model.tok_embeddings.weight.dtype).items()}
+    atomic_file(out_dir / "model.safetensors", lambda tmp: save_file(base, str(tmp)))
+    params = json.dumps(model.args.to_params_json(), indent=2)
+    atomic_file(out_dir / "params.json", lambda tmp: tmp.write_text(params))
+    atomic_file(out_dir / "tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps({"type": "byte"})))

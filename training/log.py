@@ -29,8 +29,8 @@ class Log:
     every position the GPU computed. Steps that met a new batch shape (compile / CUDA-graph capture)
     are warm-up: their time is reported apart and left out of the steady rate and the ETA."""
 
-    def __init__(self, run, start_step):
-        self.run, self.pending, self.start_step = run, None, start_step
+    def __init__(self, run, start_step, before=None):
+        self.run, self.pending = run, None
         self.file = self.diagnostics = None
         self.routed_before = 0               # routed steps before start_step (kept in metrics.jsonl)
         if run.master:
@@ -38,11 +38,14 @@ class Log:
             self.routed_before = sum(json.loads(l).get("routed", False) for l in kept)
             if run.echo is not None:
                 self.diagnostics, _ = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
+        self.before = before or NO_TOTALS    # the run's figures before start_step (the checkpoint's totals)
         self.peak, self.n_params = peak_flops(run.device), count_weights(run.model)
+        self.flops = {}                      # step_flops per batch shape, computed once (rank 0, with a peak)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
         self.by_shape = {}                   # steady steps per batch shape: the benchmark's side-by-side
-        self.window = {"since": time.perf_counter(), "tokens": 0, "padded": 0, "flops": 0.0}
-        self.last_end = time.perf_counter()
+        self.started = time.perf_counter()
+        self.window = {"since": self.started, "tokens": 0, "padded": 0, "flops": 0.0}
+        self.last_end = self.started
         self.stop_signal = 0
         self.routing = []                    # this run's r_k, compared across ranks at the end
 
@@ -87,7 +90,6 @@ class Log:
             raise FloatingPointError(f"non-finite loss {record['loss']} at step {record['step']} (try a lower --lr); "
                                      f"{last_checkpoint(self.run)}")
         shape = record.pop("shape")
-        flops = step_flops(self.run.model, self.run.echo, routed, shape[1:], self.n_params)
         if record["warmup"]:
             self.warmup_s += record["seconds"]
         else:
@@ -95,7 +97,13 @@ class Log:
                 acc.update(s=acc["s"] + record["seconds"], steps=acc["steps"] + 1, tokens=acc["tokens"] + record["tokens"],
                            padded=acc["padded"] + record["padded_tokens"])
         if self.run.master:
-            self.write(record, flops)
+            self.write(record, self.step_flops(shape) if self.peak else 0.0)
+
+    def step_flops(self, shape):
+        """step_flops of a batch shape (routing, micro-batches), computed the first time it is met."""
+        if shape not in self.flops:
+            self.flops[shape] = step_flops(self.run.model, self.run.echo, shape[0], shape[1:], self.n_params)
+        return self.flops[shape]
 
     def write(self, record, flops):
         run, w, now = self.run, self.window, time.perf_counter()
@@ -137,24 +145,50 @@ class Log:
         parts.append(f"eta {left * per_step / 60:.1f}m" if per_step else "eta after warm-up")   # compiles skew it
         return " | ".join(parts)
 
-    def summary(self, wall):
-        s, run = self.steady, self.run
-        return {"steps": run.total_steps, "train_seconds": round(wall, 1), "warmup_seconds": round(self.warmup_s, 1),
-                "tokens_per_s": round(s["tokens"] / s["s"], 1) if s["s"] else None,
-                "padded_tokens_per_s": round(s["padded"] / s["s"], 1) if s["s"] else None,
-                "batch_shapes": len(self.shapes), "micro_batch": run.opts.micro_batch, "world_size": run.world,
-                "peak_gib": round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.cuda else None,
-                "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
-                "method": run.opts.method, "echo": run.echo is not None,
-                "steady_by_shape": [{"routed": k[0], "micro_batches": [list(mb) for mb in k[1:]], "steps": v["steps"],
-                                     "ms": round(1000 * v["s"] / v["steps"], 2), "padded_tokens": v["padded"],
-                                     "tokens": v["tokens"]}
-                                    for k, v in sorted(self.by_shape.items(), key=lambda kv: -kv[1]["steps"])]}
+    def totals(self):
+        """The whole run up to the last finished step: this process's figures added to those of the stretches
+        before a resume (self.before). Saved in each checkpoint; summary.json is made from it."""
+        b, peak = self.before, None
+        if self.run.cuda:
+            peak = max(torch.cuda.max_memory_allocated(self.run.device) / 2**30, b["peak_gib"] or 0.0)
+        by_shape = {k: dict(v) for k, v in b["by_shape"].items()}
+        for k, v in self.by_shape.items():
+            by_shape[k] = add_counts(by_shape.get(k), v)
+        return {"train_seconds": b["train_seconds"] + time.perf_counter() - self.started,
+                "warmup_seconds": b["warmup_seconds"] + self.warmup_s, "steady": add_counts(b["steady"], self.steady),
+                "by_shape": by_shape, "shapes": b["shapes"] | self.shapes, "peak_gib": peak,
+                "stretches": b["stretches"] + 1}
 
     def close(self):
         for f in (self.file, self.diagnostics):
             if f:
                 f.close()
+
+
+NO_TOTALS = {"train_seconds": 0.0, "warmup_seconds": 0.0, "steady": {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0},
+             "by_shape": {}, "shapes": set(), "peak_gib": None, "stretches": 0}
+
+
+def add_counts(a, b):
+    """Two {"s", "steps", "tokens", "padded"} tallies added (a None: b alone)."""
+    return {k: (a or {}).get(k, 0) + v for k, v in b.items()}
+
+
+def summary_of(run, totals):
+    """summary.json: the whole run (every stretch of it, however often it was resumed), from Log.totals."""
+    s = totals["steady"]
+    rate = lambda n: round(n / s["s"], 1) if s["s"] else None
+    return {"steps": run.total_steps, "train_seconds": round(totals["train_seconds"], 1),
+            "warmup_seconds": round(totals["warmup_seconds"], 1), "tokens_per_s": rate(s["tokens"]),
+            "padded_tokens_per_s": rate(s["padded"]), "batch_shapes": len(totals["shapes"]),
+            "micro_batch": run.opts.micro_batch, "world_size": run.world,
+            "peak_gib": round(totals["peak_gib"], 2) if totals["peak_gib"] is not None else None,
+            "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
+            "method": run.opts.method, "echo": run.echo is not None, "stretches": totals["stretches"],
+            "steady_by_shape": [{"routed": k[0], "micro_batches": [list(mb) for mb in k[1:]], "steps": v["steps"],
+                                 "ms": round(1000 * v["s"] / v["steps"], 2), "padded_tokens": v["padded"],
+                                 "tokens": v["tokens"]}
+                                for k, v in sorted(totals["by_shape"].items(), key=lambda kv: -kv[1]["steps"])]}
 
 
 def step_flops(model, echo, routed, micro_batches, n_params=None):

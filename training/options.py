@@ -11,11 +11,9 @@ from pathlib import Path
 
 import data
 from echo import EchoConfig
-from model.load import CliParser
+from model.load import CliParser, HelpFormatter, dtype_arg
 
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+DEFAULT_RUN = "runs/default"          # `python train.py`'s --out
 
 
 def build_parser(description=None):
@@ -72,7 +70,9 @@ def add_training_flags(a):
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
       help="batch rows of similar length together (less padding; see data.length_grouped_order)")
     a("--seed", type=int, default=42, help="adapter init, data order, LoRA dropout and the Echo router")
-    a("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype of the frozen base on GPU")
+    a("--dtype", default="bf16", type=dtype_arg, choices=["bf16", "fp32"],
+      help="compute dtype of the frozen base on GPU (bf16 or bfloat16, fp32 or float32; fp16 would need loss "
+           "scaling). On CPU the run computes in fp32, and config.json records fp32")
     a("--base-format", default="plain", choices=["plain", "nf4"],
       help="storage of the frozen linear weights (wq..w3): plain = --dtype; nf4 = QLoRA's 4-bit NormalFloat "
            "(~4.13 bits/param, quantised layer by layer while loading, dequantised to --dtype in each forward; "
@@ -166,7 +166,13 @@ def default_of(key, default_run=False):
     return build_parser().get_default(key)
 
 
-def apply_default_run(opts, default_out="runs/default"):
+def compute_dtype(dtype, device):
+    """The dtype a run with --dtype `dtype` computes in on `device`: bf16 only on a GPU (the CPU path runs
+    fp32; autocast and bf16 weights are wired for CUDA only)."""
+    return dtype if str(device).startswith("cuda") else "fp32"
+
+
+def apply_default_run(opts, default_out=DEFAULT_RUN):
     """`python train.py` with no model: a tiny random LLaMA learns the built-in synthetic task."""
     if opts.model is not None:
         return opts
