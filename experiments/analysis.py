@@ -5,10 +5,10 @@ import json
 import math
 from pathlib import Path
 
-from .common import IN_FORMAT, TASKS, by_name, read_json, read_jsonl
+from .common import IN_FORMAT, TASKS, by_name, read_metrics, read_record, write_atomic
 from .evals import eval_file, eval_seconds
 from .recipes import ABLATIONS, MAIN_METHODS, MAIN_SEEDS, PROBES, SWEEP_GRID, sweep_folder
-from .runs import JOBS_FILE, train_summary
+from .runs import read_config, train_summary
 from .stats import mean_sd, min_detectable_delta
 from .tables import task_avg
 
@@ -25,10 +25,9 @@ def metrics_summary(run):
     from that file when metrics.jsonl is absent; None when neither exists. gap = L_on − L_off over the
     routed steps among the first / last 10 % of the steps."""
     run = Path(run)
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = read_metrics(run / "metrics.jsonl")
     if not rows:
-        s = read_json(run / SUMMARY_FILE)
-        return s if isinstance(s, dict) else None
+        return read_record(run / SUMMARY_FILE)
     steps = [r for r in rows if isinstance(r.get("step"), int)]
     total = max((r["step"] for r in steps), default=0)
     out = {"steps": total, "val": [{k: r[k] for k in ("step", "val_loss", "val_exact", "val_rows") if k in r}
@@ -41,7 +40,7 @@ def metrics_summary(run):
         out[f"kd_{part}"] = _mean([r["loss_kd"] for r in routed if r.get("loss_kd") is not None])
         out[f"routed_{part}"] = len(routed)
     if (run / "summary.json").is_file():
-        (run / SUMMARY_FILE).write_text(json.dumps(out, indent=1) + "\n")
+        write_atomic(run / SUMMARY_FILE, json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -58,7 +57,7 @@ def sweep_points(recipe, sweep_dir, runs_dir, legacy_sweep=None):
             cands.append(Path(legacy_sweep) / f"lora-lr{lr:g}")
         for d in cands:
             s = metrics_summary(d) if (d / "summary.json").is_file() else None
-            opts = (read_json(d / "config.json") or {}).get("opts") or {}
+            opts = (read_config(d) or {}).get("opts") or {}
             if opts and (not math.isclose(float(opts.get("lr", -1)), lr) or float(opts.get("epochs", -1)) != epochs):
                 continue                              # a folder of another point: not this one
             if s and s.get("val"):
@@ -116,7 +115,7 @@ def cost(folders):
         secs += sum(eval_seconds(eval_file(d, k)) or 0.0 for k in ("greedy", "beam4"))
         if not secs:
             continue
-        jobs = (read_json(d / JOBS_FILE) or {}).get("concurrent_jobs", 1)
+        jobs = train_summary(d)["concurrent_jobs"]
         e = by_jobs.setdefault(str(jobs), {"runs": 0, "wall_minutes": 0.0})
         e["runs"] += 1
         e["wall_minutes"] += secs / 60

@@ -3,10 +3,10 @@ recipe, built from the run folders, excluding folders whose record does not matc
 import json
 from pathlib import Path
 
-from .common import read_json
+from .common import write_atomic
 from .evals import eval_file, load_eval
 from .recipes import MAIN_METHODS, MAIN_SEEDS, METHODS, N_MAIN, PAPER_DELTAS
-from .runs import recipe_of, run_dir, train_summary
+from .runs import read_config, recipe_of, run_dir, train_summary
 
 KNOWN_MODELS = {(576, 30, 9, 3): "SmolLM2-135M-Instruct", (64, 5, 8, 4): "stories260K"}
 
@@ -24,8 +24,8 @@ def discover(runs_dir):
 def model_label(folders, model):
     """The name of the model the runs actually used: known shapes by name, else the model folder's name."""
     for d in folders:
-        cfg = read_json(Path(d) / "config.json")
-        m = cfg.get("model") if isinstance(cfg, dict) else None
+        cfg = read_config(d)
+        m = cfg.get("model") if cfg else None
         if isinstance(m, dict):
             key = (m.get("dim"), m.get("n_layers"), m.get("n_heads"), m.get("n_kv_heads"))
             if key in KNOWN_MODELS:
@@ -133,6 +133,6 @@ def _limits_made(runs, base, limit, beam_limit):
 
 
 def write_json(results, path):
-    """Indented JSON, except each per_example string stays on one line (it is already compact)."""
+    """Indented JSON (each per_example string stays on one line: it is already compact), written atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results, indent=1) + "\n")
+    write_atomic(path, json.dumps(results, indent=1) + "\n")

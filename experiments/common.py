@@ -64,6 +64,69 @@ def read_json(path):
         return None
 
 
+def read_record(path):
+    """A run record (config.json, summary.json, eval-*.json, ...): its JSON object, None when the file is
+    missing, and a StepFailed naming the file when it is there but unreadable, not JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StepFailed(f"{path}: damaged record ({getattr(e, 'strerror', None) or 'not valid JSON'}); restore it "
+                         f"or move the run folder away") from None
+    if not isinstance(rec, dict):
+        raise StepFailed(f"{path}: damaged record (a JSON {type(rec).__name__}, not an object); restore it or move "
+                         f"the run folder away")
+    return rec
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_numbers(path, record, keys, where=""):
+    """Each of keys in record is a number or null; else a StepFailed naming the file and the field."""
+    for k in keys:
+        v = record.get(k)
+        if v is not None and not is_number(v):
+            raise StepFailed(f"{path}: field {where}{k} is {v!r}, not a number; restore the file or move the run "
+                             f"folder away")
+
+
+METRIC_NUMBERS = ("loss", "loss_off", "loss_on", "loss_kd", "val_loss", "val_exact")     # what the curves draw
+
+
+def read_metrics(path):
+    """The records of a run's metrics.jsonl ([] when missing), checked: each line an object, "step" a step
+    number, the losses numbers; a damaged line is a StepFailed naming path:line and the field. Only the last
+    line may be torn (a run killed mid-write): it is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise StepFailed(f"cannot read {path} ({getattr(e, 'strerror', None) or 'not text'})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            if i == len(lines):
+                continue
+            raise StepFailed(f"{path}:{i}: not a JSON line (damaged: train.py writes one object a line)") from None
+        if not isinstance(r, dict):
+            raise StepFailed(f"{path}:{i}: not a JSON object")
+        step = r.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise StepFailed(f"{path}:{i}: field step is {step!r}, not a step number")
+        check_numbers(f"{path}:{i}", r, METRIC_NUMBERS)
+        out.append(r)
+    return out
+
+
 def read_jsonl(path):
     """The parseable lines of a JSON-lines file ([] when it is missing; a torn last line is skipped)."""
     out = []

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from .common import StepFailed, read_json
+from .common import StepFailed, is_number, read_json, read_record
 
 
 def eval_file(run, decoding):
@@ -37,8 +37,31 @@ def _predictions(results_file, task):
     res = Path(results_file)
     for p in (res.with_name(res.stem + "-predictions") / f"{task}.jsonl", res.parent / f"predictions_{task}.jsonl"):
         if p.is_file():
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            out = []
+            for i, line in enumerate(p.read_text().splitlines(), 1):
+                try:
+                    r = json.loads(line) if line.strip() else {}
+                except ValueError:
+                    r = None
+                if not isinstance(r, dict):
+                    raise StepFailed(f"{p}:{i}: not a JSON object line (damaged predictions: delete the folder "
+                                     f"and evaluate again)")
+                if line.strip():
+                    out.append(r)
+            return out
     return None
+
+
+def count(res, task, t, field):
+    """A task's count in an eval results file: a whole number >= 0 (or None when absent), else StepFailed
+    naming the file and the field."""
+    v = t.get(field)
+    if v is None:
+        return None
+    if not is_number(v) or v < 0 or float(v) != int(v):
+        raise StepFailed(f"{res}: field tasks.{task}.{field} is {v!r}, not a count; restore the file or delete it "
+                         f"and evaluate again")
+    return int(v)
 
 
 def _unextracted(preds):
@@ -54,13 +77,16 @@ def load_eval(path):
     res = eval_results_path(path)
     if res is None:
         return None
-    raw = read_json(res)
-    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
-        return None
+    raw = read_record(res)
+    if not isinstance(raw.get("tasks"), dict):
+        raise StepFailed(f"{res}: field tasks is missing or not an object (not an eval.py results file?)")
     tasks = {}
     for name, t in raw["tasks"].items():
         if not isinstance(t, dict) or "correct" not in t or "total" not in t:
             continue
+        correct, total = count(res, name, t, "correct"), count(res, name, t, "total")
+        if correct is None or total is None or correct > total:
+            raise StepFailed(f"{res}: tasks.{name}: correct {correct} of total {total} is not a score")
         per = t.get("per_example")
         preds = None
         if per is None or t.get("unextracted") is None:
@@ -68,18 +94,24 @@ def load_eval(path):
         if per is None and preds is not None:
             per = [r.get("correct") for r in preds]
         if isinstance(per, str):
+            if set(per) - {"0", "1"}:
+                raise StepFailed(f"{res}: field tasks.{name}.per_example holds characters other than 0 and 1")
             per = [int(ch) for ch in per]
+        elif per is not None and not isinstance(per, list):
+            raise StepFailed(f"{res}: field tasks.{name}.per_example is {type(per).__name__}, not a 0/1 string")
         per_str = "".join("1" if v else "0" for v in per) if per is not None else None
-        if per_str is not None and len(per_str) != int(t["total"]):
+        if per_str is not None and len(per_str) != total:
             per_str = None                                    # cannot be trusted to line up
-        unex = t.get("unextracted")
+        unex = count(res, name, t, "unextracted")
         if unex is None and preds is not None:
             unex = _unextracted(preds)
-        tasks[name] = {"correct": int(t["correct"]), "total": int(t["total"]),
-                       "unextracted": None if unex is None else int(unex), "per_example": per_str}
+        tasks[name] = {"correct": correct, "total": total, "unextracted": unex, "per_example": per_str}
         if t.get("skipped") is not None:
-            tasks[name]["skipped"] = int(t["skipped"])
-    settings = dict(raw.get("settings") or {})
+            tasks[name]["skipped"] = count(res, name, t, "skipped")
+    settings = raw.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise StepFailed(f"{res}: field settings is {type(settings).__name__}, not an object")
+    settings = dict(settings)
     for k in ("decoding", "num_beams", "max_new_tokens", "limit", "template", "dtype", "device", "batch_size",
               "seconds", "examples_per_s"):
         if k in raw and k not in settings:

@@ -4,11 +4,13 @@ checkpoint loaded three ways — fp32 (the reference), bf16 (train.py's default)
 Per token it reports KL(ref ‖ model) in nats, top-1 agreement with the reference and the prompt's own
 next-token NLL; the number issue 24 asks for is KL(bf16 ‖ NF4). Forward passes only: a CPU does it in minutes.
 
-    python -m experiments.nf4_logits --model models/smollm2 --per-task 40
-    -> results/nf4-logits-<model>.json
+    python -m experiments.nf4_logits --model M --per-task 40             # a trial: ./nf4-logits-<model>.json
+    python -m experiments.nf4_logits --model ../smollm2 --publish --force
+        -> results/nf4-logits-smollm2.json and README's NF4 paragraph (refused unless the model's weights are
+           the ones that record measured, on the commonsense test sets)
 """
-import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,14 +19,17 @@ import torch
 
 from data import build_prompt, load_examples
 from model.io import fingerprint
-from model.load import load_model
+from model.load import CliParser, HelpFormatter, load_model
 
-from .common import DATA_DIR, RESULTS, TASKS, shown_path
-from .tables import publish_fragment
+from .common import (DATA_DIR, RESULTS, TASKS, StepFailed, committed, read_json, refuse_trial, shown_path,
+                     write_atomic)
+from .tables import splice_into_readme
 
 VARIANTS = {"fp32": dict(dtype=torch.float32), "bf16": dict(dtype=torch.bfloat16),
             "nf4": dict(dtype=torch.bfloat16, base_format="nf4")}
 PAIRS = [("fp32", "bf16"), ("fp32", "nf4"), ("bf16", "nf4")]
+PUBLISHED = RESULTS / "nf4-logits-smollm2.json"      # the measurement README's NF4 paragraph describes
+FRAGMENT = RESULTS / "README-nf4-logits.md"
 
 
 def prompts(data_dir, per_task):
@@ -76,47 +81,82 @@ def summarise(sums):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="Meta-layout model folder (params.json, weights, tokenizer)")
-    ap.add_argument("--data-dir", default=str(DATA_DIR))
+def parse_args(argv=None):
+    ap = CliParser(prog="python -m experiments.nf4_logits", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="Meta-layout model folder (params.json, weights, tokenizer); required, no default")
+    ap.add_argument("--data-dir", default=os.path.relpath(DATA_DIR), help="folder with <task>/test.json for the 8 tasks")
     ap.add_argument("--per-task", type=int, default=40, help="prompts per test set (8 sets)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="default: results/nf4-logits-<model folder>.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument("--out", default=None, help="the JSON written (default: nf4-logits-<model folder>.json in the "
+                                                "working folder; with --publish, " + shown_path(PUBLISHED) + ")")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out (default: refused)")
-    args = ap.parse_args(argv)
-    if args.per_task < 1:
-        sys.exit(f"error: --per-task {args.per_task}: give at least 1")
-    if not (Path(args.model) / "params.json").is_file():
-        sys.exit(f"error: --model {args.model}: no params.json (convert the checkpoint first)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out or RESULTS / f"nf4-logits-{Path(args.model).name}.json")
+    ap.add_argument("--publish", action="store_true",
+                    help="replace the committed measurement and README's NF4 paragraph: only for the model and "
+                         "test sets it records")
+    return ap.parse_args(argv)
+
+
+def check_outputs(args):
+    """-> the output path. A committed record is written only with --publish, for the measured model's
+    weights (their fingerprints) and the default test sets: a trial never replaces README's paragraph."""
+    out = Path(args.out or (PUBLISHED if args.publish else f"nf4-logits-{Path(args.model).name}.json"))
+    if committed(out) and not args.publish:
+        refuse_trial(out, "this run has no --publish", "give --out outside results/, or pass --publish")
+    if args.publish:
+        if out.resolve() != PUBLISHED.resolve():
+            raise StepFailed(f"--publish writes {shown_path(PUBLISHED)}: leave --out out")
+        if Path(args.data_dir).resolve() != DATA_DIR.resolve():
+            refuse_trial(out, f"--data-dir {args.data_dir} is not {shown_path(DATA_DIR)}", "drop --publish")
+        recorded = (read_json(PUBLISHED) or {}).get("weights")
+        if not isinstance(recorded, dict) or weights(args.model) != recorded:
+            refuse_trial(out, f"--model {args.model}'s weights are not the ones it measured (fingerprints differ)",
+                         "drop --publish, or commit a new paragraph's text with the new model")
     if out.exists() and not args.force:
-        sys.exit(f"error: --out {out} exists: pass --force to overwrite it, or give another --out")
+        raise StepFailed(f"--out {out} exists: pass --force to overwrite it, or give another --out")
     if not out.parent.is_dir():
-        sys.exit(f"error: --out {out}: folder {out.parent} does not exist")
+        raise StepFailed(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def weights(model_dir):
+    return {p.name: fingerprint(p) for p in sorted(Path(model_dir).glob("*")) if p.suffix in (".safetensors", ".pth")}
+
+
+def main(argv=None):
+    args = parse_args(argv)                 # --help and bad flags end here: nothing is read or written
     try:
-        texts = prompts(args.data_dir, args.per_task)
-        result = run(args, texts)
-    except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    for key, r in result["pairs"].items():
-        t = r["total"]
-        print(f"{key:13s} KL {t['kl_per_token']:.4f} nats/token, top-1 agreement {100 * t['top1_agreement']:.1f} %, "
-              f"NLL {t['nll_ref_per_token']:.3f} -> {t['nll_per_token']:.3f} ({t['tokens']:,} tokens)")
-    print(f"wrote {out}")
-    if out.parent.resolve() == RESULTS.resolve():         # the committed measurement, not a trial
-        publish_fragment(readme_fragment(result, out), RESULTS / "README-nf4-logits.md")
+        if args.per_task < 1:
+            raise StepFailed(f"--per-task {args.per_task}: give at least 1")
+        if not (Path(args.model) / "params.json").is_file():
+            raise StepFailed(f"--model {args.model}: no params.json (convert the checkpoint first)")
+        out = check_outputs(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            result = run(args, prompts(args.data_dir, args.per_task))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StepFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
+        for key, r in result["pairs"].items():
+            t = r["total"]
+            print(f"{key:13s} KL {t['kl_per_token']:.4f} nats/token, top-1 agreement "
+                  f"{100 * t['top1_agreement']:.1f} %, NLL {t['nll_ref_per_token']:.3f} -> {t['nll_per_token']:.3f} "
+                  f"({t['tokens']:,} tokens)")
+        print(f"wrote {out}")
+        if args.publish:                    # the committed measurement, checked above: README shows it
+            fragment = readme_fragment(result, out)
+            write_atomic(FRAGMENT, fragment)
+            splice_into_readme(fragment, shown_path(FRAGMENT))
+            print(f"wrote {shown_path(FRAGMENT)} and README's NF4 paragraph")
+    except StepFailed as e:
+        sys.exit(f"error: {e}")
 
 
 def run(args, texts):
     t0 = time.time()
     result = {"what": "next-token distributions of one checkpoint in fp32, bf16 and NF4 (bf16 compute), "
                       "teacher-forced on eval prompts; KL in nats per prompt token",
-              "model": Path(args.model).name, "weights": {p.name: fingerprint(p) for p in sorted(
-                  Path(args.model).glob("*")) if p.suffix in (".safetensors", ".pth")},
+              "model": Path(args.model).name, "weights": weights(args.model),
               "prompts_per_task": args.per_task, "tasks": TASKS, "template": "alpaca",
               "device": "cpu", "torch": torch.__version__,
               "pairs": summarise(measure(args.model, texts)), "seconds": None}

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from . import analysis, figures
 from .collect import collect, write_json
-from .common import DATA_DIR, StepFailed, file_name, fingerprint, read_json, shown_path
+from .common import (DATA_DIR, ROOT, StepFailed, committed, file_name, fingerprint, read_record, refuse_trial,
+                     shown_path)
 from .recipes import (DEFAULT_RECIPE, MAIN_METHODS, MAIN_SEEDS, METHODS, RECIPES, Unit, main_units, plan,
                       select)
-from .runs import (beam_limit, claim, check_record, ensure_eval, layer_probs_command, recipe_values, run_all,
-                   run_logged, status, train_files, unit_dir)
+from .runs import (beam_limit, claim, check_record, ensure_eval, layer_probs_command, read_config, recipe_values,
+                   run_all, run_logged, status, train_files, unit_dir)
 from .findings import main as write_findings
 from .tables import build_table, splice_into_readme
 from .tables_paper import (ablation_tables, cost_sentence, diagnostics_note, legacy_sweep_table, power_sentence,
@@ -149,14 +150,40 @@ def _resolve_outputs(args, rec):
 
 
 def _resolve_model(args):
-    """--model: required to train; with --only-table optional (the recorded one), but must exist if given."""
-    if args.model is not None and args.only_table and not Path(args.model).is_dir():
-        raise StepFailed(f"--model {args.model} does not exist (with --only-table leave it out: the recorded one "
-                         f"is used)")
-    if args.model is None:
-        if not args.only_table:
-            raise StepFailed("--model is required (the Meta-layout model folder to train)")
-        args.model = recorded_model(args.json, args.runs_dir) or "(none recorded yet)"
+    """--model: required to train. With --only-table it is optional and only checked: the results record the
+    model the runs' config.json name (and their fingerprints), never a flag's."""
+    args.model_fingerprints = recorded_fingerprints(args.runs_dir)
+    if args.model is not None and args.only_table:
+        if not Path(args.model).is_dir():
+            raise StepFailed(f"--model {args.model} does not exist (with --only-table leave it out: the recorded "
+                             f"one is used)")
+        why = other_model(args.model, args.model_fingerprints)
+        if why and committed(args.json):
+            refuse_trial(args.json, f"--model {args.model} {why}", "leave --model out, or give --results and "
+                                                                   "--table of your own")
+    if args.model is None and not args.only_table:
+        raise StepFailed("--model is required (the Meta-layout model folder to train)")
+
+
+def recorded_fingerprints(runs_dir):
+    """{file: {bytes, sha256}} of the model the runs were trained on (config.json's model_fingerprints, written
+    by train.py), or None when no run records them."""
+    for d in sorted(Path(runs_dir).glob("*-s*")) if Path(runs_dir).is_dir() else []:
+        fps = (read_config(d) or {}).get("model_fingerprints") if d.is_dir() else None
+        if fps:
+            return fps
+    return None
+
+
+def other_model(model, fps):
+    """None when model's files have the recorded fingerprints; else why not (the runs cannot tell)."""
+    if not fps:
+        return "cannot be checked against the runs (their config.json records no model fingerprints)"
+    for name, want in fps.items():
+        f = Path(model) / name
+        if not f.is_file() or fingerprint(f) != want:
+            return f"is not the model the runs were trained on ({name} differs)"
+    return None
 
 
 def _resolve_beam_limit(args):
@@ -174,22 +201,24 @@ def _resolve_beam_limit(args):
 
 
 def recorded_model(json_path, runs_dir):
-    prev = read_json(json_path) if Path(json_path).is_file() else None
-    if isinstance(prev, dict) and isinstance(prev.get("model"), str):
-        return prev["model"]
+    """The model as the records name it: the runs' config.json first (what trained them), else the results
+    JSON's (a placeholder such as "(none recorded yet)" is no name)."""
     for d in sorted(Path(runs_dir).glob("*-s*")) if Path(runs_dir).is_dir() else []:
-        model = ((read_json(d / "config.json") or {}).get("opts") or {}).get("model")
+        model = ((read_config(d) or {}).get("opts") or {}).get("model") if d.is_dir() else None
         if isinstance(model, str):
-            return model
-    return None
+            return recorded_name(model)
+    prev = read_record(json_path) or {}
+    model = prev.get("model")
+    return model if isinstance(model, str) and not model.startswith("(") else None
 
 
 def recorded_name(model):
-    """The model as the results JSON records it: project-relative, or a recorded placeholder, never an
-    absolute path of this or another machine."""
-    if Path(str(model)).exists():
+    """The model as the results JSON records it: project-relative, or a placeholder (<folder name>), never
+    an absolute path of this or another machine. Old config.json files hold the training machine's path."""
+    p = Path(str(model))
+    if p.exists() and not os.path.relpath(p.resolve(), ROOT).startswith(".."):
         return shown_path(model)
-    return Path(str(model)).name if Path(str(model)).is_absolute() else str(model)
+    return f"<{p.name}>" if p.is_absolute() or p.exists() else str(model)
 
 
 def data_claim(args):
@@ -200,8 +229,7 @@ def data_claim(args):
     if all(f.is_file() for f in files):
         fps = [fingerprint(f) for f in files]
     else:
-        prev = read_json(args.json) if Path(args.json).is_file() else None
-        rec = (prev or {}).get("train_files") or []
+        rec = (read_record(args.json) or {}).get("train_files") or []
         fps = [{"bytes": r["bytes"], "sha256": r["sha256"]} for r in rec if isinstance(r, dict) and r.get("sha256")]
         fps = fps if len(fps) == len(files) else None
     return {"names": names, "fingerprints": fps}
@@ -243,18 +271,21 @@ def check_fn(args):
 def collected(args, layer_probs=None):
     """The tabled runs' records (collect.collect), without the analyses, figures and summaries build_results
     adds: all the queue needs, and nothing is written."""
-    prev = read_json(args.json) if Path(args.json).is_file() else None
-    if layer_probs is None and isinstance(prev, dict):
+    prev = read_record(args.json)                 # damaged: one line naming it, not a silently empty table
+    if layer_probs is None and prev is not None:
         layer_probs = prev.get("layer_probs")
     tf = [{"name": n, **fp} for n, fp in zip(args.data_claim["names"], args.data_claim["fingerprints"])] \
         if args.data_claim["fingerprints"] else [{"name": n} for n in args.data_claim["names"]]
     names = list(dict.fromkeys(MAIN_METHODS + (args.methods or [])))
     res = collect(args.runs_dir, names, sorted(set(MAIN_SEEDS) | set(args.seeds or [])),
-                  model=recorded_name(args.model),
+                  model=recorded_model(args.json, args.runs_dir) or recorded_name(args.model or "(none recorded)"),
                   train_files=tf, recipe=analysis_recipe(args),
                   limit=args.limit, beam_limit=beam_limit(args) if args.run_beam else None,
                   layer_probs=layer_probs, check=check_fn(args), recipe_label=args.recipe.label)
     res["json_name"] = shown_path(args.json)
+    fps = recorded_fingerprints(args.runs_dir)
+    if fps:
+        res["model_fingerprints"] = fps
     return res
 
 

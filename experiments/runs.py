@@ -11,7 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, file_name, read_json, script
+from .common import (IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, check_numbers, file_name, is_number, read_record,
+                     script)
 from .evals import check_eval_limit, compact_predictions, eval_file, eval_results_path
 from .recipes import METHODS, extra_opts
 
@@ -47,20 +48,62 @@ def train_decision(run):
     return "fresh"           # (a checkpoint/ holding only a half-written .tmp: nothing to resume from)
 
 
+NUMBER_OPTS = ["lr", "epochs", "rank", "alpha", "dropout", "global_batch", "micro_batch", "max_len", "warmup_steps",
+               "max_steps", "val_split", "seed", "eval_every", "save_every"]
+
+
+def read_summary(run):
+    """RUN/summary.json checked (its numbers are numbers), or None when there is none."""
+    path = Path(run) / "summary.json"
+    s = read_record(path)
+    if s is not None:
+        check_numbers(path, s, [k for k in SUMMARY_KEYS if k != "device"])
+    return s
+
+
+def read_config(run):
+    """RUN/config.json checked, or None when there is none: an object whose opts is an object with numbers
+    where train.py writes numbers, data a list of paths, and fingerprints {name: {bytes, sha256}}. Paths may
+    be absolute (older train.py), relative or placeholders: runs are identified by the fingerprints."""
+    path = Path(run) / "config.json"
+    cfg = read_record(path)
+    if cfg is None:
+        return None
+    opts = cfg.get("opts")
+    if opts is None:
+        return None                         # not a run's record (yet): nothing to table or compare
+    if not isinstance(opts, dict):
+        raise StepFailed(f"{path}: field opts is {type(opts).__name__}, not an object; restore the file or move "
+                         f"the run folder away")
+    check_numbers(path, opts, NUMBER_OPTS, "opts.")
+    data = opts.get("data")
+    if data is not None and not (isinstance(data, list) and all(isinstance(d, str) for d in data)):
+        raise StepFailed(f"{path}: field opts.data is {data!r}, not a list of file paths")
+    for key in ("data_fingerprints", "model_fingerprints"):
+        fps = cfg.get(key)
+        if fps is None:
+            continue
+        if not isinstance(fps, dict) or not all(isinstance(f, dict) and is_number(f.get("bytes"))
+                                                and isinstance(f.get("sha256"), str) for f in fps.values()):
+            raise StepFailed(f"{path}: field {key} is not {{file: {{bytes, sha256}}}}; restore the file or move "
+                             f"the run folder away")
+    return cfg
+
+
 def train_summary(run):
-    s = read_json(Path(run) / "summary.json")
-    s = s if isinstance(s, dict) else {}
+    s = read_summary(run) or {}
     out = {k: s.get(k) for k in SUMMARY_KEYS}
-    jobs = read_json(Path(run) / JOBS_FILE)
-    out["concurrent_jobs"] = jobs.get("concurrent_jobs", 1) if isinstance(jobs, dict) else 1
+    jobs = read_record(Path(run) / JOBS_FILE) or {}
+    check_numbers(Path(run) / JOBS_FILE, jobs, ["concurrent_jobs"])
+    out["concurrent_jobs"] = jobs.get("concurrent_jobs") or 1
     return out
 
 
 def recipe_of(run):
-    cfg = read_json(Path(run) / "config.json")
-    opts = cfg.get("opts") if isinstance(cfg, dict) else None
-    if not isinstance(opts, dict):
+    cfg = read_config(run)
+    if cfg is None:
         return None
+    opts = cfg["opts"]
     out = {k: opts.get(k) for k in RECIPE_KEYS if k in opts}
     if "train_rows" in cfg:
         out["train_rows"] = cfg["train_rows"]
@@ -112,10 +155,10 @@ def check_record(run, want, data):
     """None when RUN/config.json records the claimed recipe (`want`) and data (`data`: {"names": [...],
     "fingerprints": [{"bytes", "sha256"}, ...] or None}); else a short reason. Data are compared by content
     (config.json's data_fingerprints, written by train.py) where both sides have it, else by file name."""
-    cfg = read_json(Path(run) / "config.json")
-    opts = cfg.get("opts") if isinstance(cfg, dict) else None
-    if not isinstance(opts, dict):
+    cfg = read_config(run)
+    if cfg is None:
         return "no config.json"
+    opts = cfg["opts"]
     for k, v in want.items():
         if k not in opts and k.startswith("echo_") and not want.get("echo"):
             continue
@@ -290,10 +333,11 @@ def run_one(args, unit):
     """Train one unit unless finished, then its evaluations (missing ones only)."""
     rd = unit_dir(args, unit)
     state = status(args, unit)
-    if state.startswith("mismatch"):
-        print(f"[train {unit.run_name}] {rd} holds another run ({state[10:]}): not tabled; move it away to "
-              f"train this one", flush=True)
-        return
+    if state.startswith("mismatch"):             # a failure: the caller asked for this run and gets none
+        why = f"train {unit.run_name}: {rd} holds another run ({state[10:]}): not tabled; move it away to train this one"
+        if args.dry_run:
+            return print(f"would fail: {why}", flush=True)
+        raise StepFailed(why)
     if state == "finished":
         print(f"[train {unit.run_name}] finished ({rd / 'summary.json'}): skipped")
     else:
