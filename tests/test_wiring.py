@@ -60,6 +60,9 @@ def test_every_echo_option_reaches_config_json_and_the_modules(setup, tmp_path):
         assert torch.all(injector.b == resolved.gate_bias_init)
         assert injector.lam.item() == pytest.approx(resolved.lambda_init, rel=1e-7)      # an fp32 parameter
         assert (injector.norm, injector.norm_eps) == (resolved.norm, resolved.norm_eps)
+        assert hasattr(injector, "token_w") == resolved.token_scale          # λ_t = λ + w·x_t, w from zeros
+        if resolved.token_scale:
+            assert injector.token_w.shape == (run.model.args.dim,)
     assert run.router.cfg == run.echo.cfg and run.router.p(0) == resolved.p_start
     # and config.json, written by a real run, says the same
     train.main(argv)
