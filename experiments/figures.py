@@ -1,10 +1,12 @@
 """Figures and their CSVs, matplotlib imported lazily (CSV only without it): the Echo diagnostics over training
-(from RUN/echo_diagnostics.jsonl), the LoRA vs Echo-LoRA layer curves, and a run's loss/validation curves."""
+(from RUN/echo_diagnostics.jsonl) and beside it the capacity probes' L_on − L_off, the LoRA vs Echo-LoRA layer
+curves, and a run's loss/validation curves."""
 import json
 from pathlib import Path
 
 from .common import read_jsonl, shown_path
 from .evals import find_layer_csv, read_layer_csv
+from .recipes import METHODS, PROBES
 
 FIELDS = ["gate", "lambda", "delta_rms", "out_rms", "delta_ratio", "grad_norm"]
 
@@ -55,6 +57,9 @@ def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
     _write_csv(csv_out, header, rows)
     out = {"csv": shown_path(csv_out), "png": None, "modules": modules, "records": len(recs),
            "every": diagnose_every(Path(jsonl).parent)}
+    stem = Path(csv_out).with_suffix("")
+    out["probes"] = probe_gaps(Path(jsonl).parent.parent, Path(jsonl).parent.name, stem.with_name(stem.name + "-probes.csv"),
+                               stem.with_name(stem.name + "-probes.png") if png_out else None)
     plt = pyplot() if png_out else None
     if plt is None:
         return out
@@ -77,6 +82,53 @@ def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
     for ax in axes[2]:
         ax.set_xlabel("step")
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(png_out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_out, dpi=110)
+    plt.close(fig)
+    out["png"] = shown_path(png_out)
+    return out
+
+
+def gap_curve(jsonl):
+    """[(step, L_on − L_off)] of a run's echo_diagnostics.jsonl records that carry both losses as numbers."""
+    num = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    return [(r["step"], r["loss_on"] - r["loss_off"]) for r in read_jsonl(jsonl)
+            if isinstance(r.get("step"), int) and num(r.get("loss_on")) and num(r.get("loss_off"))]
+
+
+def rolling_mean(values, width=9):
+    """Centered running mean over up to `width` neighbours (fewer at the ends): the per-record gap is noisy."""
+    half = width // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
+def probe_gaps(runs_dir, main_run, csv_out, png_out=None):
+    """L_on − L_off over training for the main run and each capacity probe (RUN/echo_diagnostics.jsonl of
+    <probe>-s0): the probes ask whether the Echo-on pass gets below L_off at this scale. -> a CSV (run, step,
+    gap) and, with matplotlib, a PNG (one curve per run, its running mean bold, 0 marked); {"csv", "png",
+    "runs"} or None until a probe has records."""
+    curves = {p: gap_curve(Path(runs_dir) / f"{p}-s0" / "echo_diagnostics.jsonl") for p in PROBES}
+    curves = {p: c for p, c in curves.items() if c}
+    if not curves:
+        return None
+    curves = {main_run: gap_curve(Path(runs_dir) / main_run / "echo_diagnostics.jsonl"), **curves}
+    _write_csv(csv_out, ["run", "step", "gap_on_minus_off"], [[run, s, g] for run, c in curves.items() for s, g in c])
+    out = {"csv": shown_path(csv_out), "png": None, "runs": list(curves)}
+    plt = pyplot() if png_out else None
+    if plt is None:
+        return out
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (run, c) in enumerate(curves.items()):
+        label = f"{main_run} (main run)" if run == main_run else METHODS[run][3]
+        steps, gaps = [s for s, _ in c], [g for _, g in c]
+        ax.plot(steps, gaps, lw=0.5, alpha=0.3, color=f"C{i}")
+        ax.plot(steps, rolling_mean(gaps), lw=1.8, color=f"C{i}", label=label)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("step"), ax.set_ylabel("L_on − L_off (below 0: the Echo-on pass is better)")
+    ax.set_title("capacity probes: can the Echo-on pass get below L_off?", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     Path(png_out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_out, dpi=110)

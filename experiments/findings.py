@@ -225,8 +225,10 @@ def probes(results):
     below = [p for p, s in ps.items() if s["gap_last10"] < 0]
     answer = (f"yes, in {len(below)} of {len(ps)} probes" if below else f"no, in none of {len(ps)} probes")
     missing = f"; {len(PROBES) - len(ps)} of {len(PROBES)} probes not recorded yet" if len(ps) < len(PROBES) else ""
-    return [f"{question}: **{answer}**{missing}. " + "; ".join(parts) + ". The curves over training are in the "
-            "probes figure beside the diagnostics."]
+    fig = ((results.get("diagnostics") or {}).get("probes") or {})
+    where = fig.get("png") or fig.get("csv")
+    return [f"{question}: **{answer}**{missing}. " + "; ".join(parts) + "."
+            + (f" L_on − L_off over training, beside the main run's: `{where}`." if where else "")]
 
 
 def ablations(results):

@@ -170,6 +170,14 @@ def diagnostics_note(diag):
         return ""
     what = (f"![Echo diagnostics]({diag['png']})" if diag.get("png") else
             f"`{diag['csv']}` (matplotlib was not installed, so no figure)")
-    return (f"\n**Echo diagnostics** ({diag.get('run')}, every {diag.get('every', '?')} routed steps: mean gate, λ, "
+    text = (f"\n**Echo diagnostics** ({diag.get('run')}, every {diag.get('every', '?')} routed steps: mean gate, λ, "
             f"‖δ‖/‖o‖ at answer positions and the injector's gradient norm per target module, with L_on − L_off "
             f"and L_kd; numbers in `{diag['csv']}`):\n\n{what}\n")
+    probes = diag.get("probes")
+    if not probes or not probes.get("csv"):
+        return text
+    shown = (f"![capacity probes: L_on − L_off]({probes['png']})" if probes.get("png") else
+             f"`{probes['csv']}` (matplotlib was not installed, so no figure)")
+    return text + (f"\n**Capacity probes over training**: L_on − L_off of each probe beside the main run's "
+                   f"({', '.join(probes['runs'])}; every diagnostic record, running mean bold; below 0 the Echo-on "
+                   f"pass predicts the answers better than L_off; numbers in `{probes['csv']}`):\n\n{shown}\n")

@@ -195,3 +195,47 @@ def test_results_of_ones_own_are_written_beside_them(tmp_path):
     assert (ROOT / "README.md").read_bytes() == readme
     r = cli("--results", str(src), "--out", str(F.OUT))
     assert r.returncode != 0 and "what the project publishes" in r.stderr
+
+
+# ---- the capacity probes' curves --------------------------------------------------------------------------
+
+def diag_records(path, gaps, loss_off=1.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"step": 1 + 50 * i, "p": 1.0, "loss_off": loss_off,
+                                        "loss_on": loss_off + g, "loss_kd": 0.0,
+                                        "modules": {"4_wq": {"gate": 0.12, "lambda": 0.1}}}) + "\n"
+                            for i, g in enumerate(gaps)) + "not json\n")
+
+
+def test_probe_curves_appear_beside_the_diagnostics_when_their_records_do(tmp_path):
+    from experiments import figures, tables_paper
+    runs = tmp_path / "runs"
+    main = runs / "echo-lora-s0" / "echo_diagnostics.jsonl"
+    diag_records(main, [0.002, -0.001, 0.0005])
+    info = figures.echo_diagnostics(main, tmp_path / "d.csv", tmp_path / "d.png")
+    assert info["probes"] is None                                     # no probe recorded yet: no figure
+    assert "Capacity probes over training" not in tables_paper.diagnostics_note(info)
+
+    diag_records(runs / "probe-teacher-alone-s0" / "echo_diagnostics.jsonl", [0.01, -0.02])
+    diag_records(runs / "probe-teacher-alone-gate0-s0" / "echo_diagnostics.jsonl", [0.25], loss_off=0.5)
+    info = figures.echo_diagnostics(main, tmp_path / "d.csv", tmp_path / "d.png")
+    probes = info["probes"]
+    assert probes["runs"] == ["echo-lora-s0", "probe-teacher-alone", "probe-teacher-alone-gate0"]
+    rows = (tmp_path / "d-probes.csv").read_text().splitlines()
+    assert rows[0] == "run,step,gap_on_minus_off"
+    got = [(r.split(",")[0], int(r.split(",")[1]), float(r.split(",")[2])) for r in rows[1:]]
+    assert got == [("echo-lora-s0", 1, pytest.approx(0.002)), ("echo-lora-s0", 51, pytest.approx(-0.001)),
+                   ("echo-lora-s0", 101, pytest.approx(0.0005)), ("probe-teacher-alone", 1, pytest.approx(0.01)),
+                   ("probe-teacher-alone", 51, pytest.approx(-0.02)),
+                   ("probe-teacher-alone-gate0", 1, pytest.approx(0.25))]
+    note = tables_paper.diagnostics_note(info)
+    assert "Capacity probes over training" in note and "d-probes" in note
+    res = results([1.0], probes={"probe-teacher-alone": {"gap_last10": -0.02}})
+    res["diagnostics"] = {"probes": probes}
+    line = next(x for x in text(res, tmp_path).splitlines() if x.startswith("- **Capacity probes"))
+    assert "d-probes" in line and "beside the main run's" in line
+
+
+def test_rolling_mean_by_hand():
+    from experiments.figures import rolling_mean
+    assert rolling_mean([1.0, 2.0, 3.0, 4.0, 10.0], width=3) == pytest.approx([1.5, 2.0, 3.0, 17 / 3, 7.0])
