@@ -14,13 +14,16 @@ API (every equation is computed once, in the function named here; the tests call
     echo_norm(z, kind, eps); EchoInjector(d_in, d_out, ...)        eqs. 3-6
     answer_mask(labels, all_positions=False, attention_mask=None)  eq. 8
     EchoModule(cfg, model.args)                                    all injectors; keep it fp32
-        echo(source_hiddens, boundary, labels) -> model.EchoInject  eqs. 2-8 (what the Echo-on pass adds)
+        echo(source_hiddens, boundary, labels) -> EchoInject       eqs. 2-8 (what the Echo-on pass adds)
         echo.inject(z, labels) -> EchoInject;  echo.deltas(z) -> {(layer, module): δ}
+    EchoInject.at_layer(i) -> EchoSite; EchoSite.apply(module, x, out)   eq. 7 inside the model (echo/inject.py:
+        model/ knows only this protocol; x is the module's input, for variants such as --echo-token-scale)
     routing_probability(k, K, cfg); Router(cfg, total_steps)       eqs. 10, 9 (router(k) once per step)
     masked_kl(logits_on, logits_off, labels=None, *, valid=None, tau, reduction)   eq. 12
     echo_objective(loss_off, loss_on, loss_kd, routed, lambda_kd)                 eq. 11
-    echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None)
-        -> (loss, sums [ΣCE_off, ΣCE_on, τ²ΣKL])   one micro-batch of training; echo=None = plain LoRA/DoRA
+    echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, record=None)
+        -> (loss, sums [ΣCE_off, ΣCE_on, τ²ΣKL])   one micro-batch of training; echo=None = plain LoRA/DoRA;
+        record: a dict that receives the pass's EchoInject, norms and Echo-on logits (diagnostics, tests)
     uses_answer_window(cfg)     whether the Echo-on pass recomputes only the answer window (echo_loss)
     save_echo(echo, out_dir) / load_echo(in_dir)   echo.safetensors + echo_config.json (analysis only)
 
@@ -36,10 +39,12 @@ Training loop sketch (train.py):
             loss.backward()
         opt.step(); opt.zero_grad(set_to_none=True)    # None grads: Echo weights untouched when r=0
 """
-from echo.echo import (IGNORE, MODULES, EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources,
-                       answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl,
+from echo.echo import (FIELDS, IGNORE, MODULES, EchoConfig, EchoInjector, EchoModule, Router, aggregate_sources,
+                       answer_mask, echo_loss, echo_norm, echo_objective, load_echo, masked_kl, module_in_dim,
                        module_out_dim, routing_probability, save_echo, supervision, uses_answer_window)
+from echo.inject import EchoInject, EchoSite, add_echo
 
-__all__ = ["IGNORE", "MODULES", "EchoConfig", "EchoInjector", "EchoModule", "Router", "aggregate_sources",
-           "answer_mask", "echo_loss", "echo_norm", "echo_objective", "load_echo", "masked_kl",
-           "module_out_dim", "routing_probability", "save_echo", "supervision", "uses_answer_window"]
+__all__ = ["FIELDS", "IGNORE", "MODULES", "EchoConfig", "EchoInject", "EchoInjector", "EchoModule", "EchoSite",
+           "Router", "add_echo", "aggregate_sources", "answer_mask", "echo_loss", "echo_norm", "echo_objective",
+           "load_echo", "masked_kl", "module_in_dim", "module_out_dim", "routing_probability", "save_echo",
+           "supervision", "uses_answer_window"]

@@ -33,8 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.io import publish
+from data import IGNORE_INDEX
 from echo.inject import EchoInject
-from model.model import (ATTENTION_MODULES, FFN_MODULES, IGNORE_INDEX, PromptKV, at_least_fp32, canonical_module,
+from model.model import (ATTENTION_MODULES, FFN_MODULES, PromptKV, at_least_fp32, canonical_module,
                          window_attention_mask)
 
 IGNORE = IGNORE_INDEX

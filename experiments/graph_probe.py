@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 
 if not torch.cuda.is_available():
     sys.exit("error: experiments.graph_probe compares CUDA graphs: it needs a CUDA GPU")
-import train, training.graphs
+import train, training.graphs      # train.main: the probe drives whole training runs in-process (to plant bugs)
 from model import ModelArgs, Transformer
+from training.checkpoint import save_base
 from model.tokenizer import ByteTokenizer
 
 root = Path(tempfile.mkdtemp())
 torch.manual_seed(0)
-train.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), root / "base")
+save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), root / "base")
 rows = [{"instruction": f"repeat {i}", "input": "", "output": "ab" * (1 + i % 5), "answer": ""} for i in range(16)]
 (root / "ds.json").write_text(json.dumps(rows))
 

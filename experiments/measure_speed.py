@@ -54,10 +54,8 @@ def benchmark_shapes(summary):
 def random_model(shape, tokenizer_dir, out):
     """A model folder (params.json, tokenizer, model.safetensors) with random weights."""
     import torch
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from convert_weights import write_ours
     from model import ModelArgs
+    from model.io import write_ours
     from model.load import build_model
     from model.tokenizer import load_tokenizer
     out = Path(out)

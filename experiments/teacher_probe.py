@@ -112,7 +112,7 @@ def probe_task(model, tokenizer, task, examples, *, echo, template, max_new_toke
     """-> {"student": records, "teacher": records}: eval.py's prediction records, test-file order. Prompts are
     built and encoded as eval.evaluate_task does; rows too long for the context are skipped for both."""
     from data import build_prompt
-    from eval import Progress, score_record
+    from data.tasks import Progress, score_record
     from model.generate import stop_ids
     prompts = [build_prompt(ex, template, for_eval=True) for ex in examples]
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) for p in prompts]
@@ -278,7 +278,8 @@ def build_parser():
 
 def check(args):
     """Everything that can be refused before the model is loaded; fills in the device-dependent defaults."""
-    from eval import SHARED, base_model_of, run_config
+    from data.tasks import SHARED
+    from model.rundir import base_model_of, run_config
     from model.load import DTYPE_NAMES, check_device
     run = Path(args.run)
     if not run.is_dir():
@@ -322,7 +323,7 @@ def check(args):
 
 def run_probe(args, progress=None):
     from echo.echo import load_echo
-    from eval import load_task_examples, resolve_task
+    from data.tasks import load_task_examples, resolve_task
     from model.generate import load_for_inference
     run, cfg = check(args)
     tasks = [resolve_task(t, args.data_dir) for t in args.tasks]

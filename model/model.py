@@ -37,7 +37,6 @@ from torch.utils.checkpoint import checkpoint
 from .lora import ADAPTER_KEYS, LoRALinear
 from .nf4 import NF4Weight, dequantize_nf4
 
-IGNORE_INDEX = -100     # label of an unsupervised position (cross_entropy's default; echo.IGNORE)
 ATTENTION_MODULES = ("wq", "wk", "wv", "wo")
 FFN_MODULES = ("w1", "w2", "w3")
 MODULE_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
@@ -491,11 +490,11 @@ class Transformer(nn.Module):
         return F.linear(self.norm(h), weight)
 
     def head_loss(self, h, logits_index, targets):
-        """Logits at logits_index [B, P] and their summed cross-entropy against targets [B, P] (IGNORE_INDEX
-        in padding slots), in (at least) fp32: -> (Σ CE, logits). The one loss every training pass uses."""
+        """Logits at logits_index [B, P] and their summed cross-entropy against targets [B, P] (−100, which
+        is data.IGNORE_INDEX and cross_entropy's default, in padding slots), in (at least) fp32:
+        -> (Σ CE, logits). The one forward-plus-loss of every training and validation pass."""
         logits = self.head(h, logits_index=logits_index)
-        ce = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+        ce = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), reduction="sum")
         return ce, logits
 
     def positions_for(self, tokens, attention_mask=None, cache_pos=0):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import ROOT
-from eval import load_task_examples, resolve_task
+from data.tasks import load_task_examples, resolve_task
 from echo.echo import IGNORE, echo_loss, load_echo, supervision
 from experiments import runs as R
 from experiments import teacher_probe as tp
@@ -164,7 +164,7 @@ def test_cli_json_counts_add_up(setup, tmp_path, monkeypatch):
     tiny run answers nothing right, and this is about the bookkeeping, so both, only_student, only_teacher
     and neither all occur."""
     import random
-    import eval as ev
+    import data.tasks as ev               # the probe scores with data.tasks.score_record, as eval.py does
     real_score, coin = ev.score_record, random.Random(0)
 
     def scorer(task, example, prompt, completion):
