@@ -9,28 +9,30 @@ Import (SRC is a Meta or HF checkpoint folder; OUT is what model/load.py loads):
       is refused (train.py / eval.py need one): pass --tokenizer PATH, or --no-tokenizer for weights alone.
     python convert_weights.py PEFT_ADAPTER_DIR OUT --model MODEL_DIR
       a PEFT LoRA/DoRA adapter (adapter_config.json + adapter_model.safetensors) -> our adapter folder
-Export (MODEL_DIR is our layout, or any layout above; RUN_DIR/adapter is what train.py saved):
-    python convert_weights.py --export hf   --model MODEL_DIR [--adapter RUN_DIR/adapter] [--dtype D] OUT
+Export (MODEL_DIR is our layout, or any layout above; RUN_DIR is what train.py saved: --adapter takes RUN_DIR or
+RUN_DIR/adapter, as eval.py and model.generate do; without --model the run's base model is used):
+    python convert_weights.py --export hf   --model MODEL_DIR [--adapter RUN_DIR] [--dtype D] OUT
       config.json, generation_config.json, model*.safetensors, and the tokenizer files transformers and
       vLLM load (tokenizer.json, tokenizer_config.json, special_tokens_map.json; + tokenizer.model for
       SentencePiece)
-    python convert_weights.py --export meta --model MODEL_DIR [--adapter RUN_DIR/adapter] [--dtype D] OUT
+    python convert_weights.py --export meta --model MODEL_DIR [--adapter RUN_DIR] [--dtype D] OUT
       merged model: base + adapter folded in fp32 (LoRA eq. 1, DoRA), written in --dtype (default: the
       base's dtype); a bf16/fp16 merge prints the logit drift it causes
-    python convert_weights.py --export hf|meta --model MODEL_DIR --adapter RUN_DIR/adapter [--base-format nf4] OUT
+    python convert_weights.py --export hf|meta --model MODEL_DIR --adapter RUN_DIR [--base-format nf4] OUT
       an adapter trained on an NF4 base (train.py --base-format nf4; its adapter_config.json says so, and
       that is the default) is merged into the base it trained on: dequant(NF4(W)) + ΔW, quantised from
       MODEL_DIR as train.py quantises it, written in --dtype (default bf16, said in one line) and never
       quantised again (that would round ΔW away). A run's base/ folder already holds dequant(W): plain.
-    python convert_weights.py --export peft --model MODEL_DIR --adapter RUN_DIR/adapter OUT
+    python convert_weights.py --export peft --model MODEL_DIR --adapter RUN_DIR OUT
                               [--base-model-name-or-path HF_REPO_ID_OR_HF_FOLDER]
       adapter only, PEFT key names, for PeftModel.from_pretrained / vLLM on the HF base model. Its
       base_model_name_or_path (what AutoPeftModelForCausalLM loads) is the flag's value; else the hub id
       params.json records ("hf_repo_id", kept from an HF import's config.json "_name_or_path"), an HF-layout
-      MODEL_DIR itself, or -- with a warning -- MODEL_DIR (our layout, which transformers cannot load).
+      MODEL_DIR itself; else the export writes MODEL_DIR in HF layout to OUT/base/ and names that folder, so
+      AutoPeftModelForCausalLM.from_pretrained(OUT) loads OUT as it is.
 A GGUF file is converted to a Meta-layout folder first, e.g. with gguf_to_meta.py, then imported from there.
 --dtype takes bf16 / fp16 / fp32 (or bfloat16 / float16 / float32). OUT must not exist (or be empty) unless
---force; that is checked before anything is read.
+--force; OUT must not be, hold or lie inside an input, even with --force; both are checked before anything is read.
 
 Two layouts of the q/k rows. Meta applies RoPE to interleaved pairs (2i, 2i+1) of each head; HF's
 rotate-half RoPE pairs (i, i + head_dim/2). The same model in HF layout has the rows of each q/k head
@@ -41,7 +43,7 @@ Model sizes, shapes, module names and the LoRA/DoRA merge come from model/; this
 what belongs to the foreign layouts (HF names and q/k order, Meta sharding, PEFT names, HF tokenizer files).
 
 Everything is written into a temporary folder beside OUT and renamed into place, so a failed
-conversion leaves nothing half-written.
+conversion (a full disk included: one line naming OUT) leaves nothing half-written and OUT as it was.
 """
 import base64
 import contextlib
@@ -57,7 +59,10 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from model.io import contiguous as _contiguous, read_json, read_pth, read_safetensors, write_ours  # noqa: F401
+from model.generate import choose_base_format, find_adapter_dir
+from model.rundir import base_model_of, run_config
+from model.io import (check_apart, check_writable, contiguous as _contiguous, is_write_error, read_json,  # noqa: F401
+                      read_pth, read_safetensors, umask_mode, write_failed, write_ours)
 from model.io import write_json as _write_json
 from model.load import (CliParser, HelpFormatter, args_from_params, dtype_arg, expected_adapter_shapes,
                         expected_shapes, load_dir_tokenizer, torch_dtype)
@@ -767,16 +772,6 @@ def dequantized_base(state_dict):
             for k, v in state_dict.items()}
 
 
-def export_base_format(flag, adapter_cfg, model_dir, adapter_dir):
-    """The base format a merged export folds the adapter into: model.generate.resolve_base_format's choice
-    (the adapter's record by default), its warning printed."""
-    from model.generate import resolve_base_format
-    base_format, _, warning = resolve_base_format(flag, adapter_cfg, model_dir, adapter_dir)
-    if warning:
-        print(warning, file=sys.stderr)
-    return base_format
-
-
 def merge_drift(state_dict, params, adapter_sd, adapter_cfg, merged, probe_len=16):
     """(max |Δlogit|, max adapter effect) of a merged export on a fixed probe batch (2 x probe_len random
     ids, seed 0), all computed in fp32 with model.py:
@@ -952,40 +947,41 @@ def write_adapter(adapter_sd, adapter_cfg, out):
     _write_json(adapter_cfg, os.path.join(out, "adapter_config.json"))
 
 
-def check_out(out, force=False):
-    """OUT may be written: it does not exist or is an empty folder (or --force), and its parent folder can be
-    written. Called before anything is read, so a refusal comes before a long merge, not after it."""
+def check_out(out, force=False, inputs=()):
+    """OUT may be written: it does not exist or is an empty folder (or --force), its parent folder can be
+    written, and it is not, inside, or holding any of `inputs` ([(what, path)]; refused even with --force,
+    since replacing OUT would delete that input). Called before anything is read, so a refusal comes
+    before a long merge, not after it."""
     out = os.path.abspath(out)
+    check_apart(out, inputs)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise ValueError(f"{out} exists and is not empty (use --force to replace it)")
-    parent = os.path.dirname(out)
-    while not os.path.exists(parent) and parent != os.path.dirname(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{out}: {parent} is a file, not a folder: choose another OUT")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: cannot write in {parent} (read-only or not yours): choose another OUT")
+    check_writable(out, out)
     return out
 
 
 @contextlib.contextmanager
-def atomic_dir(out, force=False):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
-    out = check_out(out, force)
+def atomic_dir(out, force=False, inputs=()):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed (a full
+    disk: one line naming OUT, OUT as it was)."""
+    out = check_out(out, force, inputs)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT should look like any new folder
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private; OUT should look like any new folder
     try:
         yield tmp
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), umask_mode(0o777))
+            for name in files:
+                os.chmod(os.path.join(root, name), umask_mode())
         if os.path.exists(out):
             shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            raise write_failed(e, out, "nothing was written there") from None
         raise
 
 
@@ -996,8 +992,9 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
     """SRC (Meta or HF model, or a PEFT adapter with model_dir) -> our layout in OUT. dtype None keeps the
     checkpoint's. The tokenizer comes from SRC, or from `tokenizer` (a tokenizer.model or a folder); a model
     without one is refused unless no_tokenizer."""
+    inputs = [("SRC", src), ("--model", model_dir), ("--tokenizer", tokenizer)]
     layout = detect_layout(src)
-    check_out(out, force)
+    check_out(out, force, inputs)
     if layout == "peft":
         if model_dir is None:
             raise ValueError("converting a PEFT adapter needs --model MODEL_DIR (the base it was trained on)")
@@ -1006,7 +1003,7 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
         _, params, _ = read_model(model_dir)
         path = sorted(glob.glob(os.path.join(glob.escape(src), "adapter_model.*")))[-1]
         sd, acfg = peft_to_adapter(check_finite(_load_tensor_file(path), path), cfg, params, path)
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, inputs) as tmp:
             write_adapter(sd, acfg, tmp)
         return
     if layout == "adapter":
@@ -1022,7 +1019,7 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
                          f"need: pass --tokenizer PATH (a tokenizer.model or a folder with one), "
                          f"or --no-tokenizer to convert the weights alone")
     note_dtype_change(sd, dtype, src)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs) as tmp:
         write_ours(sd, params, tmp, dtype)
         if not no_tokenizer:
             copy_tokenizer(tok_src, tmp)
@@ -1034,43 +1031,70 @@ def convert(src, out, dtype=None, force=False, model_dir=None, tokenizer=None, n
 
 def peft_base_name(model_dir, params, layout, given=None):
     """base_model_name_or_path of a PEFT export (what AutoPeftModelForCausalLM loads): `given`, else the hub id
-    params.json records ("hf_repo_id"), else an HF-layout MODEL_DIR itself; else MODEL_DIR with a warning, since
-    transformers cannot load our layout."""
+    params.json records ("hf_repo_id"), else an HF-layout MODEL_DIR itself; None: no loadable base is known,
+    and export_peft_with_base writes one into OUT/base."""
     if given:
         return given
     if isinstance(params.get("hf_repo_id"), str) and params["hf_repo_id"]:
         return params["hf_repo_id"]
-    if layout == "hf":
-        return os.path.abspath(model_dir)
-    print(f"warning: adapter_config.json's base_model_name_or_path is {os.path.abspath(model_dir)} ({layout} layout, "
-          f"which transformers cannot load): pass --base-model-name-or-path HF_REPO_ID (or an HF folder) "
-          f"for AutoPeftModelForCausalLM", file=sys.stderr)
-    return os.path.abspath(model_dir)
+    return os.path.abspath(model_dir) if layout == "hf" else None
+
+
+def write_hf_model(sd, params, model_dir, layout, folder, dtype):
+    """An HF model folder (config.json, safetensors, tokenizer files) of state dict `sd` into `folder`."""
+    tok = export_tokenizer_hf(model_dir, folder, layout, params.get("max_seq_len"))
+    if tok is not None:
+        ids = (tok.bos_id, tok.eos_id, tok.pad_id)
+    elif layout == "hf":
+        src_cfg = read_json(os.path.join(model_dir, "config.json"))
+        ids = tuple(src_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    else:
+        ids = (None, None, None)
+    write_hf(sd, params, folder, dtype, *ids)
+
+
+PEFT_BASE = "base"      # OUT/base/: the HF base a PEFT export writes when MODEL_DIR is no HF folder
+
+
+def export_peft_with_base(model_dir, adapter_dir, adapter_cfg, out, force, given, inputs):
+    """The adapter in PEFT layout into OUT; when no loadable base is known (peft_base_name None), the base
+    model itself in HF layout into OUT/base/ and base_model_name_or_path = that folder's final path, so
+    AutoPeftModelForCausalLM.from_pretrained(OUT) loads with no further step."""
+    sd, params, layout = read_model(model_dir)
+    adapter_sd, adapter_cfg = read_adapter(adapter_dir, adapter_cfg)
+    base_name = peft_base_name(model_dir, params, layout, given)
+    if base_name is None:
+        base_name = os.path.join(os.path.abspath(out), PEFT_BASE)
+        print(f"{model_dir} is not an HF folder: writing it in HF layout to {base_name} as the adapter's "
+              f"base_model_name_or_path (--base-model-name-or-path names another)", file=sys.stderr)
+    with atomic_dir(out, force, inputs) as tmp:
+        export_peft(adapter_sd, adapter_cfg, params, tmp, base_name)
+        if base_name == os.path.join(os.path.abspath(out), PEFT_BASE):
+            os.mkdir(os.path.join(tmp, PEFT_BASE))
+            write_hf_model(sd, params, model_dir, layout, os.path.join(tmp, PEFT_BASE), model_dtype(sd))
 
 
 def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_model_name_or_path=None,
            base_format=None):
     """Our model (+ adapter) -> merged HF or Meta layout, or the adapter alone in PEFT layout.
     The merge is computed in fp32 and written in `dtype` (default: the base's dtype; bf16 for an NF4 base).
-    base_format None: the adapter's recorded one (export_base_format)."""
+    base_format None: the adapter's recorded one (model.generate.choose_base_format)."""
     if fmt == "peft" and adapter_dir is None:
-        raise ValueError("--export peft needs --adapter RUN_DIR/adapter")
+        raise ValueError("--export peft needs --adapter RUN_DIR (or RUN_DIR/adapter)")
     if base_model_name_or_path and fmt != "peft":
         raise ValueError("--base-model-name-or-path names the base of a PEFT adapter: it needs --export peft")
     if base_format and fmt == "peft":
         raise ValueError("--base-format is for --export hf / meta (merges): the PEFT export is the adapter alone")
-    check_out(out, force)                       # before reading anything: a merge can take minutes
+    adapter_dir = find_adapter_dir(adapter_dir) if adapter_dir is not None else None
+    inputs = [("--model", model_dir), ("--adapter", adapter_dir)]
+    check_out(out, force, inputs)               # before reading anything: a merge can take minutes
     adapter_cfg = None
     if adapter_dir is not None:
         adapter_cfg = read_adapter_config(adapter_dir)      # a broken config is refused before the base is read
     if fmt == "peft":
-        _, params, layout = read_model(model_dir)
-        adapter_sd, adapter_cfg = read_adapter(adapter_dir, adapter_cfg)
-        base_name = peft_base_name(model_dir, params, layout, base_model_name_or_path)
-        with atomic_dir(out, force) as tmp:
-            export_peft(adapter_sd, adapter_cfg, params, tmp, base_name)
-        return
-    nf4 = export_base_format(base_format, adapter_cfg, model_dir, adapter_dir) == "nf4"
+        return export_peft_with_base(model_dir, adapter_dir, adapter_cfg, out, force, base_model_name_or_path,
+                                     inputs)
+    nf4 = choose_base_format(base_format, adapter_cfg, model_dir, adapter_dir)[0] == "nf4"
     sd, params, layout = read_model(model_dir)
     note_dtype_change(sd, dtype, model_dir)
     target = dtype or model_dtype(sd)
@@ -1080,30 +1104,34 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_
             print(f"NF4 base: writing the {'merged ' if adapter_dir else ''}model as bf16 "
                   f"(dequant(W){' + ΔW' if adapter_dir else ''}; pass --dtype fp32 for fp32); it is not re-quantised")
     if adapter_dir is not None:
-        adapter_sd, adapter_cfg = read_adapter(adapter_dir, adapter_cfg)
-        check_adapter(adapter_sd, adapter_cfg, params, adapter_dir)
-        merged = {k: v.to(target) for k, v in fold_adapter(sd, adapter_sd, adapter_cfg).items()}
-        if target != torch.float32:
-            drift, effect = merge_drift(sd, params, adapter_sd, adapter_cfg, merged)
-            print(f"merge drift ({HF_DTYPE_NAMES[target]}): max |Δlogit| {drift:.3g} vs the unmerged adapter in "
-                  f"fp32 on a fixed probe (the adapter itself moves logits by up to {effect:.3g}); "
-                  f"--dtype fp32 writes the exact merge")
-        sd = merged
-    with atomic_dir(out, force) as tmp:
+        sd = merged_state(sd, params, adapter_dir, adapter_cfg, target)
+    with atomic_dir(out, force, inputs) as tmp:
         if fmt == "hf":
-            tok = export_tokenizer_hf(model_dir, tmp, layout, params.get("max_seq_len"))
-            if tok is not None:
-                ids = (tok.bos_id, tok.eos_id, tok.pad_id)
-            elif layout == "hf":
-                src_cfg = read_json(os.path.join(model_dir, "config.json"))
-                ids = tuple(src_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
-            else:
-                ids = (None, None, None)
-            write_hf(sd, params, tmp, target, *ids)
+            write_hf_model(sd, params, model_dir, layout, tmp, target)
         else:
             write_meta(sd, params, tmp, target)
             if not copy_tokenizer(model_dir, tmp):
                 print(f"warning: {model_dir} has no tokenizer; {out} has none either", file=sys.stderr)
+
+
+def merged_state(sd, params, adapter_dir, adapter_cfg, target):
+    """Base + adapter folded in fp32, cast to `target`; a low-precision merge prints the logit drift it causes."""
+    adapter_sd, adapter_cfg = read_adapter(adapter_dir, adapter_cfg)
+    check_adapter(adapter_sd, adapter_cfg, params, adapter_dir)
+    merged = {k: v.to(target) for k, v in fold_adapter(sd, adapter_sd, adapter_cfg).items()}
+    if target != torch.float32:
+        drift, effect = merge_drift(sd, params, adapter_sd, adapter_cfg, merged)
+        print(f"merge drift ({HF_DTYPE_NAMES[target]}): max |Δlogit| {drift:.3g} vs the unmerged adapter in "
+              f"fp32 on a fixed probe (the adapter itself moves logits by up to {effect:.3g}); "
+              f"--dtype fp32 writes the exact merge")
+    return merged
+
+
+def run_base_model(adapter):
+    """The base model of --adapter RUN_DIR (or RUN_DIR/adapter): model.rundir.base_model_of, as eval.py finds it."""
+    adapter_dir = find_adapter_dir(adapter)
+    run_dir = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
+    return base_model_of(run_dir, run_config(run_dir))
 
 
 def main(argv=None):
@@ -1112,32 +1140,39 @@ def main(argv=None):
              "[--base-format {plain,nf4}] OUT")
     ap = CliParser(usage=usage, description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT (import) or OUT (export)")
-    ap.add_argument("--export", choices=["hf", "meta", "peft"], help="write MODEL_DIR (+ adapter) in this layout")
-    ap.add_argument("--model", help="our model folder (export) or the base model (PEFT import)")
-    ap.add_argument("--adapter", help="adapter folder saved by train.py (RUN_DIR/adapter)")
+    ap.add_argument("--export", choices=["hf", "meta", "peft"], help="write MODEL_DIR (+ adapter) in this layout (default: none, an import SRC OUT)")
+    ap.add_argument("--model", help="our model folder (export) or the base model (PEFT import) (default: for an "
+                                    "export, the adapter's run's base model, as eval.py finds it)")
+    ap.add_argument("--adapter", help="export: the run folder saved by train.py (RUN_DIR) or its adapter folder "
+                                      "(RUN_DIR/adapter) (default: none, the base alone)")
     ap.add_argument("--dtype", type=dtype_arg, choices=list(DTYPES), default=None,
-                    help="dtype of the written weights, bfloat16 / float16 / float32 accepted too; None keeps the "
-                         "checkpoint's (merges are computed in fp32)")
-    ap.add_argument("--tokenizer", help="import: take the tokenizer from this tokenizer.model or folder")
-    ap.add_argument("--no-tokenizer", action="store_true", help="import: allow a model without a tokenizer")
-    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT (checked before anything is read)")
+                    help="dtype of the written weights, bfloat16 / float16 / float32 accepted too (default: the "
+                         "checkpoint's; merges are computed in fp32)")
+    ap.add_argument("--tokenizer", help="import: take the tokenizer from this tokenizer.model or folder "
+                                        "(default: SRC's)")
+    ap.add_argument("--no-tokenizer", action="store_true", help="import: allow a model without a tokenizer "
+                                                                "(default: off, such a model is refused)")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT, checked before anything is read; "
+                    "an OUT that is, holds or lies inside an input is refused even so (default: off)")
     ap.add_argument("--base-model-name-or-path", metavar="NAME",
                     help="--export peft: the adapter_config.json base_model_name_or_path, the HF hub id (or HF "
-                         "folder) AutoPeftModelForCausalLM loads; None: params.json's hf_repo_id, else MODEL_DIR "
-                         "with a warning")
+                         "folder) AutoPeftModelForCausalLM loads (default: params.json's hf_repo_id, else an HF "
+                         "MODEL_DIR, else the base written in HF layout to OUT/base)")
     ap.add_argument("--base-format", choices=["plain", "nf4"],
                     help="--export hf / meta: the base the adapter is merged into: plain, or nf4 = dequant(NF4(W)), "
-                         "the base of train.py --base-format nf4; None: the adapter's recorded base_format, "
-                         "else plain")
+                         "the base of train.py --base-format nf4 (default: the adapter's recorded base_format, "
+                         "else plain)")
     args = ap.parse_args(argv)
     dtype = torch_dtype(args.dtype) if args.dtype else None
     try:
         if args.export:
-            if len(args.paths) != 1 or not args.model:
-                ap.error("--export takes --model MODEL_DIR and one OUT path")
+            if len(args.paths) != 1 or not (args.model or args.adapter):
+                ap.error("--export takes --model MODEL_DIR (or an --adapter RUN_DIR that names its base) and one "
+                         "OUT path")
             if args.tokenizer or args.no_tokenizer:
                 ap.error("--tokenizer / --no-tokenizer are for imports; an export takes MODEL_DIR's tokenizer")
-            export(args.export, args.model, args.paths[0], args.adapter, dtype, args.force,
+            model = args.model or run_base_model(args.adapter)
+            export(args.export, model, args.paths[0], args.adapter, dtype, args.force,
                    args.base_model_name_or_path, args.base_format)
         else:
             if len(args.paths) != 2:

@@ -48,7 +48,6 @@ when it disagrees (an NF4-trained adapter on a plain base is a real but differen
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -61,9 +60,12 @@ from data.tasks import (ANSWER_PATTERNS, COMMONSENSE, DEFAULT_RUN, DISPLAY, PROG
                         Progress, Task, _duration, _load_gsm8k, accuracy, extract_choice, extract_number, is_correct,
                         load_task_examples, resolve_task, response_of, score_record, task_key)
 from data.prompts import RESPONSE_MARKER  # noqa: F401
+from model.generate import choose_base_format, find_adapter_dir
+from model.io import atomic_write, atomic_write_text, check_writable, folder_fingerprints, fingerprint, record_path
 from model.rundir import base_model_of, run_config  # noqa: F401
 
 ECHO_LINE = "Echo: off (deployable model: base + adapter only; no Echo module built or loaded)"
+REPO = Path(__file__).resolve().parent
 SKIP_RULE = "prompt tokens + max_new_tokens > the model's context: not generated, counted wrong"
 
 # ---------------------------------------------------------------- validation rows ------------------------
@@ -95,7 +97,7 @@ def heldout_files(run_cfg, val_data):
 
 def validation_sets(tasks, n, run_cfg, val_data, flag, required=True):
     """{task name: n examples (seed 0)} from heldout_files, each file's rows going to the task of its folder
-    name (every file to the one task when there is one task). required=False: None when there are none."""
+    name (rows_of_task). required=False: None when there are none."""
     found = heldout_files(run_cfg, val_data)
     if found is None:
         if required:
@@ -106,17 +108,35 @@ def validation_sets(tasks, n, run_cfg, val_data, flag, required=True):
     what, files = found
     sets = {}
     for t in tasks:
-        rows = [ex for f, ex_list in files for ex in ex_list if len(tasks) == 1 or Path(f).parent.name == task_key(t)]
-        if not rows:
-            raise ValueError(f"{flag}: {what} hold no rows for task {t.name!r}: a file belongs to a task by its "
-                             f"folder name (.../{task_key(t)}/train.json); files: "
-                             f"{', '.join(str(f) for f, _ in files)}")
+        rows = rows_of_task(t, tasks, files, what, flag)
         for k, ex in enumerate(rows, 1):
             if t.kind == "choice" and not ex["answer"]:
                 raise ValueError(f"{flag}: validation row {k} of task {t.name!r} has no 'answer'")
         sets[t.name] = random.Random(0).sample(rows, min(n, len(rows)))
     print(f"validation examples from {what}: " + ", ".join(f"{t} {len(v)}" for t, v in sets.items()))
     return sets
+
+
+def rows_of_task(task, tasks, files, what, flag):
+    """The rows of `files` ([(file, rows)]) that belong to `task`: those of the files in its folder
+    (.../boolq/train.json -> boolq), so each row is scored with its own task's regex. Evaluating one task,
+    files in no suite task's folder also go to it, when they all share one folder (a single --val-data file);
+    a file of another suite task never does."""
+    own = [ex for f, rows in files if Path(f).parent.name == task_key(task) for ex in rows]
+    if own or len(tasks) > 1:
+        if not own:
+            raise ValueError(f"{flag}: {what} hold no rows for task {task.name!r}: a file belongs to a task by its "
+                             f"folder name (.../{task_key(task)}/train.json); files: "
+                             f"{', '.join(str(f) for f, _ in files)}")
+        return own
+    foreign = [(f, rows) for f, rows in files if Path(f).parent.name not in TASKS]
+    folders = {Path(f).parent.name for f, _ in foreign}
+    if len(folders) != 1:
+        why = "several folders" if folders else "other tasks' folders only"
+        raise ValueError(f"{flag}: cannot tell which of {what} belong to task {task.name!r} ({why}: "
+                         f"{', '.join(str(f) for f, _ in files)}); a file belongs to a task by its folder name "
+                         f"(.../{task_key(task)}/train.json), or pass --val-data FILE")
+    return [ex for _, rows in foreign for ex in rows]
 
 
 def train_file_examples(task, n, seed=0):
@@ -248,13 +268,12 @@ def layer_probs(model, tokenizer, examples, *, template="alpaca", batch_size=16,
 def write_layer_probs(curves, csv_path):
     """curves: {task: tensor [n_layers]} → csv_path (+ the same name .png when matplotlib is installed)."""
     csv_path, png_path = Path(csv_path), Path(csv_path).with_suffix(".png")
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     names = list(curves)
     mean = torch.stack([curves[t] for t in names]).mean(0)
     lines = ["layer," + ",".join(names) + ",mean"]
     for l in range(len(mean)):
         lines.append(f"{l}," + ",".join(f"{curves[t][l].item():.6f}" for t in names) + f",{mean[l].item():.6f}")
-    csv_path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
     print(f"wrote {csv_path}")
     try:
         import matplotlib
@@ -269,7 +288,7 @@ def write_layer_probs(curves, csv_path):
     ax.plot(range(len(mean)), mean.numpy(), "k-", lw=2, label="mean")
     ax.set_xlabel("layer"), ax.set_ylabel("p(gold answer token)"), ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(f"wrote {png_path}")
 
 
@@ -445,7 +464,6 @@ class Setup:
 
 def find_run(adapter):
     """--adapter RUN or RUN/adapter or a bare adapter folder -> (run folder or None, adapter folder)."""
-    from model.generate import find_adapter_dir
     adapter_dir = find_adapter_dir(adapter)
     if adapter_dir != Path(adapter):
         return Path(adapter), adapter_dir
@@ -469,7 +487,7 @@ def resolve_setup(args):
     if (args.search_boundary or args.lora_layers is not None) and adapter_dir is None:
         raise ValueError("--search-boundary / --lora-layers drop adapter layers: pass --adapter")
     model_path = args.model or base_model_of(run_dir or adapter_dir, run_cfg)
-    base_format, base_why = choose_base_format(args, adapter_cfg, model_path, adapter_dir)
+    base_format, base_why = choose_base_format(args.base_format, adapter_cfg, model_path, adapter_dir)
     data_dir = args.data_dir or (str(SHARED / "data" / "commonsense") if (SHARED / "data" / "commonsense").exists()
                                  else None)
     if args.tasks:
@@ -485,15 +503,6 @@ def resolve_setup(args):
     template = args.template or run_cfg.get("opts", {}).get("template") or "alpaca"
     return Setup(run_dir, run_cfg, adapter_dir, adapter_cfg, str(model_path), template, task_names, tasks,
                  results_path, base_format, base_why)
-
-
-def choose_base_format(args, adapter_cfg, model_path, adapter_dir):
-    """-> (base format, why); a --base-format that disagrees with the adapter's training prints a warning."""
-    from model.generate import resolve_base_format
-    base_format, why, warning = resolve_base_format(args.base_format, adapter_cfg, model_path, adapter_dir)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    return base_format, why
 
 
 def model_name(model_path):
@@ -519,21 +528,18 @@ def output_files(setup, args):
 
 def check_outputs(setup, args):
     """Before anything is loaded or evaluated: the results file is not a folder, its folder can be written, and
-    no file this evaluation writes exists already (unless --force)."""
+    no finished evaluation's file that this one writes exists already (unless --force)."""
     flag = f"--out {args.out}" if args.out else f"results file {setup.results_path} (--out chooses another)"
     if setup.results_path.is_dir():
         raise ValueError(f"{flag} is a folder: name a .json results file, e.g. {setup.results_path / 'results.json'}")
-    folder = setup.results_path.parent
-    while not folder.exists() and folder != folder.parent:        # the nearest folder that exists
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{flag}: {folder} is a file, not a folder: choose another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag}: cannot write in {folder} (read-only or not yours): choose another --out")
+    check_writable(setup.results_path, flag)
     existing = [f for f in output_files(setup, args) if f.exists()]
-    if existing and not args.force:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise ValueError(f"{existing[0]}{more} exists from an earlier evaluation: pass --force to overwrite it, "
+    # The results file, written last, marks a finished evaluation; side files without it are what one that
+    # failed (a full disk) or was stopped left behind, and are replaced. With --limit 0 they are the results.
+    finished = existing if args.limit == 0 or setup.results_path.exists() else []
+    if finished and not args.force:
+        more = f" (and {len(finished) - 1} more)" if len(finished) > 1 else ""
+        raise ValueError(f"{finished[0]}{more} exists from an earlier evaluation: pass --force to overwrite it, "
                          f"or --out OTHER.json")
     for f in existing:
         if f.is_dir():
@@ -571,10 +577,8 @@ def configure_adapters(model, tokenizer, setup, args, val):
         lora_layers, curve = search_boundary(model, tokenizer, setup.tasks, val,
                                              lambda t: decode_settings(args, setup, t))
         print(f"best K = {lora_layers} ({100 * curve[lora_layers]:.2f}); the test evaluation uses it")
-        path = side_file(setup, "-boundary.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"curve": curve, "best": lora_layers,
-                                    "examples": {t: len(v) for t, v in val.items()}}, indent=1))
+        atomic_write_text(side_file(setup, "-boundary.json"), json.dumps(
+            {"curve": curve, "best": lora_layers, "examples": {t: len(v) for t, v in val.items()}}, indent=1))
     if lora_layers is not None:
         set_lora_layers(model, lora_layers)
         label += f" K={lora_layers}"
@@ -602,16 +606,13 @@ def evaluate_suite(model, tokenizer, setup, args):
     """Every task's test rows -> {task: task_result}; predictions written as each task ends."""
     results = {}
     pred_dir = side_file(setup, "-predictions")
-    pred_dir.mkdir(parents=True, exist_ok=True)
     for t in setup.tasks:
         examples = load_task_examples(t, limit=args.limit)
         kw = decode_settings(args, setup, t)
         started = time.time()
         _, records = evaluate_task(model, tokenizer, t, examples, progress=True, **kw)
         results[t.name] = r = task_result(records, time.time() - started, kw["max_new_tokens"])
-        with open(pred_dir / f"{t.name}.jsonl", "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
+        atomic_write_text(pred_dir / f"{t.name}.jsonl", "".join(json.dumps(rec) + "\n" for rec in records))
         skipped = f", {r['skipped']} skipped (too long, counted wrong)" if r["skipped"] else ""
         print(f"{t.name}: {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% "
               f"({r['unextracted']} unextracted{skipped}; {r['examples_per_s']} examples/s)", flush=True)
@@ -623,9 +624,7 @@ def write_results(setup, args, results, lora_layers, label):
     total = sum(r["total"] for r in results.values())
     acfg = setup.adapter_cfg or {}
     summary = {
-        "echo": "off", "label": label, "model": setup.model_path,
-        "adapter": str(setup.adapter_dir) if setup.adapter_dir else None,
-        "run": str(setup.run_dir) if setup.run_dir else None,
+        "echo": "off", "label": label, **recorded_inputs(setup),
         "method": acfg.get("method", "base"), "rank": acfg.get("rank"), "echo_trained": run_echo(setup.run_cfg),
         "template": setup.template, "decoding": "greedy" if args.num_beams == 1 else f"beam{args.num_beams}",
         "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens or 32, "lora_layers": lora_layers,
@@ -634,11 +633,26 @@ def write_results(setup, args, results, lora_layers, label):
         "batch_size": args.batch_size, "seconds": round(seconds, 2),
         "examples_per_s": round(total / max(seconds, 1e-9), 2), "skip_rule": SKIP_RULE,
         "tasks": results, "average": sum(r["accuracy"] for r in results.values()) / len(results)}
-    setup.results_path.parent.mkdir(parents=True, exist_ok=True)
-    setup.results_path.write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(setup.results_path, json.dumps(summary, indent=1) + "\n")
     print()
     print(format_table(label, results))
     print(f"\nwrote {setup.results_path} and {side_file(setup, '-predictions')}/<task>.jsonl")
+
+
+def recorded_inputs(setup):
+    """What was evaluated, as the results JSON records it: paths relative to the run folder or the repository
+    (model.io.record_path; never this machine's absolute paths) and the content fingerprints that identify
+    the model, the adapter and each task's test file."""
+    roots = [r for r in (setup.run_dir or setup.adapter_dir, REPO) if r is not None]
+    model_dir = Path(setup.model_path)
+    return {"model": record_path(model_dir, *roots),
+            "adapter": record_path(setup.adapter_dir, *roots),
+            "run": record_path(setup.run_dir, REPO, Path.cwd()),
+            "paths": "relative to the run folder, else the repository; <outside>/NAME: elsewhere",
+            "fingerprints": {"model": folder_fingerprints(model_dir) if model_dir.is_dir() else model_dir.name,
+                             "adapter": folder_fingerprints(setup.adapter_dir) if setup.adapter_dir else None,
+                             "data": {t.name: [record_path(t.path, *roots), fingerprint(t.path)]
+                                      for t in setup.tasks}}}
 
 
 def run(args):

@@ -369,6 +369,15 @@ def resolve_base_format(flag, adapter_cfg, model_dir=None, adapter_dir=None):
                                    f"(expected {expected}): this runs a different model than the one trained")
 
 
+def choose_base_format(flag, adapter_cfg, model_dir=None, adapter_dir=None):
+    """resolve_base_format as every command uses it (eval, generate, convert_weights --export): -> (base
+    format, why), its warning printed on stderr (stdout may be the generated text)."""
+    base_format, why, warning = resolve_base_format(flag, adapter_cfg, model_dir, adapter_dir)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return base_format, why
+
+
 def load_for_inference(model_dir, adapter_dir=None, device="cpu", dtype=torch.float32, base_format="plain"):
     """model.load.load_model in eval mode, with a damaged file (truncated safetensors, corrupt pickle,
     unreadable tensors) reported as a one-line ValueError naming the folders instead of a traceback.
@@ -564,10 +573,8 @@ def announce_base_format(args, adapter_dir):
     """The base format to load, said on stderr (stdout is the generated text) whenever NF4 is involved."""
     from .lora import read_adapter_config
     adapter_cfg = read_adapter_config(adapter_dir) if adapter_dir else None
-    base_format, why, warning = resolve_base_format(args.base_format, adapter_cfg, args.model, adapter_dir)
-    if warning:
-        print(warning, file=sys.stderr)
-    elif "nf4" in (base_format, (adapter_cfg or {}).get("base_format")):
+    base_format, why = choose_base_format(args.base_format, adapter_cfg, args.model, adapter_dir)
+    if why != "--base-format" and "nf4" in (base_format, (adapter_cfg or {}).get("base_format")):
         print(f"base: {base_format} ({why})", file=sys.stderr)
     return base_format
 

@@ -1,9 +1,12 @@
 """The small file helpers every model/ module shares: reading JSON, safetensors and torch.save files (a bad
 file is one line naming it), publishing a written temp file with the umask's mode, and a file's content
 fingerprint. Imports nothing from model/."""
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 DAMAGED = "the file is damaged or truncated: re-download it, or re-convert it with convert_weights.py"
@@ -94,8 +97,102 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
+# ---------------------------------------------------------------- where a tool may write --------------------
+
+def check_writable(path, flag):
+    """Before anything is computed: `path` (a file or folder to be created) is not under a file and its
+    nearest existing folder can be written; `flag` names it in the one-line error (e.g. "--out x.json")."""
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder != folder.parent:        # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: {folder} is a file, not a folder: choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write in {folder} (read-only or not yours): choose another path")
+
+
+def check_apart(out, inputs, flag="OUT"):
+    """An output folder must not be, contain or lie inside any input (a replace would delete the input,
+    or the output would be written into it); refused whatever --force says."""
+    out_path = Path(out).resolve()
+    for name, path in inputs:
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if out_path == p or out_path in p.parents or p in out_path.parents:
+            raise ValueError(f"{flag} {out} overlaps {name} {path} (the same folder, inside it or holding it): "
+                             f"writing it would destroy or mix with that input, even with --force; choose an "
+                             f"OUT outside every input")
+
+
+def disk_cause(e, path):
+    """A readable cause of a failed write: the OSError's own words, or (torch.save's and safetensors' errors
+    say little) the free space left when it is nearly none, else the error's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        free = shutil.disk_usage(Path(path).absolute().parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"No space left on device: {free / 2**20:.0f} MiB free"
+    return first_line(e)
+
+
+def is_write_error(e):
+    """OSError, torch.save's RuntimeError (a zip writer's position) or safetensors' SafetensorError."""
+    return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
+
+
+def write_failed(e, path, after="nothing was replaced"):
+    """The one-line OSError every tool raises when writing `path` failed."""
+    return OSError(getattr(e, "errno", None) or errno.EIO,
+                   f"writing {path} failed ({disk_cause(e, path)}); {after}: free space or fix the folder, then rerun")
+
+
+def atomic_write(path, write):
+    """write(tmp) into a temp file beside `path`, then publish it over `path` (umask mode, atomic rename):
+    a full disk or a crash leaves the old file or none, never a truncated one. Errors: write_failed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        publish(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if is_write_error(e):
+            raise write_failed(e, path) from None
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_ours(sd, params, out, dtype=None):
     """Our model layout into folder `out`: model.safetensors + params.json (model/load.py loads it)."""
     from safetensors.torch import save_file
     save_file(contiguous(sd, dtype), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     write_json(params, os.path.join(out, "params.json"))
+
+
+def folder_fingerprints(folder):
+    """[[name, fingerprint], ...] of every file of a folder (model weights, params.json, tokenizer; an adapter),
+    as train.py's config.json records its model."""
+    return [[p.name, fingerprint(p)] for p in sorted(Path(folder).iterdir()) if p.is_file()]
+
+
+def record_path(path, *roots):
+    """A path as a record stores it: relative to the first of `roots` (a run folder, the repository) that holds
+    it, else "<outside>/NAME": never the absolute path of the machine that made the record (the fingerprints
+    stored beside it identify the content). None stays None."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    for root in roots:
+        r = Path(root).resolve()
+        if p == r or r in p.parents:
+            return p.relative_to(r).as_posix() or "."
+    return f"<outside>/{p.name}"

@@ -246,9 +246,10 @@ def test_merged_hf_and_meta_export_give_adapted_logits(tmp_path, adapter):
 def test_round_trip_meta_hf_meta_exact(tmp_path):
     m = tiny_model()
     sd = base_state_dict(m)
-    torch.save(sd, tmp_path / "consolidated.00.pth")
-    (tmp_path / "params.json").write_text(json.dumps(m.args.to_params_json()))
-    src = tmp_path
+    src = tmp_path / "meta"
+    src.mkdir()
+    torch.save(sd, src / "consolidated.00.pth")
+    (src / "params.json").write_text(json.dumps(m.args.to_params_json()))
     for dtype in ("fp32", "bf16"):
         assert run_cli(src, tmp_path / f"ours_{dtype}", "--dtype", dtype, "--no-tokenizer") is None
         assert run_cli("--export", "hf", "--model", tmp_path / f"ours_{dtype}", "--dtype", dtype,
@@ -370,7 +371,8 @@ def test_peft_export_follows_peft_layout(tmp_path):
 
 def test_peft_export_names_a_base_transformers_can_load(tmp_path, capsys):
     """base_model_name_or_path: --base-model-name-or-path; else params.json's hf_repo_id (an HF import keeps
-    config.json's hub id there); else the HF folder itself; else our folder, with a one-line warning."""
+    config.json's hub id there); else the HF folder itself; else the base written in HF layout to OUT/base/,
+    said in one line."""
     m = tiny_model("lora")
     save_ours(m, tmp_path / "model")
     adapter = tmp_path / "model" / "adapter"
@@ -382,9 +384,14 @@ def test_peft_export_names_a_base_transformers_can_load(tmp_path, capsys):
 
     assert exported("--base-model-name-or-path", "org/name") == "org/name"
     assert "warning" not in capsys.readouterr().err
-    assert exported() == str(tmp_path / "model")
+    assert exported() == str(tmp_path / "peft1" / "base")
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "warning:" in err and "--base-model-name-or-path" in err
+    said = err.splitlines()                          # (and the export's no-tokenizer warning: a tiny model)
+    assert "HF layout" in said[0] and "--base-model-name-or-path" in said[0]
+    assert all("no tokenizer" in line for line in said[1:])
+    base = tmp_path / "peft1" / "base"             # what AutoPeftModelForCausalLM loads: a whole HF model
+    assert json.loads((base / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert_same(cw.hf_to_meta(load_file(base / "model.safetensors"), m.args.to_params_json()), base_state_dict(m))
     hf = tmp_path / "hf"
     assert run_cli("--export", "hf", "--model", tmp_path / "model", hf) is None
     capsys.readouterr()                                                  # (the export's no-tokenizer warning)
