@@ -136,3 +136,17 @@ def write_json(results, path):
     """Indented JSON (each per_example string stays on one line: it is already compact), written atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(results, indent=1) + "\n")
+
+
+def main(argv=None):
+    """A library: --help says so and where its command is; anything else is a one-line refusal (exit 2)."""
+    from model.load import CliParser, HelpFormatter
+    p = CliParser(prog="python -m experiments.collect", formatter_class=HelpFormatter,
+                  description=__doc__ + "\nIts command is `python -m experiments.reproduce --only-table` "
+                                        "(with --results/--table of your own for a trial).")
+    p.parse_args(argv)
+    p.exit(2, "error: experiments.collect is a library: run python -m experiments.reproduce --only-table\n")
+
+
+if __name__ == "__main__":
+    main()
