@@ -2,6 +2,8 @@
 and content fingerprints (size + sha256) of files. The bottom of experiments/: it imports nothing from it."""
 import json
 import os
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -155,6 +157,22 @@ def shown_path(path):
 def file_name(path):
     """The name a data file is compared by when no content fingerprint exists: <task folder>/<file>."""
     return "/".join(Path(str(path)).parts[-2:])
+
+
+def arg_path(path):
+    """A path as a command argument: relative to the working folder when that stays within the project or
+    its sibling folders (../shared, ../smollm2), so the records the command writes (config.json, eval-*.json,
+    logs) name no machine's absolute path; else as given."""
+    p = str(path)
+    if not os.path.isabs(p):
+        return p
+    rel = os.path.relpath(p)
+    return p if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+
+def logged_command(cmd):
+    """A command line as a log records it: the interpreter as `python`, not this machine's path to it."""
+    return shlex.join(["python" if c == sys.executable else c for c in cmd])
 
 
 def script(name):

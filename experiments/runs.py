@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import (IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, check_numbers, file_name, is_number, read_record,
-                     script)
+from .common import (IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, arg_path, check_numbers, file_name, is_number,
+                     logged_command, read_record, script)
 from .evals import check_eval_limit, compact_predictions, eval_file, eval_results_path
 from .recipes import METHODS, extra_opts
 
@@ -185,10 +185,10 @@ def train_files(data_dir):
 
 def train_command(args, unit, decision):
     method, echo, extra, _ = METHODS[unit.name]
-    cmd = [sys.executable, script("train.py"), "--model", str(args.model), "--data",
-           *[str(f) for f in train_files(args.data_dir)], "--method", method]
+    cmd = [sys.executable, script("train.py"), "--model", arg_path(args.model), "--data",
+           *[arg_path(f) for f in train_files(args.data_dir)], "--method", method]
     cmd += ["--echo"] if echo else []
-    cmd += ["--seed", str(unit.seed), *recipe_argv(args, unit.overrides), *extra, "--out", str(unit_dir(args, unit))]
+    cmd += ["--seed", str(unit.seed), *recipe_argv(args, unit.overrides), *extra, "--out", arg_path(unit_dir(args, unit))]
     if decision == "resume":
         cmd.append("--resume")
     return cmd
@@ -204,10 +204,10 @@ def beam_limit(args):
 def eval_command(args, adapter, decoding, out, force=False):
     """eval.py's command line; force=True (re-evaluating into an existing --out) adds --force, since eval.py
     refuses to overwrite a results file without it. A fresh evaluation never passes --force."""
-    cmd = [sys.executable, script("eval.py"), "--model", str(args.model)]
+    cmd = [sys.executable, script("eval.py"), "--model", arg_path(args.model)]
     if adapter is not None:
-        cmd += ["--adapter", str(adapter)]
-    cmd += ["--data-dir", str(args.data_dir), "--tasks", *TASKS]
+        cmd += ["--adapter", arg_path(adapter)]
+    cmd += ["--data-dir", arg_path(args.data_dir), "--tasks", *TASKS]
     if decoding == "greedy":
         cmd += ["--greedy"]
         if args.limit:
@@ -221,16 +221,16 @@ def eval_command(args, adapter, decoding, out, force=False):
         cmd += ["--batch-size", str(args.eval_batch_size)]
     cmd += shlex.split(args.eval_extra) if args.eval_extra else []
     cmd += ["--force"] if force else []
-    return cmd + ["--out", str(out)]
+    return cmd + ["--out", arg_path(out)]
 
 
 def layer_probs_command(args, adapter, out):
-    cmd = [sys.executable, script("eval.py"), "--model", str(args.model), "--adapter", str(adapter),
-           "--data-dir", str(args.data_dir), "--tasks", *IN_FORMAT, "--layer-probs", str(args.layer_probs),
+    cmd = [sys.executable, script("eval.py"), "--model", arg_path(args.model), "--adapter", arg_path(adapter),
+           "--data-dir", arg_path(args.data_dir), "--tasks", *IN_FORMAT, "--layer-probs", str(args.layer_probs),
            "--limit", "0"]
     if args.eval_batch_size:
         cmd += ["--batch-size", str(args.eval_batch_size)]
-    return cmd + ["--out", str(out)]
+    return cmd + ["--out", arg_path(out)]
 
 
 def child_env(args):
@@ -243,14 +243,14 @@ def child_env(args):
 def run_logged(cmd, log, what, dry_run, move_to=None, env=None):
     """Run cmd with stdout+stderr appended to log; a failure is a one-line StepFailed. With move_to, the
     log is appended to move_to afterwards (when move_to's folder exists) and removed."""
-    print(("would run: " if dry_run else "") + f"[{what}] " + shlex.join(cmd), flush=True)
+    print(("would run: " if dry_run else "") + f"[{what}] " + logged_command(cmd), flush=True)
     if dry_run:
         return
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "a") as f:
-        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {logged_command(cmd)}\n")
         f.flush()
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, **({"env": env} if env else {}))
     if move_to is not None and Path(move_to).parent.is_dir():

@@ -306,3 +306,21 @@ def test_reproduce_asked_to_train_over_another_run_exits_non_zero(tmp_path, data
 
 def test_collect_as_a_command_says_it_is_a_library():
     one_line_error(cli("experiments.collect"), "reproduce --only-table")
+
+
+# ------------------------------------------------------------------ records name no machine's paths
+
+def test_commands_and_their_logs_name_no_absolute_paths(monkeypatch):
+    import sys
+    from experiments.recipes import Unit
+    monkeypatch.chdir(ROOT)
+    args = rp.parse_args(["--model", str(ROOT.parent / "smollm2"), "--data-dir", str(common.DATA_DIR)])
+    unit = Unit("echo-lora", 0, "main")
+    cmds = [R.train_command(args, unit, "fresh"), R.eval_command(args, R.unit_dir(args, unit), "greedy", "x.json")]
+    for cmd in cmds:
+        assert cmd[0] == sys.executable and not [a for a in cmd[1:] if Path(a).is_absolute()], cmd
+        assert R.logged_command(cmd).startswith("python ")
+    train = cmds[0]
+    assert train[train.index("--model") + 1] == "../smollm2"
+    assert train[-1] == "results/smollm2-135m-paper-recipe/runs/echo-lora-s0"
+    assert common.arg_path("/tmp/elsewhere/run") == "/tmp/elsewhere/run"       # outside the project: as given
