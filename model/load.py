@@ -184,8 +184,8 @@ def check_meta_shards(paths, want, args):
         dims[k] = None if full is None else meta_split_dim(tuple(w.shape), full, n)
         shapes[k] = tuple(w.shape) if dims[k] is None or dims[k] < 0 else full
         if dims[k] == -1:
-            raise ValueError(f"{paths[0]}: {k} is a {list(w.shape)} piece; {n} shard(s) of it cannot make the "
-                             f"{list(full)} that params.json implies: a shard missing, or the wrong params.json")
+            raise ValueError(f"{paths[0]}: {k}: {n} shard(s) of a {list(w.shape)} piece cannot make the shape "
+                             f"params.json implies {list(full)}: a shard missing, or the wrong params.json")
     check_keys_and_shapes(shapes, want, args, paths[0])
     return dims
 
@@ -271,6 +271,7 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
     consolidated.*.pth) or a preset name (random weights, no tokenizer). Returns (model, tokenizer or None).
     A checkpoint is checked whole, then streamed into the model one tensor at a time (open_checkpoint,
     load_checkpoint): an NF4 base quantises each as it is read, never a random one first."""
+    adapter_cfg = None
     if adapter_dir is not None:
         adapter_cfg, from_adapter = adapter_overrides(adapter_dir)
         overrides = {**from_adapter, **overrides}
@@ -281,6 +282,7 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
     elif model_dir.is_dir():
         tokenizer = load_dir_tokenizer(model_dir)
         args = dir_model_args(model_dir, tokenizer, **overrides)
+        check_not_dequantized(model_dir, args, adapter_dir, adapter_cfg)
         plan = open_checkpoint(model_dir, args)
     else:
         raise FileNotFoundError(f"model {model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
@@ -300,6 +302,25 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
     if adapter_dir is not None:
         load_adapter(net, adapter_dir)
     return net, tokenizer
+
+
+def check_not_dequantized(model_dir, args, adapter_dir=None, adapter_cfg=None):
+    """An NF4 base quantises the folder's weights, so it is refused for weights that are dequant(NF4(W))
+    already, which it would round a second time: a run's base/ beside its NF4-trained adapter (train.py
+    writes dequant(W) there), or a folder whose params.json says "dequantized_from": "nf4" (a merged export
+    of an NF4 run: dequant(NF4(W)) + ΔW). Such a folder is the NF4 model when loaded plain."""
+    if args.base_format != "nf4":
+        return
+    from .generate import is_dequantized_copy
+    params_path = Path(model_dir) / "params.json"
+    if read_json(params_path).get("dequantized_from") == "nf4":
+        why = f'{params_path} says "dequantized_from": "nf4"'
+    elif (adapter_cfg or {}).get("base_format") == "nf4" and is_dequantized_copy(model_dir, adapter_dir):
+        why = f"it is the base/ of the run of adapter {adapter_dir}"
+    else:
+        return
+    raise ValueError(f"{model_dir}: its weights are already dequantised from NF4 ({why}); base format nf4 would "
+                     f"quantise them a second time: load it with --base-format plain")
 
 
 def load_dir_tokenizer(model_dir):

@@ -185,6 +185,33 @@ def test_nf4_backward_keeps_only_the_4bit_weight_compiled(method):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6 * r.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dora_forward_dequantises_w_once(monkeypatch, dtype):
+    """DoRA on an NF4 base: W u and the row norm's W Aᵀ come from one dequant(W) (the echo_lora::
+    nf4_linear_and_wat op), and the output and ∂L/∂u, ∂L/∂A, ∂L/∂B, ∂L/∂m are those of the two-op forward
+    (nf4_linear for W u, weight_norm's own nf4_linear for W Aᵀ), bit for bit."""
+    import model.lora as lora
+    layer, _ = nf4_layer_and_dense_twin("dora")
+    u = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    calls = []
+    real = lora.dequantize_tensors
+    monkeypatch.setattr(lora, "dequantize_tensors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = layer(u)
+    assert len(calls) == 1
+    params = [u, layer.lora_a, layer.lora_b, layer.magnitude]
+    grads = torch.autograd.grad(out.float().square().sum(), params)
+
+    def two_op_forward(u):
+        base = lora.nf4_linear(u, layer.weight)
+        adapter = F.linear(F.linear(u, layer.lora_a.to(dtype)), layer.lora_b.to(dtype)) * layer.scale
+        return (layer.magnitude / layer.weight_norm(dtype)).to(dtype) * (base + adapter)
+
+    want = two_op_forward(u)
+    assert torch.equal(out, want)
+    for g, w in zip(grads, torch.autograd.grad(want.float().square().sum(), params)):
+        assert torch.equal(g, w)
+
+
 def test_nf4_base_is_rebuilt_deterministically_on_load(tmp_path):
     """load_model quantises each block weight of the checkpoint as it loads it; two loads give identical
     buffers, equal to quantize_nf4 of the checkpoint's tensor; every other weight is the checkpoint's."""

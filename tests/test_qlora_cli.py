@@ -121,7 +121,8 @@ def test_eval_default_names_nf4_results_apart(nf4_run):
 
 def test_a_runs_base_folder_is_already_dequantised():
     """train.py writes a default run's base/ as dequant(W): loading it plain is the trained model; nf4 would
-    quantise it again (a flag asking for that is obeyed, with the warning)."""
+    quantise it again (resolve_base_format follows a flag asking for that, with the warning; load_model then
+    refuses it, test_nf4_on_weights_already_dequantised_is_refused_by_name)."""
     cfg = {"method": "lora", "base_format": "nf4"}
     assert gen.resolve_base_format(None, cfg, "runs/x/base", "runs/x/adapter")[0] == "plain"
     assert gen.resolve_base_format(None, cfg, "models/m", "runs/x/adapter")[:2] == (
@@ -244,3 +245,31 @@ def test_base_format_is_for_merges_only(nf4_run, tmp_path):
                  "--base-format", "nf4", str(tmp_path / "peft")])
     assert str(e.value) == ("error: --base-format is for --export hf / meta (merges): the PEFT export is the "
                             "adapter alone")
+
+
+def test_nf4_on_weights_already_dequantised_is_refused_by_name(tmp_path):
+    """load_model with base format nf4 refuses a folder whose weights are dequant(NF4(W)) already (a run's base/
+    beside its NF4 adapter; a folder whose params.json says "dequantized_from": "nf4"): quantising them again
+    rounds them a second time. Loaded plain, or with an adapter trained on a plain base, they load."""
+    from model.lora import save_adapter
+    torch.manual_seed(0)
+    train.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), tmp_path / "run" / "base")
+    nf4, _ = load_model(tmp_path / "run" / "base", adapter="lora", base_format="nf4")
+    save_adapter(nf4, tmp_path / "run" / "adapter")
+    base, adapter = tmp_path / "run" / "base", tmp_path / "run" / "adapter"
+    with pytest.raises(ValueError) as e:
+        load_model(base, adapter_dir=adapter, base_format="nf4")
+    assert str(e.value) == (f"{base}: its weights are already dequantised from NF4 (it is the base/ of the run of "
+                            f"adapter {adapter}); base format nf4 would quantise them a second time: load it with "
+                            f"--base-format plain")
+    assert load_model(base, adapter_dir=adapter)[0].args.base_format == "plain"
+    plain_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    del plain_cfg["base_format"]
+    (adapter / "adapter_config.json").write_text(json.dumps(plain_cfg))      # trained plain: quantising is a choice
+    assert load_model(base, adapter_dir=adapter, base_format="nf4")[0].args.base_format == "nf4"
+    params = json.loads((base / "params.json").read_text())
+    (base / "params.json").write_text(json.dumps({**params, "dequantized_from": "nf4"}))   # a merged NF4 export
+    with pytest.raises(ValueError, match=f'^{base}: its weights are already dequantised from NF4 \\({base}/params.json '
+                                         f'says "dequantized_from": "nf4"\\)'):
+        load_model(base, base_format="nf4")
+    assert load_model(base)[0].args.base_format == "plain"
