@@ -188,7 +188,8 @@ def train_command(args, unit, decision):
     cmd = [sys.executable, script("train.py"), "--model", arg_path(args.model), "--data",
            *[arg_path(f) for f in train_files(args.data_dir)], "--method", method]
     cmd += ["--echo"] if echo else []
-    cmd += ["--seed", str(unit.seed), *recipe_argv(args, unit.overrides), *extra, "--out", arg_path(unit_dir(args, unit))]
+    cmd += ["--seed", str(unit.seed), *recipe_argv(args, unit.overrides), *extra]
+    cmd += ["--out", arg_path(unit_dir(args, unit))]
     if decision == "resume":
         cmd.append("--resume")
     return cmd
@@ -334,7 +335,8 @@ def run_one(args, unit):
     rd = unit_dir(args, unit)
     state = status(args, unit)
     if state.startswith("mismatch"):             # a failure: the caller asked for this run and gets none
-        why = f"train {unit.run_name}: {rd} holds another run ({state[10:]}): not tabled; move it away to train this one"
+        why = (f"train {unit.run_name}: {rd} holds another run ({state[10:]}): not tabled; move it away to train "
+               f"this one")
         if args.dry_run:
             return print(f"would fail: {why}", flush=True)
         raise StepFailed(why)

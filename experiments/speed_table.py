@@ -173,9 +173,10 @@ def default_run(speed=None):
     """One sentence for README's set-up: how long `python train.py` took (its summary.json)."""
     f = Path(speed or HERE / "speed") / "default-run-cpu.json"
     s = read_record(f)
-    return rows_of(f, lambda: f"On this project's 2-core CI-class machine `python train.py` trained its {s['steps']} steps in "
-            f"{s['train_seconds']:.0f} s (`results/speed/default-run-cpu.json`, its summary.json); `python eval.py` "
-            f"then takes a few seconds more. A loaded machine is slower.\n")
+    return rows_of(f, lambda: f"On this project's 2-core CI-class machine `python train.py` trained its "
+                              f"{s['steps']} steps in "
+                              f"{s['train_seconds']:.0f} s (`results/speed/default-run-cpu.json`, its summary.json); "
+                              f"`python eval.py` then takes a few seconds more. A loaded machine is slower.\n")
 
 
 def parse_args(argv=None):
