@@ -122,15 +122,20 @@ def comparison(greedy, treated, control):
 def headline(results):
     """The Echo − baseline bullets, then which test carries the conclusion, then the seed spread for scale."""
     greedy = by_name(results, "greedy")
-    lines, by_seed = [], []
+    lines, by_seed = [], {}
     for treated, control, _ in COMPARISONS[:2]:                  # Echo-LoRA − LoRA, Echo-DoRA − DoRA
         line, seed_test = comparison(greedy, treated, control)
         if line:
             lines.append(line)
-            by_seed.append(seed_test)
+            by_seed[f"{METHODS[treated][3]} − {METHODS[control][3]}"] = seed_test
     if not lines:
         return []
-    if all(by_seed):
+    if any(by_seed.values()) and not all(by_seed.values()):
+        lines.append("- **Which test carries the conclusion:** the paired t-test over seeds for "
+                     + ", ".join(k for k, v in by_seed.items() if v) + " (its unit is the training seed); for "
+                     + ", ".join(k for k, v in by_seed.items() if not v) + " still McNemar's test over the test "
+                     "examples of one seed, the within-seed view, so that verdict is provisional on one seed.")
+    elif all(by_seed.values()):
         lines.append("- **Which test carries the conclusion:** the paired t-test over seeds. Its unit is the "
                      "training seed, so it includes the seed-to-seed spread; the pooled McNemar test is the "
                      "within-seed view (test-set sampling of the same runs only) and is shown beside it, not "

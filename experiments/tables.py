@@ -1,5 +1,7 @@
-"""The main README table of a recipe, from its results JSON alone: accuracy mean ± sd, Echo − baseline deltas,
-paired significance, the published protocol, training cost, the layer figure; and splicing into README."""
+"""The main README table of a recipe, from its results JSON alone: accuracy mean ± sd, Echo − baseline deltas
+beside the paper's (computed from experiments/paper_tables.json), the within-seed significance over test examples,
+the seed-level test (the unit is the seed), the published protocol, training cost, the layer figure; and
+splicing into README."""
 import json
 import math
 from pathlib import Path
