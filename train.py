@@ -39,12 +39,13 @@ from echo.diagnostics import echo_diagnostics
 from model import load_model
 from model.tokenizer import ByteTokenizer
 from training.checkpoint import (CheckpointWriter, atomic_file, check_run_dir, last_checkpoint, load_checkpoint,
-                                 make_run_dir, recorded_opts, recorded_path, run_fingerprints, save_base, save_checkpoint)
+                                 make_run_dir, run_fingerprints, save_base, save_checkpoint)
 from training.distributed import (StopRequest, check_routing_agrees, exit_with_one_line, leave, setup_distributed,
                                   smallest_over_ranks)
 from training.graphs import P_BUCKET, StepGraphs, keep_grads, make_trainer, pick_micro_batch, set_learning_rate
 from training.log import STATS, Log, summary_of
-from training.options import DEFAULT_RUN, apply_default_run, check_options, compute_dtype, parse_args
+from training.options import (DEFAULT_RUN, apply_default_run, check_options, compute_dtype, parse_args,
+                              recorded_opts, recorded_path)
 
 # Only for tests/benchmark.py and tests/test_gpu.py, which still take these from train: to go when they import
 # them from data and training.log / training.graphs.

@@ -15,6 +15,7 @@ import data
 import train
 import training.checkpoint as checkpoint
 import training.log
+import training.options
 from model import ModelArgs, Transformer, load_model
 from model.tokenizer import ByteTokenizer
 from test_train import Crash, args, crash_in_step, metrics, one_line, setup  # noqa: F401  (setup: the fixture)
@@ -160,41 +161,61 @@ def test_answer_window_does_not_matter_for_runs_that_recompute_every_position(se
 def test_records_hold_no_path_of_the_machine(setup, tmp_path):
     """config.json, summary.json and metrics.jsonl of a run whose model, data and folder lie outside the
     repository: every path relative (to the repository or the run folder) or a placeholder, the fingerprints
-    beside them; resume still works (model and data compared by content)."""
+    beside them; resume still works (model and data compared by content), and so does --config config.json."""
     out = tmp_path / "deep" / "run"
     train.main(args(setup, out, "--max-steps", "4", "--save-every", "2", "--val-data", str(setup / "ds.json")))
     texts = {name: (out / name).read_text() for name in ("config.json", "summary.json", "metrics.jsonl")}
     for name, text in texts.items():
-        for machine in (str(tmp_path), str(setup), os.path.expanduser("~"), "/tmp/", str(checkpoint.REPOSITORY)):
+        for machine in (str(tmp_path), str(setup), os.path.expanduser("~"), "/tmp/", str(training.options.REPOSITORY)):
             assert machine not in text, (name, machine)
-    opts = json.loads(texts["config.json"])["opts"]
-    assert opts["model"] == "<outside the repository>/base" and opts["data"] == ["<outside the repository>/ds.json"]
-    assert opts["out"] == "<run folder>" and opts["val_data"] == ["<outside the repository>/ds.json"]
     cfg = json.loads(texts["config.json"])
+    opts, near = cfg["opts"], f"<run folder>/../../../{setup.name}"      # run and setup share pytest's folder
+    assert opts["model"] == f"{near}/base" and opts["data"] == [f"{near}/ds.json"] == opts["val_data"]
+    assert opts["out"] == "<run folder>"
     fp = {"bytes": (setup / "ds.json").stat().st_size,
           "sha256": hashlib.sha256((setup / "ds.json").read_bytes()).hexdigest()}
-    assert cfg["data_fingerprints"] == {"<outside the repository>/ds.json": fp} == cfg["val_data_fingerprints"]
+    assert cfg["data_fingerprints"] == {f"{near}/ds.json": fp} == cfg["val_data_fingerprints"]
     assert set(cfg["model_fingerprints"]) == {"model.safetensors", "params.json", "tokenizer_config.json"}
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
     state.update(step=2, epoch_step=2)
     torch.save(state, out / "checkpoint" / "state.pt")
     train.main(args(setup, out, "--max-steps", "4", "--resume", "--val-data", str(setup / "ds.json")))
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    again = train.parse_args(["--config", str(out / "config.json")])
+    assert (again.model, again.data, again.out) == (str(setup / "base"), [str(setup / "ds.json")], str(out))
 
 
 def test_recorded_path(tmp_path):
-    repo, out = checkpoint.REPOSITORY, tmp_path / "runs" / "x"
-    out.mkdir(parents=True)
-    (tmp_path / "d.json").write_text("[]")
+    repo, out = training.options.REPOSITORY, tmp_path / "runs" / "x"
+    recorded_path = training.options.recorded_path
     cases = {str(repo / "runs" / "default"): "runs/default", str(repo / "README.md"): "README.md",
              str(repo.parent / "shared" / "data" / "a.json"): "../shared/data/a.json",
              str(out / "data" / "train.json"): "<run folder>/data/train.json", str(out): "<run folder>",
-             str(out.parent / "base"): "<run folder>/../base", str(tmp_path / "d.json"): "<outside the repository>/d.json",
-             "/nowhere/else/m": "<outside the repository>/m",
+             str(out.parent / "base"): "<run folder>/../base", str(tmp_path / "d.json"): "<run folder>/../../d.json",
+             "/nowhere/else/m": "<outside the repository>/else/m", "/m": "<outside the repository>/m",
              "tiny": "tiny", None: None}
     for path, want in cases.items():
-        assert checkpoint.recorded_path(path, out) == want, path
-    assert checkpoint.recorded_path("/elsewhere/f.json", "/") == "<outside the repository>/f.json"
+        assert recorded_path(path, out) == want, path
+        if path and want.startswith("<run folder>"):
+            assert training.options.resolved_path(want, out) == path
+    assert recorded_path("/elsewhere/f.json", "/") == "<outside the repository>/elsewhere/f.json"
+    assert recorded_path(str(tmp_path / "f.json"), "/other/run") == f"<outside the repository>/{tmp_path.name}/f.json"
+
+
+def test_config_json_with_placeholders_feeds_back(setup, tmp_path):
+    """--config RUN/config.json: "<run folder>/..." is found beside the file; a placeholder --model / --data
+    needs the flag."""
+    out = train.main(args(setup, tmp_path / "run", "--max-steps", "2"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["opts"]["model"] = "<outside the repository>/x/base"
+    (out / "edited.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        train.parse_args(["--config", str(out / "edited.json")])
+    assert one_line(e) == (f"--config {out / 'edited.json'}: model is recorded as '<outside the repository>/x/base', "
+                           f"a path of the machine the run was made on: give --model on the command line")
+    opts = train.parse_args(["--config", str(out / "edited.json"), "--model", str(setup / "base")])
+    assert opts.model == str(setup / "base") and opts.max_steps == 2 and opts.data == [str(setup / "ds.json")]
+    assert opts.out == str(out)                              # "<run folder>": the config file's folder
 
 
 # ------------------------------------------------------------------ validation, recomputed
@@ -303,7 +324,8 @@ def test_one_help_formatter_one_default_run_one_ignore_index():
     import model.load
     import training.options
     assert training.options.HelpFormatter is model.load.HelpFormatter
-    assert train.DEFAULT_RUN is training.options.DEFAULT_RUN == "runs/default"
+    import data.tasks
+    assert train.DEFAULT_RUN is training.options.DEFAULT_RUN is data.tasks.DEFAULT_RUN
     assert not hasattr(training.log.Log, "start_step")
 
 
@@ -316,3 +338,4 @@ def test_a_failed_write_with_an_empty_message_is_one_line(tmp_path):
     with pytest.raises(OSError) as e:
         checkpoint.atomic_dir(tmp_path / "adapter", fail)
     assert "(RuntimeError)" in str(e.value) and not (tmp_path / "adapter.tmp").exists()
+

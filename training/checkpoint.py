@@ -249,10 +249,10 @@ def check_resume_options(saved, opts, saved_fingerprints, fingerprints, say=True
     --model / --data / --val-data compare by content where they have files."""
     missing = sorted(k for k in vars(opts) if k not in saved and k not in RESUME_MAY_CHANGE)
     saved = {**{k: default_of(k, opts.model == "default-tiny") for k in missing}, **saved}
-    if saved.get("dtype") in ("bf16", "fp32"):
-        saved["dtype"] = compute_dtype(saved["dtype"], device)
     for key in sorted(set(saved) & set(vars(opts))):      # options this version no longer has are ignored
         if key in RESUME_MAY_CHANGE or saved[key] == getattr(opts, key) or changes_nothing(key, opts):
+            continue
+        if key == "dtype" and compute_dtype(saved[key], device) == compute_dtype(opts.dtype, device):
             continue
         if key.startswith("echo_") and not (opts.echo or saved.get("echo")):
             continue
@@ -318,38 +318,6 @@ def run_fingerprints(opts, rank=0, world=1):
     if world > 1:
         dist.broadcast_object_list(found, src=0)
     return found[0]
-
-
-REPOSITORY = Path(__file__).resolve().parents[1]
-PATH_OPTIONS = ("model", "data", "val_data", "out", "config")       # the options that name files or folders
-
-
-def recorded_path(path, out):
-    """A path as the run's records (config.json) write it, never an absolute path of the machine: relative to
-    the repository (where train.py, eval.py and experiments/ run) when it lies inside it or beside it
-    (../shared/...); "<run folder>/..." (relative to the run folder `out`) when it lies in the run folder's
-    parent folder; else "<outside the repository>/NAME". A name that is no path (a preset such as tiny) stays.
-    The content fingerprints recorded beside it (data_fingerprints, model_fingerprints) identify the file."""
-    if path is None or (not Path(path).is_absolute() and not Path(path).exists()):
-        return path
-    full, run = Path(os.path.abspath(path)), Path(os.path.abspath(out))
-    if full.is_relative_to(REPOSITORY):
-        return full.relative_to(REPOSITORY).as_posix() or "."
-    if REPOSITORY.parent != Path(REPOSITORY.anchor) and full.is_relative_to(REPOSITORY.parent):
-        return "../" + full.relative_to(REPOSITORY.parent).as_posix()
-    if full.is_relative_to(run.parent) and run.parent != Path(run.anchor):
-        inside = os.path.relpath(full, run).replace(os.sep, "/")
-        return "<run folder>" if inside == "." else "<run folder>/" + inside
-    return f"<outside the repository>/{full.name}"
-
-
-def recorded_opts(opts, out):
-    """vars(opts) with every path option as recorded_path writes it (config.json's "opts")."""
-    record = dict(vars(opts))
-    for key in PATH_OPTIONS:
-        value = record.get(key)
-        record[key] = [recorded_path(v, out) for v in value] if isinstance(value, list) else recorded_path(value, out)
-    return record
 
 
 def load_checkpoint(run):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import data
 from echo import EchoConfig
+from data.tasks import DEFAULT_RUN      # `python train.py`'s --out, where eval.py looks for it
 from model.load import CliParser, HelpFormatter, dtype_arg
-
-DEFAULT_RUN = "runs/default"          # `python train.py`'s --out
 
 
 def build_parser(description=None):
@@ -91,9 +90,56 @@ DEFAULT_RUN_SETTINGS = dict(
 NOT_FROM_CONFIG = {"config", "resume", "force"}
 
 
-def read_config(path, parser):
+# ------------------------------------------------------------------ paths as config.json records them
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RUN_FOLDER = "<run folder>"                                          # recorded_path's prefix of run-relative paths
+PATH_OPTIONS = ("model", "data", "val_data", "out", "config")       # the options that name files or folders
+
+
+def recorded_path(path, out):
+    """A path as the run's records (config.json) write it, never an absolute path of the machine: relative to
+    the repository (where train.py, eval.py and experiments/ run) when it lies inside it or beside it
+    (../shared/...); "<run folder>/..." (relative to the run folder `out`) when the two share a folder other
+    than the file system's root; else "<outside the repository>/FOLDER/NAME" (the last two parts: what
+    experiments.common.file_name compares data files by). A name that is no path (a preset such as tiny) stays.
+    The content fingerprints recorded beside it (data_fingerprints, model_fingerprints) identify the file."""
+    if path is None or (not Path(path).is_absolute() and not Path(path).exists()):
+        return path
+    full, run = Path(os.path.abspath(path)), Path(os.path.abspath(out))
+    if full.is_relative_to(REPOSITORY):
+        return full.relative_to(REPOSITORY).as_posix() or "."
+    if REPOSITORY.parent != Path(REPOSITORY.anchor) and full.is_relative_to(REPOSITORY.parent):
+        return "../" + full.relative_to(REPOSITORY.parent).as_posix()
+    if Path(os.path.commonpath([full, run])) != Path(full.anchor):
+        inside = os.path.relpath(full, run).replace(os.sep, "/")
+        return RUN_FOLDER if inside == "." else f"{RUN_FOLDER}/{inside}"
+    return "<outside the repository>/" + "/".join(part for part in full.parts[-2:] if part != full.anchor)
+
+
+def resolved_path(recorded, run_dir):
+    """A path config.json recorded (recorded_path), as a path of this machine: "<run folder>/..." taken from
+    `run_dir`, others as they are (the placeholder "<outside the repository>/..." names no file here)."""
+    if isinstance(recorded, str) and (recorded == RUN_FOLDER or recorded.startswith(RUN_FOLDER + "/")):
+        return os.path.normpath(Path(run_dir) / recorded[len(RUN_FOLDER) + 1:])
+    return recorded
+
+
+def recorded_opts(opts, out):
+    """vars(opts) with every path option as recorded_path writes it (config.json's "opts")."""
+    record = dict(vars(opts))
+    for key in PATH_OPTIONS:
+        value = record.get(key)
+        record[key] = [recorded_path(v, out) for v in value] if isinstance(value, list) else recorded_path(value, out)
+    return record
+
+
+def read_config(path, parser, argv=()):
     """--config FILE: {option: value} (or a run's config.json, whose "opts" are that) -> the command-line
-    tokens that say the same, so argparse checks every value's type and choices as if it were typed."""
+    tokens that say the same, so argparse checks every value's type and choices as if it were typed. Paths as
+    config.json records them (recorded_path): "<run folder>/..." is taken from the config file's folder; a
+    placeholder "<outside the repository>/..." needs its flag on the command line (argv)."""
     try:
         values = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -108,12 +154,26 @@ def read_config(path, parser):
     unknown = sorted(k for k in values if k.replace("-", "_") not in actions)
     if unknown:
         raise ValueError(f"--config {path}: unknown option(s) {unknown}; see train.py --help")
-    tokens = []
+    tokens, given = [], {t.split("=")[0] for t in argv}
     for key, value in values.items():
         action = actions[key.replace("-", "_")]
-        if action.dest not in NOT_FROM_CONFIG:
-            tokens += option_tokens(action, value, path)
+        if action.dest in PATH_OPTIONS:           # "<run folder>/...": beside the config file, a run's config.json
+            value = [resolved_path(v, Path(path).parent) for v in value] if isinstance(value, list) else \
+                resolved_path(value, Path(path).parent)
+        if action.dest in NOT_FROM_CONFIG:
+            continue
+        if placeholder(value) and not given & set(action.option_strings):
+            if action.dest == "data" and values.get("model") == "default-tiny":
+                continue                             # the default run writes its own data again
+            raise ValueError(f"--config {path}: {action.dest} is recorded as {value!r}, a path of the machine "
+                             f"the run was made on: give {action.option_strings[0]} on the command line")
+        tokens += option_tokens(action, value, path)
     return tokens
+
+
+def placeholder(value):
+    """Whether a config.json value is (or lists) a path recorded as a placeholder, "<...>/NAME"."""
+    return any(isinstance(v, str) and v.startswith("<") for v in (value if isinstance(value, list) else [value]))
 
 
 def option_tokens(action, value, path):
@@ -145,7 +205,7 @@ def parse_args(argv=None, description=None):
     p = build_parser(description)
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = p.parse_args(argv)
-    argv = (read_config(opts.config, p) if opts.config else []) + argv     # argparse: the later token wins
+    argv = (read_config(opts.config, p, argv) if opts.config else []) + argv     # argparse: the later token wins
     opts = p.parse_args(argv)
     if opts.model is None:             # the built-in default run has its own defaults; the rest still wins
         if opts.data:
@@ -177,7 +237,7 @@ def apply_default_run(opts, default_out=DEFAULT_RUN):
     if opts.model is not None:
         return opts
     opts.model = "default-tiny"
-    opts.out = opts.out or default_out
+    opts.out = opts.out or str(default_out)
     opts.template = opts.template or data.default_task.TEMPLATE
     opts.max_len = min(opts.max_len, data.default_task.MAX_LEN)
     if opts.micro_batch is None:        # the whole per-process batch: one forward per step, any world size
