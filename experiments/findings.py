@@ -19,10 +19,10 @@ from model.load import CliParser, HelpFormatter
 from training.checkpoint import atomic_file
 
 from .common import DISPLAY, IN_FORMAT, RESULTS, TASKS, StepFailed, by_name, read_json, shown_path
-from .recipes import ABLATIONS, COMPARISONS, MAIN_METHODS, METHODS, N_MAIN, PROBES, RECIPES
+from .recipes import ABLATIONS, COMPARISONS, MAIN_METHODS, METHODS, N_MAIN, PROBES, RECIPES, paper_ablations
 from .stats import mean_sd
 from .tables import compare, publish_fragment, seed_level, task_avg
-from .tables_paper import _seed0
+from .tables_paper import _seed0, paper_ablation_deltas
 
 OUT = RESULTS / "README-findings.md"
 ALPHA = 0.05
@@ -243,18 +243,22 @@ def ablations(results):
     done = [a for a in ABLATIONS if a in seed0 and task_avg(seed0[a], TASKS) is not None]
     if a0 is None or not done:
         return []
-    out = []
+    out, prow = [], paper_ablations().get("rows", {})
     for a in done:
         r = seed0[a]
+        p_full, p_lora = paper_ablation_deltas(prow, a)
+        paper = "" if p_full is None else f"paper: {p_full:+.1f} vs full, {p_lora:+.1f} vs its LoRA 84.7; "
         vs_full = "" if full is None else f"{task_avg(r, TASKS) - task_avg(full, TASKS):+.1f} vs full, "
         worst = min(TASKS, key=lambda k: r["tasks"][k]["correct"] / r["tasks"][k]["total"]
                     - a0["tasks"][k]["correct"] / a0["tasks"][k]["total"])
         w = r["tasks"][worst]
         drop = 100 * (w["correct"] / w["total"] - a0["tasks"][worst]["correct"] / a0["tasks"][worst]["total"])
         u = 100 * w.get("unextracted", 0) / w["total"]
-        out.append(f"{METHODS[a][3]} {vs_full}{task_avg(r, TASKS) - task_avg(a0, TASKS):+.1f} vs LoRA (largest "
-                   f"drop: {DISPLAY[worst]} {drop:+.1f}, {u:.0f} % of its answers unreadable by the published regex)")
-    return [f"- **Ablations so far** (seed 0, Δ 8-task; {len(done)} of {len(ABLATIONS)}): " + "; ".join(out) + "."]
+        out.append(f"{METHODS[a][3]} {vs_full}{task_avg(r, TASKS) - task_avg(a0, TASKS):+.1f} vs LoRA ({paper}"
+                   f"largest drop: {DISPLAY[worst]} {drop:+.1f}, {u:.0f} % of its answers unreadable by the "
+                   f"published regex)")
+    so_far = " so far" if len(done) < len(ABLATIONS) else ""
+    return [f"- **Ablations{so_far}** (seed 0, Δ 8-task; {len(done)} of {len(ABLATIONS)}): " + "; ".join(out) + "."]
 
 
 def power(results):

@@ -250,3 +250,10 @@ def test_mixed_seed_counts_name_the_test_per_comparison(tmp_path):
             "still McNemar's test") in t
     assert "provisional, one seed" in next(x for x in t.splitlines() if x.startswith("- **Echo-DoRA − DoRA"))
     assert "read every Δ below as provisional" in t
+
+
+def test_ablations_bullet_gives_both_references_ours_and_the_papers(tmp_path):
+    res = results([1.0])
+    res["runs"].append(run("A-1", 0, -2.0))                 # LoRA 50 %, full Echo-LoRA 51 %, A-1 48 %
+    line = next(x for x in text(res, tmp_path).splitlines() if x.startswith("- **Ablations so far"))
+    assert "A-1 w/o stochastic routing -3.0 vs full, -2.0 vs LoRA (paper: -8.8 vs full, -6.0 vs its LoRA 84.7; largest drop: BoolQ -2.0" in line
