@@ -28,10 +28,10 @@ class StepFailed(Exception):
 
 
 def committed(path):
-    """Whether path is one of the files the project publishes: README.md or a record under results/. A trial
-    (a toy model, other runs, another model) must never write one: see refuse_trial."""
+    """Whether path is one of the files the project publishes: README.md, a page under docs/ or a record
+    under results/. A trial (a toy model, other runs, another model) must never write one: see refuse_trial."""
     p = Path(path).resolve()
-    return p == (ROOT / "README.md").resolve() or RESULTS.resolve() in p.parents
+    return p == (ROOT / "README.md").resolve() or any(d.resolve() in p.parents for d in (RESULTS, ROOT / "docs"))
 
 
 def refuse_trial(path, why, fix):

@@ -20,7 +20,8 @@ PUBLISHED = [RESULTS / n for n in ("scaling-prediction.json", "README-scaling.md
 
 def stamps():
     """What the tools publish, by content and modification time: a trial must leave all of it as it was."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in PUBLISHED + [ROOT / "README.md"] if p.exists()}
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in PUBLISHED + pages if p.exists()}
 
 
 def error_line(excinfo):
@@ -88,6 +89,12 @@ def test_nf4_logits_toy_trial_never_touches_readme(tmp_path):
     one_line_error(cli("experiments.nf4_logits", "--model", str(toy), "--publish", "--force"),
                    "fingerprints differ")
     assert stamps() == before and not (RESULTS / "nf4-logits-toy.json").exists()
+
+
+def test_committed_covers_readme_docs_and_results(tmp_path):
+    assert common.committed(ROOT / "README.md") and common.committed(ROOT / "docs" / "usage.md")
+    assert common.committed(RESULTS / "speed" / "x.jsonl") and common.committed(RESULTS / "new.json")
+    assert not common.committed(tmp_path / "results" / "x.json") and not common.committed(ROOT / "experiments")
 
 
 def test_nf4_logits_default_out_is_beside_not_in_results(tmp_path, monkeypatch):
