@@ -87,6 +87,9 @@ def seed_sd(results):
 def within_seed(full, inf, control_runs):
     """The pooled McNemar over test examples, labelled as the within-seed view."""
     n = len(full["seeds"])
+    if not full.get("paired"):
+        return (f"within-seed view over {n} seed{'s' if n > 1 else ''}: per-example correctness was not recorded, so "
+                f"an unpaired two-proportion z-test, p = {full['p']:.2g}; 5 in-format tasks p = {inf['p']:.2g}")
     sizes = {k: control_runs[full["seeds"][0]]["tasks"][k]["total"] for k in TASKS}
     big = max(sizes, key=sizes.get)
     return (f"within-seed view, test examples pooled over {n} seed{'s' if n > 1 else ''}: McNemar p = "
@@ -99,7 +102,7 @@ def comparison(greedy, treated, control):
     """One headline bullet, and whether its verdict rests on the seed-level test (else on one seed)."""
     t_runs, c_runs = greedy.get(treated, {}), greedy.get(control, {})
     full, inf = compare(t_runs, c_runs, TASKS), compare(t_runs, c_runs, IN_FORMAT)
-    if not full.get("seeds") or full.get("ci") is None:
+    if not full.get("seeds") or full.get("p") is None or any(v is None for v in full["deltas"].values()):
         return None, None
     who, base = METHODS[treated][3], METHODS[control][3]
     lv8, lv5 = seed_level(t_runs, c_runs, TASKS), seed_level(t_runs, c_runs, IN_FORMAT)

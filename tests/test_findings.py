@@ -257,3 +257,18 @@ def test_ablations_bullet_gives_both_references_ours_and_the_papers(tmp_path):
     res["runs"].append(run("A-1", 0, -2.0))                 # LoRA 50 %, full Echo-LoRA 51 %, A-1 48 %
     line = next(x for x in text(res, tmp_path).splitlines() if x.startswith("- **Ablations so far"))
     assert "A-1 w/o stochastic routing -3.0 vs full, -2.0 vs LoRA (paper: -8.8 vs full, -6.0 vs its LoRA 84.7; largest drop: BoolQ -2.0" in line
+
+
+def test_without_per_example_the_seed_test_still_decides_and_the_within_view_says_unpaired(tmp_path):
+    res = results([3.0, 3.5, 2.5])
+    for r in res["runs"]:
+        for t in r["tasks"].values():
+            del t["per_example"]
+    line = echo_lora_line(text(res, tmp_path))
+    assert "**Echo-LoRA better than LoRA, significant at α 0.05**" in line and "CI over seeds" not in line
+    assert "unpaired two-proportion z-test" in line
+    one = results([3.0])
+    for r in one["runs"]:
+        for t in r["tasks"].values():
+            del t["per_example"]
+    assert "unpaired two-proportion z-test" in echo_lora_line(text(one, tmp_path))
