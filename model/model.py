@@ -279,14 +279,14 @@ class Attention(nn.Module):
         self.wv = make_linear(args, layer_id, "wv", args.dim, args.n_kv_heads * args.head_dim)
         self.wo = make_linear(args, layer_id, "wo", args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0, prompt_kv=None):
+    def forward(self, x, cos, sin, mask, site=None, kv_cache=None, cache_pos=0, prompt_kv=None):
         """Returns (output, (k, v)): the keys/values this pass computed (with a kv_cache, the whole cache),
         which a later window pass may read. prompt_kv: another pass's (k, v) to attend to first (a window
         pass; `mask` says which of them each query sees)."""
         B, T, _ = x.shape
-        q = injected(echo, "wq", x, self.wq(x)).view(B, T, self.n_heads, self.head_dim)
-        k = injected(echo, "wk", x, self.wk(x)).view(B, T, self.n_kv_heads, self.head_dim)
-        v = injected(echo, "wv", x, self.wv(x)).view(B, T, self.n_kv_heads, self.head_dim)
+        q = injected(site, "wq", x, self.wq(x)).view(B, T, self.n_heads, self.head_dim)
+        k = injected(site, "wk", x, self.wk(x)).view(B, T, self.n_kv_heads, self.head_dim)
+        v = injected(site, "wv", x, self.wv(x)).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
@@ -298,7 +298,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return injected(echo, "wo", y, self.wo(y)), own
+        return injected(site, "wo", y, self.wo(y)), own
 
 
 class FeedForward(nn.Module):
@@ -311,11 +311,11 @@ class FeedForward(nn.Module):
         self.w2 = make_linear(args, layer_id, "w2", hidden, args.dim)
         self.w3 = make_linear(args, layer_id, "w3", args.dim, hidden)
 
-    def forward(self, x, echo=None):
-        gate = injected(echo, "w1", x, self.w1(x))
-        up = injected(echo, "w3", x, self.w3(x))
+    def forward(self, x, site=None):
+        gate = injected(site, "w1", x, self.w1(x))
+        up = injected(site, "w3", x, self.w3(x))
         hidden = F.silu(gate) * up
-        return injected(echo, "w2", hidden, self.w2(hidden))
+        return injected(site, "w2", hidden, self.w2(hidden))
 
 
 class TransformerBlock(nn.Module):
@@ -326,11 +326,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h, cos, sin, mask, echo=None, kv_cache=None, cache_pos=0, prompt_kv=None):
-        """echo: this block's injection site (see `injected`), or None. Returns (h, (k, v))."""
-        attended, kv = self.attention(self.attention_norm(h), cos, sin, mask, echo, kv_cache, cache_pos, prompt_kv)
+    def forward(self, h, cos, sin, mask, site=None, kv_cache=None, cache_pos=0, prompt_kv=None):
+        """site: this block's injection site (see `injected`), or None. Returns (h, (k, v))."""
+        attended, kv = self.attention(self.attention_norm(h), cos, sin, mask, site, kv_cache, cache_pos, prompt_kv)
         h = h + attended
-        return h + self.feed_forward(self.ffn_norm(h), echo), kv
+        return h + self.feed_forward(self.ffn_norm(h), site), kv
 
 
 def attention_mask_4d(attention_mask, T, cache_pos):
@@ -472,9 +472,9 @@ class Transformer(nn.Module):
         recompute = self.args.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i in range(start, end):
             # the same kind of object for every layer (or None), so one compiled block graph serves them all
-            layer_echo = None if echo_inject is None else echo_inject.at_layer(i)
+            site = None if echo_inject is None else echo_inject.at_layer(i)
             block = functools.partial(checkpoint, self.layers[i], use_reentrant=False) if recompute else self.layers[i]
-            h, kv = block(h, cos, sin, mask, layer_echo, kv_cache, cache_pos,
+            h, kv = block(h, cos, sin, mask, site, kv_cache, cache_pos,
                           None if prompt is None else prompt.kv[i])
             if i in hidden_layers:
                 hiddens[i] = h
