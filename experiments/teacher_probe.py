@@ -15,7 +15,8 @@ EOS), prompts built, left-padded, answers extracted and scored by eval.py's / mo
         o_t ← o_t + M_t δ  inside every target module                                     eq. 7
         M_t = 1 on the generated positions t > t* only (the answer positions of eq. 8);
     positions ≤ t* are never injected, so their hidden states, and z, stay fixed while decoding, and the
-    first generated token is the student's.
+    first generated token is the student's. (A run trained with --echo-all-positions injects every real
+    position, as in training; --echo-token-scale runs add (w·x_t)(e ⊙ g), as in training.)
 Per task: n, student_correct, teacher_correct, both, only_student, only_teacher and the exact two-sided McNemar
 p of the paired difference (experiments.stats.mcnemar_exact); totals over the tasks. The deployed model never
 has the Echo path: this measures what the training-time teacher knows, nothing that can be deployed.
