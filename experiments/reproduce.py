@@ -264,7 +264,7 @@ def print_queue(args, units):
 
 def check_fn(args):
     def check(name, seed, folder):
-        return check_record(folder, claim(args, Unit(name, seed, "main")), args.data_claim)
+        return check_record(folder, claim(args, Unit(name, seed, "main")), args.data_claim, args.model)
     return check
 
 

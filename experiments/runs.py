@@ -1,5 +1,6 @@
 """Run folders and their records: skip / resume / fresh decisions, the train.py and eval.py command lines,
 the check that a record matches what a table claims (recipe + data fingerprints), and running the queue."""
+import functools
 import json
 import math
 import os
@@ -11,8 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import (IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, arg_path, check_numbers, file_name, is_number,
-                     logged_command, read_record, script)
+from .common import (IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, arg_path, check_numbers, file_name, fingerprint,
+                     is_number, logged_command, read_record, script)
 from .evals import check_eval_limit, compact_predictions, eval_file, eval_results_path
 from .recipes import METHODS, extra_opts
 
@@ -151,14 +152,37 @@ def _same(a, b):
     return a == b
 
 
-def check_record(run, want, data):
+@functools.lru_cache(maxsize=64)
+def _fingerprint(path, mtime_ns, size):
+    return fingerprint(path)
+
+
+def model_differs(cfg, model):
+    """The reason config.json's model_fingerprints are not model's files (None: same, or nothing to compare:
+    older records name the model by path only, and paths differ between machines)."""
+    fps = cfg.get("model_fingerprints")
+    if not fps or model is None or not Path(model).is_dir():
+        return None
+    for name, want in fps.items():
+        f = Path(model) / name
+        st = f.stat() if f.is_file() else None
+        if st is None or _fingerprint(str(f), st.st_mtime_ns, st.st_size) != want:
+            return f"model {name} differs from --model's"
+    return None
+
+
+def check_record(run, want, data, model=None):
     """None when RUN/config.json records the claimed recipe (`want`) and data (`data`: {"names": [...],
-    "fingerprints": [{"bytes", "sha256"}, ...] or None}); else a short reason. Data are compared by content
-    (config.json's data_fingerprints, written by train.py) where both sides have it, else by file name."""
+    "fingerprints": [{"bytes", "sha256"}, ...] or None}) and model (a folder: by its files' fingerprints when
+    config.json records them); else a short reason. Data are compared by content (config.json's
+    data_fingerprints, written by train.py) where both sides have it, else by file name."""
     cfg = read_config(run)
     if cfg is None:
         return "no config.json"
     opts = cfg["opts"]
+    why = model_differs(cfg, model)
+    if why:
+        return why
     for k, v in want.items():
         if k not in opts and k.startswith("echo_") and not want.get("echo"):
             continue
@@ -325,7 +349,8 @@ def status(args, unit):
     rd = unit_dir(args, unit)
     decision = train_decision(rd)
     if decision == "skip":
-        why = check_record(rd, claim(args, unit), args.data_claim) if (rd / "config.json").is_file() else None
+        why = check_record(rd, claim(args, unit), args.data_claim, args.model) if (rd / "config.json").is_file() \
+            else None
         return f"mismatch: {why}" if why else "finished"
     return decision
 

@@ -132,6 +132,9 @@ def test_reproduce_only_table_records_the_runs_model_not_the_flag(tmp_path, data
     rp.main(base + ["--model", str(other), "--results", str(tmp_path / "r.json")])     # a trial of your own: allowed
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["model"] == "<model>" and res["model_fingerprints"]["params.json"]["bytes"] == 7
+    assert res["excluded"] == [{"run": "lora-s0", "reason": "model params.json differs from --model's"}]
+    rp.main(base + ["--model", str(model), "--results", str(tmp_path / "r.json")])     # identified by content
+    assert {r["name"] for r in json.loads((tmp_path / "r.json").read_text())["runs"]} == {"lora"}
     args = rp.parse_args(base + ["--model", str(model)])
     assert rp.other_model(model, args.model_fingerprints) is None
     assert "params.json differs" in rp.other_model(other, args.model_fingerprints)
