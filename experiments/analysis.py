@@ -40,7 +40,9 @@ def metrics_summary(run):
         out[f"kd_{part}"] = _mean([r["loss_kd"] for r in routed if r.get("loss_kd") is not None])
         out[f"routed_{part}"] = len(routed)
     if (run / "summary.json").is_file():
-        write_atomic(run / SUMMARY_FILE, json.dumps(out, indent=1) + "\n")
+        text = json.dumps(out, indent=1) + "\n"
+        if not (run / SUMMARY_FILE).is_file() or (run / SUMMARY_FILE).read_text() != text:    # a table-only
+            write_atomic(run / SUMMARY_FILE, text)                                           # rebuild: untouched
     return out
 
 

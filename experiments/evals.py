@@ -2,10 +2,9 @@
 JSON (compaction), the --limit an eval was made with, and the layer-probability CSVs."""
 import csv
 import json
-import os
 from pathlib import Path
 
-from .common import StepFailed, is_number, read_json, read_record
+from .common import StepFailed, is_number, read_json, read_record, write_atomic
 
 
 def eval_file(run, decoding):
@@ -139,9 +138,7 @@ def compact_predictions(results_file):
             t["unextracted"] = _unextracted(preds)
         changed = True
     if changed:
-        tmp = res.with_name(res.name + ".tmp")
-        tmp.write_text(json.dumps(raw, indent=1) + "\n")
-        os.replace(tmp, res)
+        write_atomic(res, json.dumps(raw, indent=1) + "\n")
 
 
 def check_eval_limit(path, wanted, what):
