@@ -1,8 +1,11 @@
 """Load a model directory (params.json + tokenizer + weights) or build a preset with random weights."""
 import argparse
 import contextlib
+import ctypes
 import dataclasses
+import mmap
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -196,8 +199,13 @@ def read_checkpoint(plan):
     for source, keys in plan:
         if isinstance(source, list):           # Meta shards: keys is {key: split dim}
             shards = [read_pth(path) for path in source]
+            mapped = all(is_zip(path) for path in source)       # read_pth maps zip files (torch.save's format)
             for k, dim in keys.items():
-                yield k, shards[0][k] if dim is None else torch.cat([s[k] for s in shards], dim)
+                pieces = [s[k] for s in shards]
+                yield k, pieces[0] if dim is None else torch.cat(pieces, dim)
+                if mapped:
+                    for piece in pieces:
+                        drop_mapped_pages(piece)
             continue
         from safetensors import safe_open
         with safe_open(str(source), framework="pt") as f:
@@ -205,15 +213,34 @@ def read_checkpoint(plan):
                 yield k, f.get_tensor(k)
 
 
+def is_zip(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def drop_mapped_pages(t):
+    """Give back the pages of memory-mapped tensor t that reading it brought into this process (Linux madvise
+    MADV_DONTNEED: for a file mapping, the pages leave the process and are read from the file again if
+    touched). A Meta weight needs a piece of every shard, so all shards stay mapped to the end of the load;
+    without this the process's resident size grows to the whole checkpoint (page cache the kernel could
+    reclaim, but counted as the process's). Only for tensors of a file mapping: on anonymous memory
+    MADV_DONTNEED would zero them."""
+    if not sys.platform.startswith("linux"):
+        return
+    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE         # whole pages inside t only
+    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)   # 4: MADV_DONTNEED
+
+
 @torch.no_grad()
 def load_checkpoint(net, plan, origin):
     """Copy the weights of open_checkpoint's plan into net's base, one tensor at a time: an NF4 weight is
     quantised as it is copied (NF4Weight.copy_). Then DoRA's ‖W‖ and magnitudes, once."""
     params = {k: p for k, p in net.named_weights() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
-    embedding = None
     for k, w in read_checkpoint(plan):
         if k == "output.weight" and net.output is None:    # tied: a redundant copy must be the embedding
-            embedding = dict(read_checkpoint(plan_for(plan, "tok_embeddings.weight")))["tok_embeddings.weight"]
+            (_, embedding), = read_checkpoint(plan_for(plan, "tok_embeddings.weight"))
             if not torch.equal(w, embedding):
                 raise ValueError(f"{origin}: output.weight differs from tok_embeddings.weight, but params.json "
                                  f"says tie_word_embeddings")
