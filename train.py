@@ -18,7 +18,9 @@ a token mean over the global batch whatever the number of GPUs or micro-batches.
 A run folder holds config.json, metrics.jsonl (one line per step), echo_diagnostics.jsonl (Echo runs),
 adapter/ (the deployable adapter), echo.safetensors + echo_config.json (analysis only),
 checkpoint/state.pt (one file: every tensor and RNG state --resume needs, replaced atomically) and,
-when the run finished, summary.json.
+when the run finished, summary.json (the whole run, however often it was resumed). config.json records
+paths relative to the repository or the run folder ("<run folder>/..."), or as "<outside the repository>/
+FOLDER/NAME", never as this machine's absolute paths; the fingerprints beside them identify the files.
 """
 import json
 import math
@@ -187,7 +189,8 @@ def setup(opts):
     total = int(math.ceil(opts.epochs * per_epoch)) if opts.max_steps is None else opts.max_steps
     router = Router(echo.cfg, total) if echo is not None else None
     run = Run(opts, out, rank, world, device, model, echo, step_module, ddp, params, echo_params, optimizers,
-              None, router, train_set, val_set, total, accum, graphs == "blocks", fingerprints=run_fingerprints(opts, rank, world))
+              None, router, train_set, val_set, total, accum, graphs == "blocks",
+              fingerprints=run_fingerprints(opts, rank, world))
     run.graphs = StepGraphs(run, step_once) if graphs == "step" else None
     run.writer = CheckpointWriter()
     return run
