@@ -303,8 +303,8 @@ def main(res=None, runs_dir=None):
     recipe = RECIPES["paper"]
     text = findings(res if res is not None else load_results(recipe.json), runs_dir or recipe.runs)
     spliced = publish_fragment(text, OUT)
-    print(f"wrote {shown_path(OUT)}" + (" and spliced it into README.md" if spliced else
-                                         " (README.md has no results/README-findings.md markers)"))
+    print(f"wrote {shown_path(OUT)}" + (" and spliced it into the page with its markers" if spliced else
+                                         " (neither README.md nor docs/ has results/README-findings.md markers)"))
 
 
 def build_parser():

@@ -435,21 +435,29 @@ def _num(v):
 
 
 def publish_fragment(fragment, path):
-    """Write a README fragment (a file under results/) and splice it into README.md between the markers its
-    path relative to the project names. -> whether README has those markers."""
+    """Write a README fragment (a file under results/) and splice it into the page (README.md or one under
+    docs/) that holds the markers its path relative to the project names. -> whether a page has those markers."""
     path = Path(path)
     atomic_file(path, lambda tmp: tmp.write_text(fragment))
     return splice_into_readme(fragment, path.resolve().relative_to(ROOT).as_posix())
 
 
-def splice_into_readme(fragment, name, readme=ROOT / "README.md"):
-    """Replace README's text between <!-- BEGIN name --> and <!-- END name --> with the fragment, so the
-    README's numbers are always the tooling's. -> whether the markers were there."""
+def published_pages():
+    """The pages a generated fragment may live in: README.md and the reference pages under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def splice_into_readme(fragment, name, readme=None):
+    """Replace the text between <!-- BEGIN name --> and <!-- END name --> with the fragment, in README.md or
+    whichever page under docs/ holds the markers (only `readme` when given), so the published numbers are always
+    the tooling's. -> whether any page had the markers."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = readme.read_text() if readme.is_file() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + begin + "\n" + fragment.rstrip() + "\n" + end + rest.split(end, 1)[1]
-        atomic_file(readme, lambda tmp: tmp.write_text(text))
-        return True
-    return False
+    found = False
+    for page in ([Path(readme)] if readme is not None else published_pages()):
+        text = page.read_text() if page.is_file() else ""
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = head + begin + "\n" + fragment.rstrip() + "\n" + end + rest.split(end, 1)[1]
+            atomic_file(page, lambda tmp: tmp.write_text(text))
+            found = True
+    return found

@@ -272,3 +272,17 @@ def test_without_per_example_the_seed_test_still_decides_and_the_within_view_say
         for t in r["tasks"].values():
             del t["per_example"]
     assert "unpaired two-proportion z-test" in echo_lora_line(text(one, tmp_path))
+
+
+def test_fragments_are_spliced_into_the_page_that_holds_their_markers(tmp_path, monkeypatch):
+    from experiments import tables as T
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "reproduction.md"
+    page.parent.mkdir()
+    readme.write_text("intro\n<!-- BEGIN other -->\nold\n<!-- END other -->\n")
+    page.write_text("a\n<!-- BEGIN results/x.md -->\nold table\n<!-- END results/x.md -->\nb\n")
+    monkeypatch.setattr(T, "published_pages", lambda: [readme, page])
+    before = readme.read_text()
+    assert T.splice_into_readme("new table\n", "results/x.md")
+    assert page.read_text() == "a\n<!-- BEGIN results/x.md -->\nnew table\n<!-- END results/x.md -->\nb\n"
+    assert readme.read_text() == before
+    assert not T.splice_into_readme("x", "results/none.md") and readme.read_text() == before
