@@ -138,9 +138,9 @@ def main(argv=None):
     out = Path(args.out)
     try:
         official = Path(args.bench).resolve() == BENCH.resolve()
-        if committed(out / "scaling-prediction.json") and not official:
-            refuse_trial(out / "scaling-prediction.json", f"--bench {args.bench} is not {shown_path(BENCH)}",
-                         "give --out a folder of your own")
+        if committed(out / "scaling-prediction.json") and not (official and out.resolve() == RESULTS.resolve()):
+            refuse_trial(out / "scaling-prediction.json", f"--bench {args.bench} and --out {args.out} are not "
+                         f"{shown_path(BENCH)} and {shown_path(RESULTS)}", "give --out a folder of your own")
         if not out.is_dir():
             raise StepFailed(f"--out {out} is not a folder")
         pred = predict(Path(args.bench))
