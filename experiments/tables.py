@@ -314,7 +314,9 @@ def _significance_lines(stats_rows):
              f"X ~ Bin(b + c, ½); and a 95% paired bootstrap CI of the Δ of the task-averaged accuracy "
              f"({N_BOOT} resamples of the test examples within each task, seed {BOOT_SEED}). Pooling "
              f"seeds counts each test example once per seed, so p-values over several seeds are "
-             f"optimistic."]
+             f"optimistic: once both methods of a comparison have 2 or more seeds, the seed-level test below "
+             f"carries the conclusion; with one seed this view is all there is, and a verdict from it is "
+             f"provisional."]
     if any(not s["paired"] for *_, s in stats_rows):
         lines += ["", "Rows marked *unpaired* lack per-example correctness (eval.py's per-task "
                       "`\"per_example\": [0/1, …]` list, or its predictions_<task>.jsonl): the paired test needs "

@@ -286,3 +286,14 @@ def test_fragments_are_spliced_into_the_page_that_holds_their_markers(tmp_path, 
     assert page.read_text() == "a\n<!-- BEGIN results/x.md -->\nnew table\n<!-- END results/x.md -->\nb\n"
     assert readme.read_text() == before
     assert not T.splice_into_readme("x", "results/none.md") and readme.read_text() == before
+
+
+def test_table_gets_the_seed_level_rows_only_with_two_seeds():
+    from experiments.tables import build_table
+    assert "**Seed-level test**" not in build_table(results([3.0], partial=True))
+    table = build_table(results([6.0, -4.0, 3.0]))
+    row = next(l for l in table.splitlines() if l.startswith("| Echo-LoRA − LoRA | 8 tasks | s0"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    t = S.paired_t_test([6.0, -4.0, 3.0])
+    assert cells[2:6] == ["s0 +6.00, s1 -4.00, s2 +3.00", "+1.67 ± 5.13", f"{t['t']:.2f} (2)", f"{t['p']:.3f}"]
+    assert table.index("**Within-seed view") < table.index("**Seed-level test**")
