@@ -141,6 +141,9 @@ def _resolve_outputs(args, rec):
     for flag, path in (("--results", args.json), ("--table", args.table)):
         if Path(path).is_dir():
             raise StepFailed(f"{flag} {path} is a folder; give a file name")
+        if not default_runs and committed(path):
+            refuse_trial(path, f"--runs-dir {args.runs_dir} is not the recipe's {shown_path(rec.runs)}",
+                         f"give {flag} a file of your own (or leave it out: beside --runs-dir)")
     args.splice = Path(args.table).resolve() == rec.table.resolve()
     stem = Path(args.json).with_suffix("")
     lp = rec.layer_stem if Path(args.json).resolve() == rec.json.resolve() else stem.name + "-layer-probs"

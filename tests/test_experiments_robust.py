@@ -334,3 +334,13 @@ def test_commands_and_their_logs_name_no_absolute_paths(monkeypatch):
     assert train[train.index("--model") + 1] == "../smollm2"
     assert train[-1] == "results/smollm2-135m-paper-recipe/runs/echo-lora-s0"
     assert common.arg_path("/tmp/elsewhere/run") == "/tmp/elsewhere/run"       # outside the project: as given
+
+
+def test_reproduce_other_runs_cannot_write_committed_results(tmp_path, data_dir):
+    runs, _ = fingerprinted_runs(tmp_path, data_dir)
+    before = stamps()
+    for flag, path in (("--results", "results/smollm2-135m-paper-recipe.json"),
+                       ("--table", "docs/trial-table.md")):
+        one_line_error(cli("experiments.reproduce", "--only-table", "--data-dir", str(data_dir), "--runs-dir",
+                           str(runs), flag, path), "committed record", "--runs-dir")
+    assert stamps() == before and not (ROOT / "docs" / "trial-table.md").exists()
