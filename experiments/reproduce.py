@@ -26,7 +26,7 @@ from pathlib import Path
 from . import analysis, figures
 from .collect import collect, write_json
 from .common import (DATA_DIR, ROOT, StepFailed, committed, file_name, fingerprint, read_record, refuse_trial,
-                     shown_path)
+                     shown_path, write_atomic)
 from .recipes import (DEFAULT_RECIPE, MAIN_METHODS, MAIN_SEEDS, METHODS, RECIPES, Unit, main_units, plan,
                       select)
 from .runs import (beam_limit, claim, check_record, ensure_eval, layer_probs_command, read_config, recipe_values,
@@ -335,7 +335,7 @@ def tabulate(args, layer_probs=None):
         table += legacy_sweep_table(args.sweep_dir)
     table += power_sentence(res.get("power")) + cost_sentence(res.get("cost"))
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.table).write_text(table)
+    write_atomic(args.table, table)
     if args.splice:                       # the real table, not a trial run's
         splice_into_readme(table, args.recipe.readme_marker)
         if args.recipe.plan == "paper":

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .common import (IN_FORMAT, TASKS, TRAIN_TASKS, StepFailed, arg_path, check_numbers, file_name, fingerprint,
-                     is_number, logged_command, read_record, script)
+                     is_number, logged_command, read_record, script, write_atomic)
 from .evals import check_eval_limit, compact_predictions, eval_file, eval_results_path
 from .recipes import METHODS, extra_opts
 
@@ -370,7 +370,7 @@ def run_one(args, unit):
     else:
         train(args, unit, state)
         if not args.dry_run:
-            (rd / JOBS_FILE).write_text(json.dumps({"concurrent_jobs": args.jobs}) + "\n")
+            write_atomic(rd / JOBS_FILE, json.dumps({"concurrent_jobs": args.jobs}) + "\n")
     for decoding in unit.evals:
         if decoding == "beam4" and not args.run_beam:
             continue
