@@ -4,6 +4,8 @@ curves, and a run's loss/validation curves."""
 import json
 from pathlib import Path
 
+from training.checkpoint import atomic_file
+
 from .common import read_jsonl, shown_path
 from .evals import find_layer_csv, read_layer_csv
 from .recipes import METHODS, PROBES
@@ -25,7 +27,14 @@ def _write_csv(path, header, rows):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = (lambda v: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)))
-    path.write_text(",".join(header) + "\n" + "".join(",".join(fmt(v) for v in r) + "\n" for r in rows))
+    text = ",".join(header) + "\n" + "".join(",".join(fmt(v) for v in r) + "\n" for r in rows)
+    atomic_file(path, lambda tmp: tmp.write_text(text))
+
+
+def _save_png(fig, path, dpi=110):
+    """Save a figure atomically (a reader finds the old PNG or the new one, never a torn file)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def diagnose_every(run):
@@ -84,7 +93,7 @@ def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(png_out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_out, dpi=110)
+    _save_png(fig, png_out)
     plt.close(fig)
     out["png"] = shown_path(png_out)
     return out
@@ -131,7 +140,7 @@ def probe_gaps(runs_dir, main_run, csv_out, png_out=None):
     ax.legend(fontsize=7)
     fig.tight_layout()
     Path(png_out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_out, dpi=110)
+    _save_png(fig, png_out)
     plt.close(fig)
     out["png"] = shown_path(png_out)
     return out
@@ -172,7 +181,7 @@ def run_curves(run, csv_out, png_out=None):
     b.set_xlabel("step")
     fig.suptitle(str(Path(run).name), fontsize=10)
     fig.tight_layout()
-    fig.savefig(png_out, dpi=110)
+    _save_png(fig, png_out)
     plt.close(fig)
     return {"csv": str(csv_out), "png": str(png_out), "steps": len(recs)}
 
@@ -217,7 +226,7 @@ def layer_probs_outputs(runs_dir, names, csv_out, png_out, n, labels):
         ax.set_title("seed 0: LoRA vs Echo-LoRA", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out, dpi=120)
+        _save_png(fig, out, dpi=120)
         plt.close(fig)
         print(f"wrote {out}")
     return {"file": shown_path(out), "n": n, "runs": list(curves)}
