@@ -60,8 +60,9 @@ import torch
 from safetensors.torch import save_file
 
 from model.generate import choose_base_format, find_adapter_dir
-from model.rundir import base_model_of, run_config
+from model.rundir import base_model_of, read_params, run_config
 from model.io import (check_apart, check_writable, contiguous as _contiguous, is_write_error, read_json,  # noqa: F401
+                      read_json_object,
                       read_pth, read_safetensors, umask_mode, write_failed, write_ours)
 from model.io import write_json as _write_json
 from model.load import (CliParser, HelpFormatter, args_from_params, dtype_arg, expected_adapter_shapes,
@@ -356,9 +357,14 @@ def detect_layout(src):
                      f"(config.json + *.safetensors), nor model.safetensors + params.json")
 
 
+HF_CONFIG_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+HF_CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
 def read_meta(src):
     """(state dict, params) of a Meta checkpoint folder, shards merged, tied output dropped."""
-    params = read_json(os.path.join(src, "params.json"))
+    params = read_params(src)
     shards = sorted(glob.glob(os.path.join(glob.escape(src), "consolidated.*.pth")))
     sd = merge_meta_shards(shards, params)
     if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
@@ -373,7 +379,7 @@ def _load_tensor_file(path):
 
 def read_hf(src):
     """(Meta state dict, params) of an HF checkpoint folder (single or sharded safetensors / .bin)."""
-    config = read_json(os.path.join(src, "config.json"))
+    config = read_json_object(os.path.join(src, "config.json"), HF_CONFIG_INTS, HF_CONFIG_NUMBERS)
     params = hf_config_to_params(config)
     repo = config.get("_name_or_path")        # a hub id is kept, for --export peft's base_model_name_or_path
     if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not os.path.exists(repo):
@@ -389,7 +395,7 @@ def read_hf(src):
 
 
 def read_ours(src):
-    params = read_json(os.path.join(src, "params.json"))
+    params = read_params(src)
     sd = _load_tensor_file(os.path.join(src, "model.safetensors"))
     return sd, normalize_params(params, drop_tied_output(sd, params, src), src)
 

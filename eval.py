@@ -62,7 +62,7 @@ from data.tasks import (ANSWER_PATTERNS, COMMONSENSE, DEFAULT_RUN, DISPLAY, PROG
 from data.prompts import RESPONSE_MARKER  # noqa: F401
 from model.generate import choose_base_format, find_adapter_dir
 from model.io import atomic_write, atomic_write_text, check_writable, folder_fingerprints, fingerprint, record_path
-from model.rundir import base_model_of, run_config  # noqa: F401
+from model.rundir import base_model_of, run_config, run_paths  # noqa: F401
 
 ECHO_LINE = "Echo: off (deployable model: base + adapter only; no Echo module built or loaded)"
 REPO = Path(__file__).resolve().parent
@@ -70,22 +70,21 @@ SKIP_RULE = "prompt tokens + max_new_tokens > the model's context: not generated
 
 # ---------------------------------------------------------------- validation rows ------------------------
 
-def heldout_files(run_cfg, val_data):
+def heldout_files(run_cfg, val_data, run_dir=None):
     """-> (what, [(file, rows)]) of validation rows the adapter never trained on, or None when there are
     none: --val-data files, else the run's --val-data files, else the run's held-out rows
-    (data.holdout_indices over its --data files concatenated in order, its --val-split and --seed)."""
+    (data.holdout_indices over its --data files concatenated in order, its --val-split and --seed).
+    The run's paths are read as config.json records them (model.rundir.run_paths)."""
     from data import load_examples
     opts = run_cfg.get("opts", {})
     if val_data or opts.get("val_data"):
-        files = val_data or opts["val_data"]
-        files = [files] if isinstance(files, str) else files
+        files = val_data or run_paths(run_cfg, run_dir, "val_data", "--val-data FILE")
         return ("--val-data" if val_data else "the run's --val-data"), [(f, load_examples(f)) for f in files]
     fraction = opts.get("val_split") or 0
     if fraction <= 0:
         return None
     from data.dataset import holdout_indices
-    files = opts.get("data") or []
-    files = [files] if isinstance(files, str) else files
+    files = run_paths(run_cfg, run_dir, "data", "--val-data FILE")
     per_file = [(f, load_examples(f)) for f in files]
     owner = [(f, ex) for f, rows in per_file for ex in rows]         # the order train.py concatenates in
     held = holdout_indices(len(owner), fraction, opts.get("seed", 0)).tolist()
@@ -95,10 +94,10 @@ def heldout_files(run_cfg, val_data):
     return f"the run's held-out rows (--val-split {fraction})", list(by_file.items())
 
 
-def validation_sets(tasks, n, run_cfg, val_data, flag, required=True):
+def validation_sets(tasks, n, run_cfg, val_data, flag, required=True, run_dir=None):
     """{task name: n examples (seed 0)} from heldout_files, each file's rows going to the task of its folder
     name (rows_of_task). required=False: None when there are none."""
-    found = heldout_files(run_cfg, val_data)
+    found = heldout_files(run_cfg, val_data, run_dir)
     if found is None:
         if required:
             raise ValueError(f"{flag}: the run has no held-out validation rows (its config.json has no val_split "
@@ -593,7 +592,8 @@ def configure_adapters(model, tokenizer, setup, args, val):
 
 def run_layer_probs(model, tokenizer, setup, args):
     sets = validation_sets(setup.tasks, args.layer_probs, setup.run_cfg, args.val_data, "--layer-probs",
-                           required=False) or {t.name: train_file_examples(t, args.layer_probs) for t in setup.tasks}
+                           required=False, run_dir=setup.run_dir)
+    sets = sets or {t.name: train_file_examples(t, args.layer_probs) for t in setup.tasks}
     curves = {}
     for t in setup.tasks:
         curves[t.name] = layer_probs(model, tokenizer, sets[t.name], template=setup.template,
@@ -659,8 +659,10 @@ def run(args):
     check_args(args)
     setup = resolve_setup(args)
     check_outputs(setup, args)
-    val = (validation_sets(setup.tasks, args.search_boundary, setup.run_cfg, args.val_data, "--search-boundary")
-           if args.search_boundary else None)          # before loading: a refusal should come fast
+    val = None                        # the validation rows before loading: a refusal should come fast
+    if args.search_boundary:
+        val = validation_sets(setup.tasks, args.search_boundary, setup.run_cfg, args.val_data, "--search-boundary",
+                              run_dir=setup.run_dir)
     model, tokenizer = load_deployable(setup, args)
     print(ECHO_LINE)
     print(f"model {setup.model_path} | adapter {setup.adapter_dir or 'none'} | template {setup.template} | "

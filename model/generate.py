@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .rundir import is_dequantized_copy, read_params  # noqa: F401  (is_dequantized_copy: used by model/load.py)
+
 
 def _batch(prompts, device):
     """Left-pad token lists into ids [B,T] (pad id 0, masked out) and mask [B,T] (True = real)."""
@@ -338,14 +340,6 @@ def find_adapter_dir(path):
 BASE_FORMATS = ("plain", "nf4")
 
 
-def is_dequantized_copy(model_dir, adapter_dir):
-    """Whether model_dir is the run's base/ folder beside an adapter trained on an NF4 base: train.py writes
-    base/ as dequant(W) (model.load.as_plain_model), so it already holds the weights the adapter trained on."""
-    if model_dir is None or adapter_dir is None:
-        return False
-    return Path(model_dir).resolve() == Path(adapter_dir).resolve().parent / "base"
-
-
 def resolve_base_format(flag, adapter_cfg, model_dir=None, adapter_dir=None):
     """-> (base format, why, warning or None). Without --base-format: the one the adapter was trained on
     (adapter_config.json "base_format"; absent = plain), except that a run's base/ folder already holds
@@ -385,6 +379,8 @@ def load_for_inference(model_dir, adapter_dir=None, device="cpu", dtype=torch.fl
     import pickle
     from safetensors import SafetensorError
     from .load import load_model
+    if (Path(model_dir) / "params.json").is_file():
+        read_params(model_dir)            # a damaged params.json: one line naming the field, before loading
     try:
         model, tokenizer = load_model(model_dir, adapter_dir=adapter_dir, device=device, dtype=dtype,
                                       base_format=base_format)

@@ -31,6 +31,22 @@ def read_json(path):
         raise ValueError(f"{path}: invalid JSON (not UTF-8 text)") from None
 
 
+def read_json_object(path, ints=(), numbers=()):
+    """read_json of a file that must hold an object whose `ints` fields (when present and not null) are
+    integers and `numbers` fields finite numbers; anything else is one line naming the file and the field."""
+    import math
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}; the file is damaged")
+    for key in (*ints, *numbers):
+        v = obj.get(key)
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if v is not None and not (is_number and (key not in ints or isinstance(v, int))):
+            raise ValueError(f'{path}: "{key}" must be {"an integer" if key in ints else "a finite number"}, '
+                             f"got {json.dumps(v)[:40]}; the file is damaged")
+    return obj
+
+
 def read_safetensors(path, what="checkpoint"):
     """All tensors of a .safetensors file. safetensors reads lazily, so a truncated file can fail on
     open or on the first tensor past the end; both become one line naming the file."""

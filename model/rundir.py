@@ -4,7 +4,7 @@ import json
 import math
 from pathlib import Path
 
-from model.io import read_json
+from model.io import read_json, read_json_object
 
 
 def _number(v):
@@ -47,16 +47,57 @@ def run_config(run_dir):
     return cfg
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+RUN_FOLDER = "<run folder>"      # config.json's prefix of paths relative to the run folder (training/options.py)
+
+
+def run_path(recorded, run_dir, field, flag):
+    """A path config.json recorded, as a path of this machine: "<run folder>/..." from the run folder, a
+    relative path from the repository (where train.py ran) unless it exists from here, an absolute one (older
+    records) as it is. A placeholder ("<outside the repository>/...": a path of the machine that made the
+    run) names no file here: one line naming the field and the flag that gives the path instead."""
+    if recorded == RUN_FOLDER or recorded.startswith(RUN_FOLDER + "/"):
+        return str(Path(run_dir) / recorded[len(RUN_FOLDER) + 1:])
+    if recorded.startswith("<"):
+        raise ValueError(f'{Path(run_dir) / "config.json"}: "opts.{field}" is recorded as {recorded!r}, a path of '
+                         f"the machine the run was made on: pass {flag}")
+    path = Path(recorded)
+    if path.is_absolute() or path.exists() or not (REPOSITORY / path).exists():
+        return recorded
+    return str(REPOSITORY / path)
+
+
+def run_paths(cfg, run_dir, field, flag):
+    """config.json opts[field] (one path or a list; absent: []) as a list of paths of this machine."""
+    value = cfg.get("opts", {}).get(field) or []
+    return [run_path(v, run_dir, field, flag) for v in ([value] if isinstance(value, str) else value)]
+
+
 def base_model_of(run_dir, cfg):
     """The run's base model: run_dir/base/ (the default run's tiny model, saved by train.py) or the
-    model train.py was given (config.json "opts"."model")."""
+    model train.py was given (config.json "opts"."model": a path, see run_path, or a preset name)."""
     if (Path(run_dir) / "base" / "params.json").exists():
         return str(Path(run_dir) / "base")
     model = cfg.get("opts", {}).get("model")
-    if model is not None and not isinstance(model, str):
-        raise ValueError(f'{Path(run_dir) / "config.json"}: "opts.model" must be a path, got {model!r:.40}; '
-                         f"pass --model")
     if not model:
         raise ValueError(f"{run_dir}: cannot tell the base model (no base/ folder, no opts.model in config.json);"
                          f" pass --model")
-    return model
+    return run_path(model, run_dir, "model", "--model")
+
+
+# The sizes of a model folder's params.json (Meta's and ours): integers and finite numbers where present.
+PARAMS_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of", "max_seq_len")
+PARAMS_NUMBERS = ("norm_eps", "rope_theta", "ffn_dim_multiplier")
+
+
+def read_params(model_dir):
+    """MODEL_DIR/params.json, checked: an object whose sizes are numbers (one line naming the field)."""
+    return read_json_object(Path(model_dir) / "params.json", PARAMS_INTS, PARAMS_NUMBERS)
+
+
+def is_dequantized_copy(model_dir, adapter_dir):
+    """Whether model_dir is the run's base/ folder beside an adapter trained on an NF4 base: train.py writes
+    base/ as dequant(W) (model.load.as_plain_model), so it already holds the weights the adapter trained on."""
+    if model_dir is None or adapter_dir is None:
+        return False
+    return Path(model_dir).resolve() == Path(adapter_dir).resolve().parent / "base"

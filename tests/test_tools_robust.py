@@ -65,6 +65,31 @@ def test_eval_and_convert_name_the_damaged_config_field(run_copy, tmp_path, conf
     refused(cw.main, ["--export", "hf", "--adapter", run_copy, tmp_path / "out"], tmp_path, field)
 
 
+@pytest.mark.parametrize("params, field", [
+    ([2], "params.json: expected a JSON object, got list"),
+    ({"dim": "32", "n_layers": 2, "n_heads": 4, "vocab_size": 259}, '"dim" must be an integer, got "32"'),
+    ({"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 259, "norm_eps": "1e-5"}, '"norm_eps" must be a finite'),
+], ids=["list", "dim-string", "norm_eps-string"])
+def test_every_tool_names_the_damaged_params_field(run_copy, tmp_path, params, field):
+    (run_copy / "base" / "params.json").write_text(json.dumps(params))
+    refused(ev.main, ["--adapter", run_copy, *EVAL_ARGS, "--out", tmp_path / "r.json"], tmp_path, field)
+    refused(gen.main, ["--model", run_copy / "base", "hi"], tmp_path, field)
+    refused(cw.main, ["--export", "hf", "--adapter", run_copy, tmp_path / "out"], tmp_path, field)
+    refused(cw.main, [run_copy / "base", tmp_path / "out"], tmp_path, field)
+
+
+@pytest.mark.parametrize("config, field", [
+    ([1], "config.json: expected a JSON object, got list"),
+    ({"hidden_size": "32"}, '"hidden_size" must be an integer'),
+], ids=["list", "hidden_size-string"])
+def test_import_names_the_damaged_hf_config_field(tmp_path, config, field):
+    src = tmp_path / "hf"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "peft_tiny_hf", src)
+    (src / "config.json").write_text(json.dumps(config))
+    refused(cw.main, [src, tmp_path / "out", "--no-tokenizer"], tmp_path, field)
+    refused(cw.main, ["--export", "hf", "--model", src, tmp_path / "out"], tmp_path, field)
+
+
 def test_truncated_or_missing_adapter_is_one_line_in_every_tool(run_copy, tmp_path):
     weights = run_copy / "adapter" / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:120])
@@ -294,3 +319,34 @@ def test_every_flag_says_what_it_does_and_its_default(capsys):
         block = options[options.index(f"\n  {flag}"):].split("\n  -", 2)[1]
         assert "(default:" in " ".join(block.split()), flag
     assert not re.search(r"issue\s*#?\d+", convert_help)
+
+
+# ------------------------------------------------------------- paths as config.json records them ---------
+
+def relocated_run(run_dir, tmp_path, model, data):
+    """A run without base/ whose config.json records its model and data as train.py now does."""
+    run = tmp_path / "rec"
+    shutil.copytree(run_dir / "adapter", run / "adapter")
+    shutil.copytree(run_dir / "data", run / "data")
+    shutil.copytree(run_dir / "base", tmp_path / "base")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["opts"].update(model=model, data=[data])
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def test_recorded_run_paths_are_resolved_from_the_run_folder(run_dir, tmp_path, capsys):
+    run = relocated_run(run_dir, tmp_path, "<run folder>/../base", "<run folder>/data/train.json")
+    ev.main(["--adapter", str(run), *EVAL_ARGS[:-1], "0", "--search-boundary", "2", "--out", str(tmp_path / "k.json")])
+    assert "validation examples from the run's held-out rows (--val-split 0.2): default 2" in capsys.readouterr().out
+    cw.main(["--export", "meta", "--adapter", str(run), str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "consolidated.00.pth").is_file()
+
+
+def test_a_placeholder_path_is_refused_naming_the_field_and_flag(run_dir, tmp_path):
+    run = relocated_run(run_dir, tmp_path, "<outside the repository>/x/base", "<outside the repository>/d/t.json")
+    refused(ev.main, ["--adapter", run, *EVAL_ARGS], tmp_path, '"opts.model" is recorded as')
+    refused(cw.main, ["--export", "hf", "--adapter", run, tmp_path / "o"], tmp_path, "pass --model")
+    msg = refused(ev.main, ["--adapter", run, "--model", tmp_path / "base", *EVAL_ARGS[:-1], "0",
+                            "--search-boundary", "2"], tmp_path, '"opts.data" is recorded as')
+    assert "pass --val-data FILE" in msg
