@@ -132,14 +132,17 @@ def probe_table(probes):
     L = ["", "**Capacity probe: the teacher trained alone** (Echo-on pass always routed, λ_kd = 0; training only). "
              "L_on − L_off is the mean over the routed steps of the first and the last 10 % of steps (metrics.jsonl); "
              "negative = the Echo-on pass predicts the answers better than the deployable Echo-off model.", "",
-         "| probe | steps | L_on − L_off, first 10 % | L_on − L_off, last 10 % | L_kd, last 10 % | final val loss |",
-         "|---|---:|---:|---:|---:|---:|"]
+         "| probe | steps | L_on − L_off, first 10 % | L_on − L_off, last 10 % | below L_off at the end? | "
+         "L_kd, last 10 % | final val loss |",
+         "|---|---:|---:|---:|---|---:|---:|"]
     for p in PROBES:
         s = probes.get(p)
         if s is None:
             continue
         f = (lambda v: "—" if v is None else f"{v:+.5f}")
-        L.append(f"| {METHODS[p][3]} | {s.get('steps') or 0:,} | {f(s.get('gap_first10'))} | {f(s.get('gap_last10'))} | "
+        last = s.get("gap_last10")
+        below = "—" if last is None else ("yes" if last < 0 else "no")
+        L.append(f"| {METHODS[p][3]} | {s.get('steps') or 0:,} | {f(s.get('gap_first10'))} | {f(last)} | {below} | "
                  f"{'—' if s.get('kd_last10') is None else format(s['kd_last10'], '.5f')} | "
                  f"{'—' if s.get('final_val_loss') is None else format(s['final_val_loss'], '.4f')} |")
     return "\n".join(L) + "\n"

@@ -297,3 +297,15 @@ def test_table_gets_the_seed_level_rows_only_with_two_seeds():
     t = S.paired_t_test([6.0, -4.0, 3.0])
     assert cells[2:6] == ["s0 +6.00, s1 -4.00, s2 +3.00", "+1.67 ± 5.13", f"{t['t']:.2f} (2)", f"{t['p']:.3f}"]
     assert table.index("**Within-seed view") < table.index("**Seed-level test**")
+
+
+def test_probe_table_answers_below_or_not():
+    from experiments.tables_paper import probe_table
+    table = probe_table({"probe-teacher-alone": {"steps": 900, "gap_first10": 0.01, "gap_last10": -0.002,
+                                                 "kd_last10": None, "final_val_loss": 0.5},
+                         "probe-teacher-alone-gate0": {"steps": 900, "gap_first10": 0.01, "gap_last10": 0.003}})
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip("|").split("|")] for l in table.splitlines()
+            if l.startswith("| teacher")}
+    assert rows["teacher alone (p = 1, λ_kd = 0)"][3:5] == ["-0.00200", "yes"]
+    assert rows["teacher alone, gate bias 0"][3:5] == ["+0.00300", "no"]
+    assert probe_table({}) == ""
