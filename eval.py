@@ -25,8 +25,12 @@ Results: RUN/eval/results-<settings>.json (runs/eval-base/<model folder name>/ w
 after the tasks, decoding and the options that change the numbers (e.g. results-commonsense-beam4.json,
 results-boolq+piqa-greedy-limit100.json), so runs with other settings never overwrite each other;
 --out FILE.json puts it elsewhere. A results file (or a side file) that already exists is refused before
-anything is evaluated, unless --force. Beside it: <stem>-predictions/<task>.jsonl (every prompt, response,
-prediction), <stem>-boundary.json, <stem>-layer_probs.csv/.png. Progress goes to stderr.
+anything is evaluated, unless --force; side files without their results file (an evaluation that failed or was
+stopped) are replaced. Beside it: <stem>-predictions/<task>.jsonl (every prompt, response, prediction),
+<stem>-boundary.json, <stem>-layer_probs.csv/.png. Every file is written to a temp file and renamed into place
+(a full disk: one line naming the file, no truncated file left). The results JSON records no path of this
+machine: model, adapter and test files relative to the run folder (else the repository, else "<outside>/NAME"),
+beside their content fingerprints. Progress goes to stderr.
 
 Boundary-layer LoRA dropping (Chen et al., "Not All LoRA Parameters Are Essential"): with --lora-layers K
 only layers < K keep their adapters; layers >= K run as the base model (LoRALinear.enabled = False).
@@ -34,7 +38,8 @@ only layers < K keep their adapters; layers >= K run as the base model (LoRALine
 The validation examples are never rows the adapter trained on: they come from the run's held-out rows
 (train.py --val-split F: data.holdout_indices over the run's --data files, or its --val-data files), or
 from --val-data FILE here; a row belongs to the task whose folder name its file lies in
-(.../boolq/train.json -> boolq). A run without held-out rows is refused.
+(.../boolq/train.json -> boolq), also when one task of a run trained on several is evaluated, so each row is
+scored with its own task's regex. A run without held-out rows is refused.
 --layer-probs N: for each layer l, p_l = mean over examples and gold answer tokens y_t of
 softmax(head(h_l))[y_t], with head = final RMSNorm + LM head applied to block l's residual output h_l
 (teacher forcing on prompt + output); the layer where p_l rises marks the boundary. It uses the same

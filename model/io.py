@@ -1,6 +1,8 @@
-"""The small file helpers every model/ module shares: reading JSON, safetensors and torch.save files (a bad
-file is one line naming it), publishing a written temp file with the umask's mode, and a file's content
-fingerprint. Imports nothing from model/."""
+"""The small file helpers every model/ module and command shares: reading JSON, safetensors and torch.save files
+(a bad file is one line naming it, and the field), writing atomically (temp file + publish with the umask's
+mode; a failed write is one line naming the path and its cause), where an output may go (a writable folder,
+apart from every input), a file's content fingerprint, and a path as a record stores it. Imports nothing from
+model/."""
 import errno
 import hashlib
 import json
