@@ -18,10 +18,11 @@ config.json records the recipe and data the table claims.
 With a --runs-dir of your own, the results JSON and tables are written beside it (<runs-dir>-results.json,
 <runs-dir>-table.md) and README.md is not touched, unless --results / --table say otherwise.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
+
+from model.load import CliParser, HelpFormatter
 
 from . import analysis, figures
 from .collect import collect, write_json
@@ -41,10 +42,6 @@ RECIPE_FLAGS = {"lr": float, "epochs": float, "rank": int, "alpha": float, "drop
                 "val_split": float}                                      # the train.py flags a recipe sets
 
 
-class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
@@ -56,16 +53,17 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__, formatter_class=Fmt)
+    p = CliParser(prog="python -m experiments.reproduce", description=__doc__, formatter_class=HelpFormatter)
     _add_queue_flags(p.add_argument)
     g = p.add_argument_group("recipe (train.py flags; default: the --recipe's value, "
                              "paper = " + ", ".join(f"{k} {v:g}" for k, v in RECIPES["paper"].flags.items()) + ")")
     for k, kind in RECIPE_FLAGS.items():
-        g.add_argument("--" + k.replace("_", "-"), type=kind, default=None)
-    g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string")
+        g.add_argument("--" + k.replace("_", "-"), type=kind, default=None,
+                       help=f"train.py --{k.replace('_', '-')} (default: the recipe's value, above)")
+    g.add_argument("--train-extra", default=None, help="more train.py flags, one quoted string (default: none)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (None: eval.py's)")
-    e.add_argument("--eval-extra", default=None, help="more eval.py flags, one quoted string")
+    e.add_argument("--eval-batch-size", type=int, default=None, help="eval.py --batch-size (default: eval.py's)")
+    e.add_argument("--eval-extra", default=None, help="more eval.py flags, one quoted string (default: none)")
     o = p.add_argument_group("outputs")
     o.add_argument("--results", "--json", dest="json", default=None,
                    help="results JSON (default: the recipe's under results/, or beside a --runs-dir of your own)")
@@ -80,19 +78,21 @@ def _add_queue_flags(a):
     a("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
       help="paper: 3 epochs, lr 2e-4 (+ ablations, probes, sweep); 1epoch-lr1e-3: the earlier recipe")
     a("--model", help="Meta-layout model folder (see ../shared/tools/gguf_to_meta.py); required unless "
-                      "--only-table (then: the one recorded in the results JSON or the runs' config.json)")
+                      "--only-table (default there: the one the runs' config.json record)")
     a("--data-dir", default=os.path.relpath(DATA_DIR),
       help="folder with <task>/train.json and <task>/test.json")
     a("--methods", nargs="+", default=None, choices=list(METHODS),
-      help="train just these x --seeds instead of the recipe's queue")
+      help="train just these x --seeds (default: the recipe's queue)")
     a("--seeds", nargs="+", type=int, default=None, help="with --methods (default 0 1 2)")
     a("--only", nargs="+", default=None, metavar="NAME",
       help="a subset of the queue: run folders (lora-s0, A-3-s0), methods/variants (A-3), groups (main, "
-           "ablation, probe, sweep) or seed<N>")
-    a("--max-runs", type=int, default=None, help="train at most N unfinished runs of the queue this sitting")
+           "ablation, probe, sweep) or seed<N> (default: the whole queue)")
+    a("--max-runs", type=int, default=None,
+      help="train at most N unfinished runs of the queue this sitting (default: no limit)")
     a("--runs-dir", default=None, help="run folders (default: the recipe's committed folder under results/)")
     a("--sweep-lr", nargs="+", type=float, default=None, metavar="LR",
-      help="the earlier 1-epoch lr sweep: train LoRA (seed 0) at each LR and tabulate validation only")
+      help="the earlier 1-epoch lr sweep: train LoRA (seed 0) at each LR and tabulate validation only "
+           "(default: no sweep)")
     a("--only-table", action="store_true", help="rebuild the JSON and the tables from existing files; run nothing")
     a("--dry-run", action="store_true", help="print the queue, each run's state and the commands; write nothing")
     a("--jobs", type=int, default=1, help="runs trained and evaluated at once (on one GPU they share it, so "
@@ -100,9 +100,11 @@ def _add_queue_flags(a):
     a("--beam-limit", default="500", help="published-protocol eval (seed 0) on the first N examples per task; "
                                           "'all' = full test sets, 0 = skip it")
     a("--limit", type=int, default=None, help="smoke test: evaluate the first N examples per task (also caps "
-                                              "training at N steps unless --max-steps is given)")
+                                              "training at N steps unless --max-steps is given; default: full "
+                                              "test sets)")
     a("--layer-probs", type=int, default=None, metavar="N",
-      help="also the per-layer answer probability of seed-0 lora and echo-lora on N examples per task")
+      help="also the per-layer answer probability of seed-0 lora and echo-lora on N examples per task "
+           "(default: not measured)")
 
 
 def resolve(args):
