@@ -67,7 +67,8 @@ def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
     out = {"csv": shown_path(csv_out), "png": None, "modules": modules, "records": len(recs),
            "every": diagnose_every(Path(jsonl).parent)}
     stem = Path(csv_out).with_suffix("")
-    out["probes"] = probe_gaps(Path(jsonl).parent.parent, Path(jsonl).parent.name, stem.with_name(stem.name + "-probes.csv"),
+    run = Path(jsonl).parent
+    out["probes"] = probe_gaps(run.parent, run.name, stem.with_name(stem.name + "-probes.csv"),
                                stem.with_name(stem.name + "-probes.png") if png_out else None)
     plt = pyplot() if png_out else None
     if plt is None:

@@ -114,7 +114,8 @@ def comparison(greedy, treated, control):
                 f"seed's test sets — provisional, one seed)."), False
     t8, t5 = lv8["test"], lv5["test"]
     per_seed = ", ".join(f"s{s} {d:+.2f}" for s, d in lv8["deltas"].items())
-    ci = "" if lv8["ci"] is None else f", 95 % CI over seeds and test examples [{lv8['ci'][0]:+.2f}, {lv8['ci'][1]:+.2f}]"
+    ci = "" if lv8["ci"] is None else (f", 95 % CI over seeds and test examples "
+                                       f"[{lv8['ci'][0]:+.2f}, {lv8['ci'][1]:+.2f}]")
     return (f"- **{who} − {base}: {t8['mean']:+.2f} ± {t8['sd']:.2f} points** on the 8-task average over "
             f"{t8['n']} seed pairs ({per_seed}; paired t-test over the seed pairs t = {t8['t']:.2f}, df = "
             f"{t8['df']}, p = {t8['p']:.2g}{ci}: **{verdict(t8['mean'], t8['p'], who, base)}**); 5 in-format "

@@ -256,7 +256,8 @@ def test_ablations_bullet_gives_both_references_ours_and_the_papers(tmp_path):
     res = results([1.0])
     res["runs"].append(run("A-1", 0, -2.0))                 # LoRA 50 %, full Echo-LoRA 51 %, A-1 48 %
     line = next(x for x in text(res, tmp_path).splitlines() if x.startswith("- **Ablations so far"))
-    assert "A-1 w/o stochastic routing -3.0 vs full, -2.0 vs LoRA (paper: -8.8 vs full, -6.0 vs its LoRA 84.7; largest drop: BoolQ -2.0" in line
+    assert ("A-1 w/o stochastic routing -3.0 vs full, -2.0 vs LoRA (paper: -8.8 vs full, -6.0 vs its LoRA 84.7; "
+            "largest drop: BoolQ -2.0") in line
 
 
 def test_without_per_example_the_seed_test_still_decides_and_the_within_view_says_unpaired(tmp_path):
