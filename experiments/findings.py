@@ -292,7 +292,9 @@ def findings(res, runs_dir):
     its runs folder (the teacher probe; None: no teacher probe)."""
     check_results(res, (res.get("json_name") if isinstance(res, dict) else None) or "the results")
     diag = (res.get("diagnostics") or {}).get("csv")
-    lines = header(res) + headline(res) + (diagnostics(RESULTS.parent / diag) if diag else [])
+    where = [RESULTS.parent / diag] + ([Path(runs_dir).parent / Path(diag).name] if runs_dir else []) if diag else []
+    diag_csv = next((p for p in where if p.is_file()), None)    # in the project, or beside a trial's runs folder
+    lines = header(res) + headline(res) + (diagnostics(diag_csv) if diag_csv else [])
     lines += teacher(Path(runs_dir) / "echo-lora-s0" / "teacher-probe.json") if runs_dir else []
     lines += probes(res) + ablations(res)
     return "\n".join(lines + power(res)) + "\n"
