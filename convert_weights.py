@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.generate import choose_base_format, find_adapter_dir
-from model.rundir import base_model_of, read_params, run_config
+from model.rundir import base_model_of_adapter, read_params
 from model.io import (check_apart, check_writable, contiguous as _contiguous, is_write_error, read_json,  # noqa: F401
                       read_json_object,
                       read_pth, read_safetensors, umask_mode, write_failed, write_ours)
@@ -1133,13 +1133,6 @@ def merged_state(sd, params, adapter_dir, adapter_cfg, target):
     return merged
 
 
-def run_base_model(adapter):
-    """The base model of --adapter RUN_DIR (or RUN_DIR/adapter): model.rundir.base_model_of, as eval.py finds it."""
-    adapter_dir = find_adapter_dir(adapter)
-    run_dir = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
-    return base_model_of(run_dir, run_config(run_dir))
-
-
 def main(argv=None):
     usage = ("%(prog)s SRC OUT [--dtype D] [--tokenizer PATH | --no-tokenizer] [--model BASE_DIR]\n"
              "       %(prog)s --export {hf,meta,peft} --model MODEL_DIR [--adapter ADAPTER_DIR] [--dtype D] "
@@ -1177,7 +1170,7 @@ def main(argv=None):
                          "OUT path")
             if args.tokenizer or args.no_tokenizer:
                 ap.error("--tokenizer / --no-tokenizer are for imports; an export takes MODEL_DIR's tokenizer")
-            model = args.model or run_base_model(args.adapter)
+            model = args.model or base_model_of_adapter(find_adapter_dir(args.adapter))
             export(args.export, model, args.paths[0], args.adapter, dtype, args.force,
                    args.base_model_name_or_path, args.base_format)
         else:

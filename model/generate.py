@@ -2,6 +2,7 @@
 command line to try a model (and adapter) on a prompt:
 
     python -m model.generate --model DIR [--adapter RUN_OR_ADAPTER_DIR] [--chat] "prompt"
+    python -m model.generate --adapter RUN_DIR "prompt"      # the run's base model, as eval.py finds it
     python -m model.generate --model DIR "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1
     python -m model.generate --model DIR "Once upon a time" --num-beams 4
     python -m model.generate --model DIR --adapter RUN_DIR --template alpaca "Is the sky blue?"
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .rundir import is_dequantized_copy, read_params  # noqa: F401  (is_dequantized_copy: used by model/load.py)
+from .rundir import base_model_of_adapter, is_dequantized_copy, read_params  # noqa: F401  (is_dequantized_copy: used by model/load.py)
 
 
 def _batch(prompts, device):
@@ -493,7 +494,8 @@ def build_parser():
                   description="Generate text from a model (+ adapter); streams to stdout.\n\n" +
                   __doc__.split("\n\n")[1])
     p.add_argument("prompt", help="the prompt text (with --chat: the user's message; with --template: the instruction)")
-    p.add_argument("--model", required=True, help="model dir: params.json, tokenizer, weights (required)")
+    p.add_argument("--model", help="model dir: params.json, tokenizer, weights (default: the --adapter run's base "
+                                    "model, as eval.py finds it; required without --adapter)")
     p.add_argument("--adapter", help="run folder (holding adapter/) or adapter folder (default: none, the base model)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format, print the "
                                                        "reply only (default: off, plain continuation)")
@@ -579,6 +581,9 @@ def run(args, out=None):
     out = out or sys.stdout
     check_args(args)
     adapter_dir = find_adapter_dir(args.adapter) if args.adapter else None
+    if args.model is None and adapter_dir is None:
+        raise ValueError("--model DIR is required without --adapter RUN_DIR (whose base model it would be)")
+    args.model = args.model or base_model_of_adapter(adapter_dir)
     from .load import torch_dtype
     base_format = announce_base_format(args, adapter_dir)
     model, tokenizer = load_for_inference(args.model, adapter_dir, args.device, torch_dtype(args.dtype), base_format)

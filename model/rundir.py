@@ -51,6 +51,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RUN_FOLDER = "<run folder>"      # config.json's prefix of paths relative to the run folder (training/options.py)
 
 
+def base_model_of_adapter(adapter_dir):
+    """The base model of the run that holds adapter_dir (RUN/adapter, or the run folder itself when the adapter
+    was saved there): base_model_of with its config.json, checked."""
+    adapter_dir = Path(adapter_dir)
+    run_dir = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
+    return base_model_of(run_dir, run_config(run_dir))
+
+
 def run_path(recorded, run_dir, field, flag):
     """A path config.json recorded, as a path of this machine: "<run folder>/..." from the run folder, a
     relative path from the repository (where train.py ran) unless it exists from here, an absolute one (older

@@ -59,9 +59,12 @@ EVAL_ARGS = ["--device", "cpu", "--greedy", "--max-new-tokens", "2", "--limit", 
     ({"opts": {"model": "x", "seed": "0"}}, '"opts.seed" must be an integer'),
     ({"opts": "model x"}, '"opts" must be an object'),
 ], ids=["list", "val_split-string", "seed-string", "opts-string"])
-def test_eval_and_convert_name_the_damaged_config_field(run_copy, tmp_path, config, field):
+def test_every_tool_names_the_damaged_config_field(run_copy, tmp_path, config, field):
+    """(base/ is moved away, so generate and convert, finding the base, read config.json as eval does)"""
+    shutil.move(run_copy / "base", tmp_path / "base")
     (run_copy / "config.json").write_text(json.dumps(config))
     refused(ev.main, ["--adapter", run_copy, *EVAL_ARGS, "--out", tmp_path / "r.json"], tmp_path, field)
+    refused(gen.main, ["--adapter", run_copy, "hi"], tmp_path, field)
     refused(cw.main, ["--export", "hf", "--adapter", run_copy, tmp_path / "out"], tmp_path, field)
 
 
@@ -201,6 +204,10 @@ def test_every_tool_takes_the_run_or_its_adapter_folder(run_dir, tmp_path, capsy
         args = ev.parse_args(["--adapter", str(adapter), *EVAL_ARGS])
         ev.check_args(args)
         assert ev.resolve_setup(args).adapter_dir == run_dir / "adapter"
+    gen.main(["--adapter", str(run_dir), "--max-new-tokens", "4", "ab"])      # the run's base: no --model needed
+    assert capsys.readouterr().out == texts[0]
+    with pytest.raises(SystemExit, match="--model DIR is required without --adapter"):
+        gen.main(["hi"])
     assert texts[0] == texts[1]
 
 
