@@ -115,8 +115,9 @@ def checkpoint_files(model_dir):
 def open_checkpoint(model_dir, args):
     """Check a model folder's weights against the model `args` describe, reading headers only (safetensors'
     header, Meta shards memory-mapped): every file present and whole, every weight there with its shape,
-    nothing unknown. Returns [(file, [keys])]: what read_checkpoint then reads, one file's keys at a time.
-    Every refusal is one line naming the file."""
+    nothing unknown. Returns the plan read_checkpoint follows: [(file, [keys])] for safetensors, one file's
+    keys at a time; [([shard files], {key: split dim})] for Meta shards. Every refusal is one line naming the
+    file."""
     kind, paths = checkpoint_files(model_dir)
     want = expected_shapes(args)
     shapes, plan = {}, []

@@ -31,7 +31,8 @@ def base_state_dict(seed=0):
 def write_folder(folder, args, state_dict, layout):
     """params.json, a byte tokenizer and the weights in `layout`: ours (model.safetensors), st3
     (3 safetensors shards), meta1 (consolidated.00.pth), meta2 (2 shards, the embedding split by columns as
-    LLaMA 1/2 ship it), meta4 (4 shards, the embedding split by rows as LLaMA 3 ships it)."""
+    LLaMA 1/2 ship it), meta4 (4 shards, the embedding split by rows as LLaMA 3 ships it), meta2-legacy
+    (meta2 in torch's pre-zip format, which cannot be memory-mapped: read whole, its pages never dropped)."""
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(args.to_params_json()))
     (folder / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
@@ -42,10 +43,10 @@ def write_folder(folder, args, state_dict, layout):
         for i in range(3):
             save_file({k: state_dict[k] for k in keys[i::3]}, folder / f"model-{i + 1:05d}-of-00003.safetensors")
     else:
-        n = int(layout[-1])
+        n = int(layout[4])
         for i in range(n):
             torch.save({k: meta_piece(k, w, i, n, embedding_dim=1 if n == 2 else 0) for k, w in state_dict.items()},
-                       folder / f"consolidated.{i:02d}.pth")
+                       folder / f"consolidated.{i:02d}.pth", _use_new_zipfile_serialization="legacy" not in layout)
     return folder
 
 
@@ -71,7 +72,7 @@ def in_memory_load(args, state_dict, dtype=torch.float32):
     return net
 
 
-LAYOUTS = ["ours", "st3", "meta1", "meta2", "meta4"]
+LAYOUTS = ["ours", "st3", "meta1", "meta2", "meta4", "meta2-legacy"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
