@@ -641,7 +641,16 @@ def write_results(setup, args, results, lora_layers, label):
     atomic_write_text(setup.results_path, json.dumps(summary, indent=1) + "\n")
     print()
     print(format_table(label, results))
-    print(f"\nwrote {setup.results_path} and {side_file(setup, '-predictions')}/<task>.jsonl")
+    print(f"\nwrote {shown(setup.results_path)} and {shown(side_file(setup, '-predictions'))}/<task>.jsonl")
+
+
+def shown(path):
+    """A path as the log prints it: relative to the working folder when inside it (a log kept with the results
+    then carries no machine path), else as given."""
+    if path is None:
+        return "none"
+    inside = record_path(path, Path.cwd())
+    return str(path) if inside.startswith("<outside>") else inside
 
 
 def recorded_inputs(setup):
@@ -670,7 +679,7 @@ def run(args):
                               run_dir=setup.run_dir)
     model, tokenizer = load_deployable(setup, args)
     print(ECHO_LINE)
-    print(f"model {setup.model_path} | adapter {setup.adapter_dir or 'none'} | template {setup.template} | "
+    print(f"model {shown(setup.model_path)} | adapter {shown(setup.adapter_dir)} | template {setup.template} | "
           f"{'greedy' if args.num_beams == 1 else f'beam search ({args.num_beams} beams)'} | "
           f"device {args.device} {args.dtype} | batch {args.batch_size} | base {setup.base_format} ({setup.base_why})")
     lora_layers, label = configure_adapters(model, tokenizer, setup, args, val)

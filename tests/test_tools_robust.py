@@ -357,3 +357,14 @@ def test_a_placeholder_path_is_refused_naming_the_field_and_flag(run_dir, tmp_pa
     msg = refused(ev.main, ["--adapter", run, "--model", tmp_path / "base", *EVAL_ARGS[:-1], "0",
                             "--search-boundary", "2"], tmp_path, '"opts.data" is recorded as')
     assert "pass --val-data FILE" in msg
+
+
+def test_eval_log_prints_paths_relative_to_the_working_folder(run_dir, tmp_path, monkeypatch, capsys):
+    """A log kept beside the results (sitting.sh, results/) carries no machine path when eval runs where its run is."""
+    monkeypatch.chdir(run_dir.parent)
+    ev.main(["--adapter", "run", *EVAL_ARGS, "--out", "run/eval/log-test.json"])
+    out = capsys.readouterr().out
+    assert "model run/base | adapter run/adapter |" in out and "wrote run/eval/log-test.json and" in out
+    assert str(run_dir.parent) not in out
+    (run_dir / "eval" / "log-test.json").unlink()
+    shutil.rmtree(run_dir / "eval" / "log-test-predictions")
