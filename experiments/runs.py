@@ -334,9 +334,8 @@ def ensure_eval(args, adapter, decoding, what):
             compact_predictions(res)
             return
     if adapter is not None and not (Path(adapter) / "adapter").is_dir() and not args.dry_run:
-        print(f"[{what}] skipped: {adapter} keeps no adapter/ (adapters are not committed); delete its "
-              f"summary.json to train it again", flush=True)
-        return
+        raise StepFailed(f"{what}: {adapter} keeps no adapter/ to evaluate (adapters are not committed); delete "
+                         f"its summary.json to train it again")           # asked for, not made: a failure
     run_logged(eval_command(args, adapter, decoding, out, force=again), out.with_suffix(".log"), what, args.dry_run,
                env=child_env(args) if args.jobs > 1 else None)
     if not args.dry_run and eval_results_path(out):

@@ -344,3 +344,12 @@ def test_reproduce_other_runs_cannot_write_committed_results(tmp_path, data_dir)
         one_line_error(cli("experiments.reproduce", "--only-table", "--data-dir", str(data_dir), "--runs-dir",
                            str(runs), flag, path), "committed record", "--runs-dir")
     assert stamps() == before and not (ROOT / "docs" / "trial-table.md").exists()
+
+
+def test_reproduce_asked_to_evaluate_a_run_without_adapter_exits_non_zero(tmp_path, data_dir):
+    runs = tmp_path / "runs"
+    files = [str(data_dir / t / "train.json") for t in common.TRAIN_TASKS]
+    make_run(runs / "lora-s0", paper_opts(files), evals=False)              # finished, no adapter/, no eval
+    out = cli("experiments.reproduce", "--model", str(tmp_path), "--data-dir", str(data_dir), "--runs-dir",
+              str(runs), "--methods", "lora", "--seeds", "0", "--beam-limit", "0")
+    assert out.returncode != 0 and "keeps no adapter/ to evaluate" in out.stderr, out.stderr
