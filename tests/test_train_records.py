@@ -341,3 +341,23 @@ def test_a_failed_write_with_an_empty_message_is_one_line(tmp_path):
         checkpoint.atomic_dir(tmp_path / "adapter", fail)
     assert "(RuntimeError)" in str(e.value) and not (tmp_path / "adapter.tmp").exists()
 
+
+
+def test_a_checkpoint_without_totals_sums_its_kept_metrics_lines(setup, tmp_path, monkeypatch):
+    """A checkpoint from before checkpoints held the totals: the summary adds the kept lines' time and tokens."""
+    extra = ("--max-steps", "8", "--save-every", "2")
+    crash_in_step(monkeypatch, 5)
+    with pytest.raises(Crash):
+        train.main(args(setup, tmp_path / "run", *extra))
+    monkeypatch.undo()
+    path = tmp_path / "run" / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["totals"]
+    torch.save(state, path)
+    out = train.main(args(setup, tmp_path / "run", *extra, "--resume"))
+    summary = json.loads((out / "summary.json").read_text())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in lines if not m["warmup"]]
+    assert summary["stretches"] == 2 and summary["train_seconds"] >= round(sum(m["seconds"] for m in lines), 1) - 0.1
+    rate = sum(m["tokens"] for m in steady) / sum(m["seconds"] for m in steady)
+    assert summary["tokens_per_s"] == pytest.approx(rate, rel=0.02)

@@ -32,13 +32,14 @@ class Log:
     def __init__(self, run, start_step, before=None):
         self.run, self.pending = run, None
         self.file = self.diagnostics = None
-        self.routed_before = 0               # routed steps before start_step (kept in metrics.jsonl)
+        self.routed_before, kept = 0, []     # routed steps before start_step (kept in metrics.jsonl)
         if run.master:
             self.file, kept = self.open_jsonl(run.out / "metrics.jsonl", start_step)
             self.routed_before = sum(json.loads(l).get("routed", False) for l in kept)
             if run.echo is not None:
                 self.diagnostics, _ = self.open_jsonl(run.out / "echo_diagnostics.jsonl", start_step)
-        self.before = before or NO_TOTALS    # the run's figures before start_step (the checkpoint's totals)
+        # the run's figures before start_step: the checkpoint's totals (older checkpoints: from the kept lines)
+        self.before = before or (totals_of_lines(kept) if kept else NO_TOTALS)
         self.peak, self.n_params = peak_flops(run.device), count_weights(run.model)
         self.flops = {}                      # step_flops per batch shape, computed once (rank 0, with a peak)
         self.shapes, self.warmup_s, self.steady = set(), 0.0, {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0}
@@ -167,6 +168,18 @@ class Log:
 
 NO_TOTALS = {"train_seconds": 0.0, "warmup_seconds": 0.0, "steady": {"s": 0.0, "steps": 0, "tokens": 0, "padded": 0},
              "by_shape": {}, "shapes": set(), "peak_gib": None, "stretches": 0}
+
+
+def totals_of_lines(lines):
+    """Log.totals as far as metrics.jsonl lines tell it (a checkpoint from before checkpoints held totals): the
+    steps' time and tokens; the batch shapes and the peak memory are not in the lines."""
+    steps = [json.loads(l) for l in lines]
+    steady = [m for m in steps if not m.get("warmup")]
+    return {**NO_TOTALS, "train_seconds": sum(m.get("seconds", 0.0) for m in steps),
+            "warmup_seconds": sum(m.get("seconds", 0.0) for m in steps if m.get("warmup")),
+            "steady": {"s": sum(m.get("seconds", 0.0) for m in steady), "steps": len(steady),
+                       "tokens": sum(m.get("tokens", 0) for m in steady),
+                       "padded": sum(m.get("padded_tokens", 0) for m in steady)}, "stretches": 1}
 
 
 def add_counts(a, b):
