@@ -5,7 +5,8 @@ import json
 import math
 from pathlib import Path
 
-from .common import IN_FORMAT, TASKS, by_name, read_metrics, read_record, write_atomic
+from .common import (IN_FORMAT, TASKS, StepFailed, by_name, check_numbers, is_number, read_metrics, read_record,
+                     write_atomic)
 from .evals import eval_file, eval_seconds
 from .recipes import ABLATIONS, MAIN_METHODS, MAIN_SEEDS, PROBES, SWEEP_GRID, sweep_folder
 from .runs import read_config, train_summary
@@ -27,7 +28,15 @@ def metrics_summary(run):
     run = Path(run)
     rows = read_metrics(run / "metrics.jsonl")
     if not rows:
-        return read_record(run / SUMMARY_FILE)
+        s = read_record(run / SUMMARY_FILE)
+        if s is not None:
+            check_numbers(run / SUMMARY_FILE, s, ["steps", "gap_first10", "gap_last10", "kd_first10", "kd_last10"])
+            val = s.get("val") or []
+            if not isinstance(val, list) or not all(isinstance(v, dict) and is_number(v.get("val_loss"))
+                                                    and is_number(v.get("step")) for v in val):
+                raise StepFailed(f"{run / SUMMARY_FILE}: field val is not a list of {{step, val_loss}} records; "
+                                 f"restore it (or its run's metrics.jsonl)")
+        return s
     steps = [r for r in rows if isinstance(r.get("step"), int)]
     total = max((r["step"] for r in steps), default=0)
     out = {"steps": total, "val": [{k: r[k] for k in ("step", "val_loss", "val_exact", "val_rows") if k in r}

@@ -353,3 +353,15 @@ def test_reproduce_asked_to_evaluate_a_run_without_adapter_exits_non_zero(tmp_pa
     out = cli("experiments.reproduce", "--model", str(tmp_path), "--data-dir", str(data_dir), "--runs-dir",
               str(runs), "--methods", "lora", "--seeds", "0", "--beam-limit", "0")
     assert out.returncode != 0 and "keeps no adapter/ to evaluate" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("summary, needle", [({"steps": "many"}, "field steps"),
+                                             ({"steps": 5, "val": [{"step": 5, "val_loss": "low"}]}, "field val")])
+def test_damaged_metrics_summary_is_named(tmp_path, summary, needle):
+    from experiments import analysis
+    (tmp_path / "metrics-summary.json").write_text(json.dumps(summary))
+    with pytest.raises(common.StepFailed) as e:
+        analysis.metrics_summary(tmp_path)
+    assert "metrics-summary.json" in error_line(e) and needle in str(e.value)
+    (tmp_path / "metrics-summary.json").write_text(json.dumps({"steps": 5, "val": [{"step": 5, "val_loss": 1.0}]}))
+    assert analysis.metrics_summary(tmp_path)["val"][0]["val_loss"] == 1.0
