@@ -63,7 +63,7 @@ def build_model(opts, device):
     overrides = dict(adapter=opts.method, lora_rank=opts.rank, lora_alpha=opts.alpha,
                      lora_dropout=opts.dropout, lora_modules=tuple(opts.modules),
                      base_format=opts.base_format, activation_checkpointing=opts.activation_checkpointing)
-    dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32      # setup made it compute_dtype's
+    dtype = torch.bfloat16 if compute_dtype(opts.dtype, device) == "bf16" else torch.float32
     if opts.model == "default-tiny":
         tokenizer = ByteTokenizer()
         model, _ = load_model("tiny", device=device, dtype=dtype, vocab_size=tokenizer.vocab_size, **overrides)
