@@ -688,7 +688,7 @@ def export_tokenizer_hf(model_dir, out, layout, max_len=None):
                 _copy_into(os.path.join(model_dir, name), out)
         return None
     if find_tokenizer(model_dir) is None:
-        print(f"warning: {model_dir} has no tokenizer; {out} has none either", file=sys.stderr)
+        print(f"warning: {model_dir} has no tokenizer; the export has none either", file=sys.stderr)
         return None
     from model.tokenizer import SentencePieceTokenizer
     tok = load_dir_tokenizer(model_dir)
