@@ -658,15 +658,16 @@ def recorded_inputs(setup):
     (model.io.record_path; never this machine's absolute paths) and the content fingerprints that identify
     the model, the adapter and each task's test file."""
     roots = [r for r in (setup.run_dir or setup.adapter_dir, REPO) if r is not None]
+    recorded = lambda path: record_path(path, *roots, repository=REPO)        # noqa: E731
     model_dir = Path(setup.model_path)
-    return {"model": record_path(model_dir, *roots),
-            "adapter": record_path(setup.adapter_dir, *roots),
-            "run": record_path(setup.run_dir, REPO, Path.cwd()),
-            "paths": "relative to the run folder, else the repository; <outside>/NAME: elsewhere",
+    return {"model": recorded(model_dir) if model_dir.exists() else setup.model_path,     # (a preset: its name)
+            "adapter": recorded(setup.adapter_dir),
+            "run": record_path(setup.run_dir, REPO, Path.cwd(), repository=REPO),
+            "paths": "relative to the run folder, else the repository (../: beside it); <outside>/FOLDER/NAME: "
+                     "elsewhere",
             "fingerprints": {"model": folder_fingerprints(model_dir) if model_dir.is_dir() else model_dir.name,
                              "adapter": folder_fingerprints(setup.adapter_dir) if setup.adapter_dir else None,
-                             "data": {t.name: [record_path(t.path, *roots), fingerprint(t.path)]
-                                      for t in setup.tasks}}}
+                             "data": {t.name: [recorded(t.path), fingerprint(t.path)] for t in setup.tasks}}}
 
 
 def run(args):

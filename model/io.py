@@ -202,10 +202,11 @@ def folder_fingerprints(folder):
     return [[p.name, fingerprint(p)] for p in sorted(Path(folder).iterdir()) if p.is_file()]
 
 
-def record_path(path, *roots):
+def record_path(path, *roots, repository=None):
     """A path as a record stores it: relative to the first of `roots` (a run folder, the repository) that holds
-    it, else "<outside>/NAME": never the absolute path of the machine that made the record (the fingerprints
-    stored beside it identify the content). None stays None."""
+    it; else, beside `repository` (../shared/...), relative to it; else "<outside>/FOLDER/NAME": never the
+    absolute path of the machine that made the record (the fingerprints stored beside it identify the
+    content). None stays None."""
     if path is None:
         return None
     p = Path(path).resolve()
@@ -213,4 +214,7 @@ def record_path(path, *roots):
         r = Path(root).resolve()
         if p == r or r in p.parents:
             return p.relative_to(r).as_posix() or "."
-    return f"<outside>/{p.name}"
+    beside = Path(repository).resolve().parent if repository else None
+    if beside is not None and beside != Path(beside.anchor) and beside in p.parents:
+        return "../" + p.relative_to(beside).as_posix()
+    return "<outside>/" + "/".join(part for part in p.parts[-2:] if part != p.anchor)

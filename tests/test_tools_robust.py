@@ -279,7 +279,7 @@ def test_eval_results_hold_no_machine_path_but_fingerprints(run_dir, tmp_path):
     ev.main(["--adapter", str(run_dir), *EVAL_ARGS, "--out", str(out)])
     res = json.loads(out.read_text())
     assert not absolute_paths(res) and str(tmp_path) not in out.read_text()
-    assert res["model"] == "base" and res["adapter"] == "adapter" and res["run"] == "<outside>/run"
+    assert res["model"] == "base" and res["adapter"] == "adapter" and res["run"] == f"<outside>/{run_dir.parent.name}/run"
     model_files = dict(res["fingerprints"]["model"])
     assert model_files["model.safetensors"]["bytes"] == (run_dir / "base" / "model.safetensors").stat().st_size
     assert res["fingerprints"]["data"]["default"][0] == "data/test.json"
@@ -287,12 +287,24 @@ def test_eval_results_hold_no_machine_path_but_fingerprints(run_dir, tmp_path):
     assert dict(res["fingerprints"]["adapter"])["adapter_config.json"]["bytes"] > 0
 
 
+def test_record_paths_are_run_repository_or_beside_relative():
+    from model.io import record_path
+    run = ROOT / "runs" / "x"
+    assert record_path(run / "adapter", run, ROOT, repository=ROOT) == "adapter"
+    assert record_path(ROOT / "runs" / "y" / "base", run, ROOT, repository=ROOT) == "runs/y/base"
+    shared = ROOT.parent / "shared" / "data" / "boolq" / "test.json"
+    beside = "../shared/data/boolq/test.json" if ROOT.parent != Path(ROOT.anchor) else "<outside>/boolq/test.json"
+    assert record_path(shared, run, ROOT, repository=ROOT) == beside
+    assert record_path("/elsewhere/boolq/test.json", run, ROOT) == "<outside>/boolq/test.json"
+    assert record_path(None, run) is None
+
+
 def test_base_eval_and_boundary_records_hold_no_machine_path(run_dir, tmp_path):
     out = tmp_path / "b.json"
     ev.main(["--model", str(run_dir / "base"), "--tasks", str(run_dir / "data" / "test.json"), *EVAL_ARGS,
              "--out", str(out)])
     res = json.loads(out.read_text())
-    assert not absolute_paths(res) and res["model"] == "<outside>/base" and res["adapter"] is None
+    assert not absolute_paths(res) and res["model"] == "<outside>/run/base" and res["adapter"] is None
     out = tmp_path / "k.json"
     ev.main(["--adapter", str(run_dir), *EVAL_ARGS[:-1], "0", "--search-boundary", "2", "--out", str(out)])
     assert not absolute_paths(json.loads((tmp_path / "k-boundary.json").read_text()))
