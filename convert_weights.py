@@ -60,17 +60,16 @@ import torch
 from safetensors.torch import save_file
 
 from model.generate import choose_base_format, find_adapter_dir
-from model.rundir import base_model_of_adapter, read_params
-from model.io import (check_apart, check_writable, contiguous as _contiguous, is_write_error, read_json,  # noqa: F401
-                      read_json_object,
-                      read_pth, read_safetensors, umask_mode, write_failed, write_ours)
-from model.io import write_json as _write_json
+from model.io import contiguous as _contiguous, write_json as _write_json
+from model.io import (check_apart, check_writable, is_write_error, read_json, read_json_object, read_pth,  # noqa: F401
+                      read_safetensors, umask_mode, write_failed, write_ours)  # write_ours: re-exported
 from model.load import (CliParser, HelpFormatter, args_from_params, dtype_arg, expected_adapter_shapes,
                         expected_shapes, load_dir_tokenizer, torch_dtype)
 from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight,
                         read_adapter_config)
 from model.model import ATTENTION_MODULES, FFN_MODULES, MODULE_ALIASES, Transformer, canonical_module
 from model.nf4 import dequantize_nf4, quantize_nf4
+from model.rundir import base_model_of_adapter, read_params
 
 DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp16", "fp32")}     # the --dtype values
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
