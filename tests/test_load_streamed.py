@@ -182,7 +182,8 @@ def test_a_missing_last_meta_shard_shows_in_the_shapes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field, value, match", [("hidden_dim", 256, "params.json implies [256, 64]"),
                                                  ("n_layers", 5, "missing 9 weight(s) that params.json implies, "
                                                                  "first layers.4."),
-                                                 ("n_layers", 3, "weight(s) this model does not have, first layers.3.")])
+                                                 ("n_layers", 3,
+                                                  "weight(s) this model does not have, first layers.3.")])
 def test_shards_that_disagree_with_params_json_are_refused(tmp_path, monkeypatch, layout, field, value, match):
     args, sd = base_state_dict()
     folder = write_folder(tmp_path / layout, args, sd, layout)

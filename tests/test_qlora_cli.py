@@ -253,7 +253,8 @@ def test_nf4_on_weights_already_dequantised_is_refused_by_name(tmp_path):
     rounds them a second time. Loaded plain, or with an adapter trained on a plain base, they load."""
     from model.lora import save_adapter
     torch.manual_seed(0)
-    train.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), tmp_path / "run" / "base")
+    base = tmp_path / "run" / "base"
+    train.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), base)
     nf4, _ = load_model(tmp_path / "run" / "base", adapter="lora", base_format="nf4")
     save_adapter(nf4, tmp_path / "run" / "adapter")
     base, adapter = tmp_path / "run" / "base", tmp_path / "run" / "adapter"
