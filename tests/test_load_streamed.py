@@ -78,15 +78,16 @@ LAYOUTS = ["ours", "st3", "meta1", "meta2", "meta4", "meta2-legacy"]
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("base_format, method", [("plain", None), ("plain", "dora"), ("nf4", "lora"),
                                                  ("nf4", "dora")])
-def test_streamed_load_is_the_in_memory_load(tmp_path, layout, base_format, method):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_load_is_the_in_memory_load(tmp_path, layout, base_format, method, dtype):
     args, sd = base_state_dict()
     folder = write_folder(tmp_path / layout, args, sd, layout)
     kw = dict(base_format=base_format, adapter=method)
     torch.manual_seed(1)
-    want = in_memory_load(ModelArgs.from_name("tiny", **kw), sd)
+    want = in_memory_load(ModelArgs.from_name("tiny", **kw), sd, dtype)
     want_rng = torch.get_rng_state()
     torch.manual_seed(1)
-    got, _ = load_model(folder, **kw)
+    got, _ = load_model(folder, dtype=dtype, **kw)
     assert torch.equal(torch.get_rng_state(), want_rng)    # the same stream after the load: same Echo init, dropout
     want_sd, got_sd = want.state_dict(), got.state_dict()
     assert want_sd.keys() == got_sd.keys() and all(torch.equal(want_sd[k], got_sd[k]) for k in want_sd)
