@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .rundir import base_model_of_adapter, is_dequantized_copy, read_params  # noqa: F401  (is_dequantized_copy: used by model/load.py)
+from .rundir import base_model_of_adapter, is_dequantized_copy, read_params
 
 
 def _batch(prompts, device):

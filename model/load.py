@@ -339,7 +339,7 @@ def check_not_dequantized(model_dir, args, adapter_dir=None, adapter_cfg=None):
     of an NF4 run: dequant(NF4(W)) + ΔW). Such a folder is the NF4 model when loaded plain."""
     if args.base_format != "nf4":
         return
-    from .generate import is_dequantized_copy
+    from .rundir import is_dequantized_copy
     params_path = Path(model_dir) / "params.json"
     if read_json(params_path).get("dequantized_from") == "nf4":
         why = f'{params_path} says "dequantized_from": "nf4"'
