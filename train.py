@@ -388,10 +388,9 @@ def validate(run):
         tokens = mb["input_ids"].to(run.device)
         with autocast(run):
             h = model.run_layers(model.embed(tokens), 0, model.args.n_layers, positions=model.positions_for(tokens))
-            logits = model.head(h, logits_index=index).float()
+            ce, logits = model.head_loss(h, index, targets)
         valid = targets != data.IGNORE_INDEX
-        ce = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=data.IGNORE_INDEX,
-                                         reduction="sum")
+        logits = logits.float()
         exact = ((logits.argmax(-1) == targets) | ~valid).all(dim=1)
         sums += torch.stack([ce, valid.sum(), exact.sum(), torch.tensor(len(rows), device=run.device)]).float()
     if run.world > 1:

@@ -516,11 +516,3 @@ class Transformer(nn.Module):
         logits = self.head(h, logits_index)
         return (logits, [hiddens[i] for i in wanted]) if hidden_layers else logits
 
-
-def __getattr__(name):
-    """TEMPORARY: EchoInject moved to echo/inject.py; model/__init__.py and tests/test_model.py still import it
-    from here. Remove this once they import it from echo (the only place model/ reaches into echo/)."""
-    if name == "EchoInject":
-        from echo.inject import EchoInject
-        return EchoInject
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

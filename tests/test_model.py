@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED, needs_shared
-from model import (EchoInject, LoRALinear, ModelArgs, Transformer, load_model, merge_adapters,
+from echo.inject import EchoInject
+from model import (LoRALinear, ModelArgs, Transformer, load_model, merge_adapters,
                    unmerge_adapters)
 from model.lora import load_adapter, save_adapter
 from model.model import RMSNorm, apply_rope, rope_frequencies

@@ -280,6 +280,8 @@ def test_validation_exact_counts_rows_where_every_answer_token_is_the_argmax():
                     logits[b, 1, (want[b, 1] + 1) % vocab] = 2.0
             return logits
 
+        head_loss = Transformer.head_loss      # the real one, on the stub's head
+
     stub = Stub()
     run.model, run.val_set = stub, Val(rows)
     for wrong, exact in ((False, 1.0), (True, 2 / 3)):

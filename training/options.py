@@ -6,11 +6,10 @@ import json
 import math
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import data
-from echo import EchoConfig
+from echo import FIELDS as ECHO_FIELDS, EchoConfig
 from data.tasks import DEFAULT_RUN      # `python train.py`'s --out, where eval.py looks for it
 from model.load import CliParser, HelpFormatter, dtype_arg
 
@@ -218,7 +217,7 @@ def parse_args(argv=None, description=None):
 def default_of(key, default_run=False):
     """What a checkpoint older than option `key` trained with: the option's value before it existed where
     EchoConfig declares one (e.g. --echo-answer-window: the full Echo-on pass), else its default."""
-    if key.startswith("echo_") and key[5:] in {f.name for f in fields(EchoConfig)}:
+    if key.startswith("echo_") and key[5:] in ECHO_FIELDS:
         value = EchoConfig.value_before(key[5:])
         return list(value) if isinstance(value, tuple) else value
     if default_run and key in DEFAULT_RUN_SETTINGS:
