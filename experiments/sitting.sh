@@ -73,6 +73,12 @@ case "${1:-}" in
     grep -E "^\[" "$LOG" 2>/dev/null | cut -c1-50 | tail -n 4 || true
     echo "finished: $(find "$RUNS" -name summary.json 2>/dev/null | wc -l) runs"
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
+  suitewait)                                                 # until the suite ends (≤ $2 s), then its log to $OUT
+    end=$((SECONDS + ${2:-540}))
+    while (( SECONDS < end )) && ! grep -q "^# exit status" /work/gpu-suite.txt 2>/dev/null; do sleep 10; done
+    tail -n 3 /work/gpu-suite.txt
+    for f in /work/gpu-suite.txt /work/bench-before.jsonl /work/bench-after.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    true ;;
   hold)                                                      # the scheduler goes; its running children finish
     pkill -f "[e]xperiments.reproduce" || true
     echo "running: $(pgrep -fc '[t]rain.py|[e]val.py' || true)" ;;
