@@ -449,6 +449,13 @@ def published_pages():
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def relinked(fragment, page):
+    """The fragment's project-relative links (`](results/…`, written for README.md at the root) as seen from
+    `page`: from a page under docs/ they need a `../`."""
+    depth = len(Path(page).resolve().parent.relative_to(ROOT.resolve()).parts)
+    return fragment.replace("](results/", "](" + "../" * depth + "results/") if depth else fragment
+
+
 def splice_into_readme(fragment, name, readme=None):
     """Replace the text between <!-- BEGIN name --> and <!-- END name --> with the fragment, in README.md or
     whichever page under docs/ holds the markers (only `readme` when given), so the published numbers are always
@@ -459,7 +466,7 @@ def splice_into_readme(fragment, name, readme=None):
         text = page.read_text() if page.is_file() else ""
         if begin in text and end in text:
             head, rest = text.split(begin, 1)
-            text = head + begin + "\n" + fragment.rstrip() + "\n" + end + rest.split(end, 1)[1]
+            text = head + begin + "\n" + relinked(fragment, page).rstrip() + "\n" + end + rest.split(end, 1)[1]
             atomic_file(page, lambda tmp: tmp.write_text(text))
             found = True
     return found

@@ -310,3 +310,17 @@ def test_probe_table_answers_below_or_not():
     assert rows["teacher alone (p = 1, λ_kd = 0)"][3:5] == ["-0.00200", "yes"]
     assert rows["teacher alone, gate bias 0"][3:5] == ["+0.00300", "no"]
     assert probe_table({}) == ""
+
+
+def test_a_fragment_spliced_into_a_docs_page_keeps_its_links(tmp_path, monkeypatch):
+    """Fragments link `results/…` for README at the root; spliced into docs/ those links need `../`."""
+    from experiments import tables
+    (tmp_path / "docs").mkdir()
+    page, readme = tmp_path / "docs" / "page.md", tmp_path / "README.md"
+    for p in (page, readme):
+        p.write_text("a\n<!-- BEGIN results/x.md -->\nold\n<!-- END results/x.md -->\nb\n")
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    fragment = "![fig](results/f.png) and [csv](results/f.csv), not https://x/results/y"
+    assert tables.splice_into_readme(fragment, "results/x.md")
+    assert "![fig](../results/f.png) and [csv](../results/f.csv), not https://x/results/y" in page.read_text()
+    assert fragment in readme.read_text() and "old" not in page.read_text() + readme.read_text()
