@@ -287,14 +287,29 @@ def header(res):
             f"**What we found** ({res.get('model_name')}, the paper's recipe; {state}{caveat}):", ""]
 
 
-def findings(res, runs_dir):
-    """The section's markdown from the paper recipe's results (as `reproduce` builds and writes them) and
-    its runs folder (the teacher probe; None: no teacher probe)."""
+def earlier_recipe(earlier):
+    """The same two comparisons at the earlier recipe (its results JSON, or None), so README tells one story
+    across both recipes, each bullet naming its recipe and the test that decides it."""
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list):
+        return []
+    greedy = by_name(earlier, "greedy")
+    lines = [line for treated, control, _ in COMPARISONS[:2]
+             for line in [comparison(greedy, treated, control)[0]] if line]
+    if not lines:
+        return []
+    return ([f"- **The earlier recipe** (SmolLM2 again, {RECIPES['1epoch-lr1e-3'].label}, the rest as above; full table in "
+             f"[docs/reproduction.md](docs/reproduction.md)), the same comparisons:"]
+            + ["  " + line for line in lines])
+
+
+def findings(res, runs_dir, earlier=None):
+    """The section's markdown from the paper recipe's results (as `reproduce` builds and writes them), its
+    runs folder (the teacher probe; None: no teacher probe) and the earlier recipe's results (None: left out)."""
     check_results(res, (res.get("json_name") if isinstance(res, dict) else None) or "the results")
     diag = (res.get("diagnostics") or {}).get("csv")
     where = [RESULTS.parent / diag] + ([Path(runs_dir).parent / Path(diag).name] if runs_dir else []) if diag else []
     diag_csv = next((p for p in where if p.is_file()), None)    # in the project, or beside a trial's runs folder
-    lines = header(res) + headline(res) + (diagnostics(diag_csv) if diag_csv else [])
+    lines = header(res) + headline(res) + earlier_recipe(earlier) + (diagnostics(diag_csv) if diag_csv else [])
     lines += teacher(Path(runs_dir) / "echo-lora-s0" / "teacher-probe.json") if runs_dir else []
     lines += probes(res) + ablations(res)
     return "\n".join(lines + power(res)) + "\n"
@@ -304,7 +319,8 @@ def main(res=None, runs_dir=None):
     """Write results/README-findings.md and splice it into README; `reproduce --only-table` passes the results
     it just built, alone the command reads the paper recipe's results JSON (refused when damaged)."""
     recipe = RECIPES["paper"]
-    text = findings(res if res is not None else load_results(recipe.json), runs_dir or recipe.runs)
+    earlier = read_json(RECIPES["1epoch-lr1e-3"].json)            # committed; None when absent or damaged
+    text = findings(res if res is not None else load_results(recipe.json), runs_dir or recipe.runs, earlier)
     spliced = publish_fragment(text, OUT)
     print(f"wrote {shown_path(OUT)}" + (" and spliced it into the page with its markers" if spliced else
                                          " (neither README.md nor docs/ has results/README-findings.md markers)"))

@@ -452,7 +452,10 @@ def published_pages():
 def relinked(fragment, page):
     """The fragment's project-relative links (`](results/…`, written for README.md at the root) as seen from
     `page`: from a page under docs/ they need a `../`."""
-    depth = len(Path(page).resolve().parent.relative_to(ROOT.resolve()).parts)
+    try:
+        depth = len(Path(page).resolve().parent.relative_to(ROOT.resolve()).parts)
+    except ValueError:                    # a page outside the project (a trial's): its links are left as written
+        return fragment
     return fragment.replace("](results/", "](" + "../" * depth + "results/") if depth else fragment
 
 

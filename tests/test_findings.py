@@ -324,3 +324,18 @@ def test_a_fragment_spliced_into_a_docs_page_keeps_its_links(tmp_path, monkeypat
     assert tables.splice_into_readme(fragment, "results/x.md")
     assert "![fig](../results/f.png) and [csv](../results/f.csv), not https://x/results/y" in page.read_text()
     assert fragment in readme.read_text() and "old" not in page.read_text() + readme.read_text()
+
+
+def test_the_earlier_recipe_is_told_beside_the_headline_with_its_own_test(tmp_path):
+    """README tells one story: the paper recipe's bullets, then the earlier recipe's, each with its own verdict."""
+    alone = text(results([3.0], partial=True), tmp_path)
+    assert "The earlier recipe" not in alone
+    t = F.findings(results([3.0], partial=True), tmp_path, earlier=results([-3.0, -3.5, -2.5]))
+    lines = t.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("- **The earlier recipe**"))
+    assert "1 epoch, lr 1e-3" in lines[at]
+    assert lines[at + 1].startswith("  - **Echo-LoRA − LoRA: -3.00 ± 0.50 points")
+    assert "**Echo-LoRA worse than LoRA, significant at α 0.05**" in lines[at + 1]
+    assert lines[at + 2].startswith("  - **Echo-DoRA − DoRA: -3.00 ± 0.50 points")
+    assert "provisional, one seed" in echo_lora_line(t)              # the headline's own verdict is unchanged
+    assert F.findings(results([3.0]), tmp_path, earlier=[]) == text(results([3.0]), tmp_path)   # damaged: left out
