@@ -18,7 +18,6 @@ The real loop against its own step, in one command on one GPU (issue 13's side-b
 tokenizer, for models whose checkpoint is not at hand: the speed of a step does not depend on the
 weights' values. No checkpoint falls inside the timed run unless --save-every says so.
 """
-import argparse
 import collections
 import dataclasses
 import json
@@ -28,7 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import DATA_DIR, RESULTS, ROOT
+from model.load import CliParser, HelpFormatter
+
+from .common import DATA_DIR, RESULTS, ROOT, arg_path, logged_command
 from .runs import train_files
 
 SPEED = RESULTS / "speed"
@@ -84,10 +85,6 @@ def run(cmd, log):
         sys.exit(f"error: {Path(cmd[1]).name} failed (exit {code}): {tail[0]} (log {log})")
 
 
-class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def cuda_available():
     try:
         import torch
@@ -102,10 +99,10 @@ def main(argv=None):
     files = refuse_bad_input(p, a)
     dest = SPEED / f"real-vs-step-{a.tag}"
     scratch = Path("<scratch>") if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
-    model = a.model or scratch / "model"
-    train = train_command(a, files, model, scratch)
+    model = Path(a.model).absolute() if a.model else scratch / "model"
+    train = train_command(a, [f.absolute() for f in files], model, scratch)
     if a.dry_run:
-        print(" ".join(map(str, train)))
+        print(recorded_command(train, scratch))
         return
     if a.shape:
         print(f"random weights: {a.shape} with the tokenizer of {a.tokenizer} -> {model}", flush=True)
@@ -120,17 +117,19 @@ def main(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m experiments.measure_speed", description=__doc__,
-                                formatter_class=Fmt)
+    p = CliParser(prog="python -m experiments.measure_speed", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="model folder (real weights)")
     p.add_argument("--shape", help="preset name or params.json: random weights (with --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer folder for --shape")
-    p.add_argument("--data-dir", default=str(DATA_DIR))
+    p.add_argument("--data-dir", default=arg_path(DATA_DIR),
+                   help="the commonsense suite: one TASK/train.json per training task, all trained on at once")
     p.add_argument("--tag", required=True, help="results/speed/real-vs-step-<tag>/")
     p.add_argument("--echo", action="store_true", help="Echo-LoRA (the benchmark then times routed and unrouted)")
-    p.add_argument("--method", default="lora", choices=["lora", "dora"])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--save-every", type=int, default=None, help="default: no checkpoint inside the timed run")
+    p.add_argument("--method", default="lora", choices=["lora", "dora"], help="the adapter train.py trains")
+    p.add_argument("--steps", type=int, default=600,
+                   help="train.py steps to time (the benchmark then times the shapes of the steady ones)")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N steps inside the timed run (default: none)")
     p.add_argument("--dry-run", action="store_true", help="print the train command and stop")
     # no pass-through of other train.py flags: the benchmark would not see them, and the side-by-side
     # would compare two different steps
@@ -156,6 +155,7 @@ def refuse_bad_input(p, a):
 
 
 def train_command(a, files, model, scratch):
+    """train.py's command line; it runs in ROOT, so its paths are absolute (main) wherever this was started."""
     return [sys.executable, ROOT / "train.py", "--model", model, "--data", *files, "--method", a.method,
             "--max-steps", a.steps, "--save-every", a.save_every or a.steps + 1, "--out", scratch / "run",
             *(["--echo"] if a.echo else [])]      # only what the benchmark is also given: the two must match
@@ -175,13 +175,21 @@ def benchmark_at_run_shapes(a, model, scratch):
     return bench
 
 
+def recorded_command(cmd, scratch):
+    """A command line as measured.json records it: `python`, paths relative to the working folder (arg_path),
+    the temporary folder as <scratch>: no absolute path of the machine that measured."""
+    shown = [str(c).replace(str(scratch), "<scratch>", 1) if str(c).startswith(str(scratch)) else arg_path(c)
+             for c in cmd[1:]]
+    return logged_command([cmd[0], *shown])
+
+
 def write_measured(a, dest, train, scratch, bench):
     """results/speed/real-vs-step-<tag>/: measured.json (how it was made), summary.json, benchmark.jsonl."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "measured.json").write_text(json.dumps(
         {"weights": "random" if a.shape else "real", "model": a.shape or Path(a.model).name,
          "tokenizer": Path(a.tokenizer).name if a.tokenizer else None, "steps": a.steps,
-         "save_every": a.save_every, "train_command": " ".join(map(str, train))}, indent=2) + "\n")
+         "save_every": a.save_every, "train_command": recorded_command(train, scratch)}, indent=2) + "\n")
     shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
     shutil.copy(bench, dest / "benchmark.jsonl")
 

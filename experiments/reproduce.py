@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from model.load import CliParser, HelpFormatter
+from model.rundir import run_path
 
 from . import analysis, figures
 from .collect import collect, write_json
@@ -206,12 +207,13 @@ def _resolve_beam_limit(args):
 
 
 def recorded_model(json_path, runs_dir):
-    """The model as the records name it: the runs' config.json first (what trained them), else the results
+    """The model as the records name it: the runs' config.json first (what trained them; its path read as
+    model.rundir.run_path reads it, so "<run folder>/../base" names that folder), else the results
     JSON's (a placeholder such as "(none recorded yet)" is no name)."""
     for d in sorted(Path(runs_dir).glob("*-s*")) if Path(runs_dir).is_dir() else []:
         model = ((read_config(d) or {}).get("opts") or {}).get("model") if d.is_dir() else None
-        if isinstance(model, str):
-            return recorded_name(model)
+        if isinstance(model, str):      # "<run folder>/..." and repository-relative paths as train.py wrote them
+            return recorded_name(run_path(model, d))
     prev = read_record(json_path) or {}
     model = prev.get("model")
     return model if isinstance(model, str) and not model.startswith("(") else None

@@ -2,6 +2,7 @@
 Every value the tools use is checked here, so a damaged record is one line naming the file and the field."""
 import json
 import math
+import os
 from pathlib import Path
 
 from model.io import read_json, read_json_object
@@ -59,14 +60,20 @@ def base_model_of_adapter(adapter_dir):
     return base_model_of(run_dir, run_config(run_dir))
 
 
-def run_path(recorded, run_dir, field, flag):
-    """A path config.json recorded, as a path of this machine: "<run folder>/..." from the run folder, a
-    relative path from the repository (where train.py ran) unless it exists from here, an absolute one (older
-    records) as it is. A placeholder ("<outside the repository>/...": a path of the machine that made the
-    run) names no file here: one line naming the field and the flag that gives the path instead."""
+def run_path(recorded, run_dir, field=None, flag=None):
+    """A path config.json recorded (training.options.recorded_path), as a path of this machine: "<run folder>/..."
+    from the run folder (normalised), a relative path from the repository (where train.py ran) unless it exists
+    from here, an absolute one (older records) as it is, anything not a string (null) as it is. A placeholder
+    ("<outside the repository>/...": a path of the machine that made the run) names no file here: with `field`,
+    one line naming the field and the flag that gives the path instead; without, returned as it is (the caller
+    asks for the flag, e.g. train.py --config)."""
+    if not isinstance(recorded, str):
+        return recorded
     if recorded == RUN_FOLDER or recorded.startswith(RUN_FOLDER + "/"):
-        return str(Path(run_dir) / recorded[len(RUN_FOLDER) + 1:])
+        return os.path.normpath(Path(run_dir) / recorded[len(RUN_FOLDER) + 1:])
     if recorded.startswith("<"):
+        if field is None:
+            return recorded
         raise ValueError(f'{Path(run_dir) / "config.json"}: "opts.{field}" is recorded as {recorded!r}, a path of '
                          f"the machine the run was made on: pass {flag}")
     path = Path(recorded)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from echo import save_echo
-from model.io import fingerprint, first_line, umask_mode
+from model.io import disk_cause, fingerprint, umask_mode
 from model.lora import ADAPTER_KEYS, save_adapter
 from training.options import compute_dtype, default_of
 
@@ -87,21 +87,10 @@ def atomic_file(path, write):
 
 
 def write_failed(e, path):
-    """The one-line OSError for a failed atomic write of `path` (atomic_file, atomic_dir)."""
-    why = e.strerror if isinstance(e, OSError) and e.strerror else disk_error(e, path)
-    return OSError(getattr(e, "errno", None), f"writing {path} failed ({why}); the previous version is intact — "
-                                              f"free space or fix the folder, then --resume")
-
-
-def disk_error(e, path):
-    """A readable cause for torch.save's RuntimeError (its message is about a zip writer's position)."""
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 64 * 2**20:
-        return f"No space left on device: {free / 2**20:.0f} MiB free"
-    return first_line(e)[:120]
+    """The one-line OSError for a failed atomic write of `path` (atomic_file, atomic_dir); its cause is
+    model.io.disk_cause's, as every other tool's."""
+    return OSError(getattr(e, "errno", None), f"writing {path} failed ({disk_cause(e, path)}); the previous version "
+                                              f"is intact — free space or fix the folder, then --resume")
 
 
 def atomic_dir(path, write):

@@ -1,0 +1,102 @@
+"""One implementation each: a failed write's cause (model.io.disk_cause), a recorded path read back
+(model.rundir.run_path), the model reproduce records, measure_speed's help and measured.json, the streamed
+readers under convert_weights, the "dequantized_from" mark of an NF4 run's weights, and generate's refusal of
+--base-format nf4 on them. CPU, small."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model.io
+import training.checkpoint as ckpt
+import training.options
+from conftest import ROOT
+from model.rundir import run_path
+
+
+# ------------------------------------------------------------------ a failed write's cause: one function
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed "
+                                                "writing file data/0: file write failed " + "x" * 150),
+                                   OSError(28, "No space left on device")])
+@pytest.mark.parametrize("free_mib", [1, 10_000])
+def test_checkpoint_write_failure_gives_model_io_cause(tmp_path, monkeypatch, error, free_mib):
+    usage = shutil.disk_usage(tmp_path)._replace(free=free_mib * 2**20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    path = tmp_path / "state.pt"
+    msg = str(ckpt.write_failed(error, path))
+    assert f"writing {path} failed ({model.io.disk_cause(error, path)}); the previous version is intact" in msg
+    assert "\n" not in msg and (free_mib == 10_000 or "1 MiB free" in msg or error.strerror)
+
+
+# ------------------------------------------------------------------ a recorded path read back: one function
+
+def test_run_path_reads_every_recorded_path_as_options_resolved_path(tmp_path):
+    """train.py --config reads a run's config.json with training.options.resolved_path; run_path (eval,
+    generate, convert, reproduce) must give the same for everything recorded_path writes."""
+    out = tmp_path / "runs" / "x"
+    for path in [out / "data" / "train.json", out, out.parent / "base", tmp_path / "d.json",
+                 "/nowhere/else/m", "tiny", None]:
+        recorded = training.options.recorded_path(str(path) if path is not None else None, out)
+        assert run_path(recorded, out) == training.options.resolved_path(recorded, out), recorded
+    assert run_path("<run folder>/../base", out) == str(out.parent / "base")            # normalised
+    assert run_path("<outside the repository>/else/m", out) == "<outside the repository>/else/m"
+    with pytest.raises(ValueError, match=r'"opts.model" is recorded as .* pass --model'):
+        run_path("<outside the repository>/else/m", out, "model", "--model")
+
+
+# ------------------------------------------------------------------ reproduce records the model it trained
+
+def test_reproduce_records_the_model_a_run_folder_relative_path_names(tmp_path):
+    from experiments import reproduce as rp
+    runs = tmp_path / "runs"
+    (runs / "lora-s1").mkdir(parents=True)
+    (runs / "models" / "smollm2").mkdir(parents=True)
+    (runs / "lora-s1" / "config.json").write_text(json.dumps({"opts": {"model": "<run folder>/../models/smollm2"}}))
+    assert rp.recorded_model(tmp_path / "none.json", runs) == "<smollm2>"
+    (runs / "lora-s1" / "config.json").write_text(json.dumps({"opts": {"model": "<outside the repository>/m/x"}}))
+    assert rp.recorded_model(tmp_path / "none.json", runs) == "<outside the repository>/m/x"
+
+
+# ------------------------------------------------------------------ measure_speed: help, and no machine paths
+
+def test_measure_speed_help_says_each_flag_and_default_once():
+    from experiments import measure_speed as ms
+    text = " ".join(ms.build_parser().format_help().split("options:", 1)[1].split())
+    for flag, default in [("--data-dir DATA_DIR", "shared/data/commonsense"), ("--method {lora,dora}", "lora"),
+                          ("--steps STEPS", "600")]:
+        shown = text.split(flag, 1)[1].split(" --", 1)[0]
+        assert len(shown.split("(default:")[0].strip()) > 10 and shown.endswith(f"{default})"), (flag, shown)
+    save_every = text.split("--save-every SAVE_EVERY", 1)[1].split(" --", 1)[0]
+    assert save_every.count("default") == 1, save_every
+
+
+def test_measured_json_records_no_machine_path(tmp_path, monkeypatch):
+    from experiments import common
+    from experiments import measure_speed as ms
+    data = ROOT / "tests" / ".measure-speed-data"          # inside the project: recorded relative to it
+    try:
+        for t in common.TRAIN_TASKS:
+            (data / t).mkdir(parents=True, exist_ok=True)
+            (data / t / "train.json").write_text("[]")
+        scratch = tmp_path / "measure-speed-x"
+        (scratch / "run").mkdir(parents=True)
+        (scratch / "run" / "summary.json").write_text("{}")
+        (scratch / "bench.jsonl").write_text("")
+        monkeypatch.chdir(ROOT)
+        a = ms.build_parser().parse_args(["--model", str(ROOT.parent / "smollm2"), "--tag", "t",
+                                          "--data-dir", str(data)])
+        train = ms.train_command(a, [f.absolute() for f in ms.train_files(a.data_dir)],
+                                 Path(a.model).absolute(), scratch)
+        assert str(ROOT) in " ".join(map(str, train))             # what runs: absolute (it runs in ROOT)
+        ms.write_measured(a, tmp_path / "dest", train, scratch, scratch / "bench.jsonl")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    command = json.loads((tmp_path / "dest" / "measured.json").read_text())["train_command"]
+    assert command.startswith("python train.py --model ../smollm2 --data tests/.measure-speed-data/"), command
+    assert "--out '<scratch>/run'" in command
+    assert str(ROOT.parent) not in command and sys.executable not in command and str(tmp_path) not in command
