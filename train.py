@@ -166,7 +166,8 @@ def setup(opts):
         opts.micro_batch = smallest_over_ranks(pick_micro_batch(step_module, opts, world, device), world, device)
     cuda = str(device).startswith("cuda")
     use_compile = cuda if opts.compile is None else opts.compile
-    graphs = opts.cuda_graphs if opts.cuda_graphs != "auto" else ("step" if world == 1 else "blocks")
+    graphs = opts.cuda_graphs if opts.cuda_graphs != "auto" else \
+        ("off" if opts.pack else "step" if world == 1 else "blocks")     # --pack: see check_options
     if not (use_compile and cuda):
         graphs = "off"
     if graphs == "step" and world > 1:
@@ -214,9 +215,11 @@ class EchoStep(nn.Module):
         super().__init__()
         self.model, self.echo = model, echo
 
-    def forward(self, tokens, labels, index, targets, boundary, routed, normalizer):
+    def forward(self, tokens, labels, index, targets, boundary, routed, normalizer, *packing):
+        """packing (--pack): positions, documents, example_row (data.Packing's fields); boundary is then
+        each example's t* in its packed row."""
         return echo_loss(self.model, self.echo, tokens, labels, routed=routed, normalizer=normalizer,
-                         supervised=(index, targets, boundary))
+                         supervised=(index, targets, boundary), packing=data.Packing(*packing) if packing else None)
 
 
 def micro_batches(run, epoch, start_step):
@@ -228,7 +231,21 @@ def micro_batches(run, epoch, start_step):
                                   group_by_length=run.opts.group_by_length):
         for mb in mbs:
             mb["supervised"] = supervision(mb["labels"], bucket=P_BUCKET)
+            if run.opts.pack:            # the same examples, laid out in fewer rows (the step reads mb["packed"])
+                mb["packed"] = data.pack_micro_batch(mb, mb["supervised"][2], run.train_set.max_len,
+                                                     run.train_set.pad_id, bucket=P_BUCKET)
         yield step, mbs
+
+
+def step_tensors(mb):
+    """What the step reads of a micro-batch: tokens, labels, index, targets, t*, and with --pack the packed
+    rows' positions, documents and example rows (EchoStep.forward)."""
+    if "packed" not in mb:
+        return [mb["input_ids"], mb["labels"], *mb["supervised"]]
+    packed = mb["packed"]
+    layout = packed["packing"]
+    return [packed["input_ids"], packed["labels"], *packed["supervised"], layout.positions, layout.documents,
+            layout.example_row]
 
 
 def train_step(run, mbs, routed, stop):
@@ -237,9 +254,9 @@ def train_step(run, mbs, routed, stop):
     StatsOnHost queues behind the step). With --cuda-graphs step it is valid until the next step of
     the same shape."""
     host = torch.tensor([0.0, 0.0, 0.0, sum(int(mb["attention_mask"].sum()) for mb in mbs),
-                         sum(mb["input_ids"].numel() for mb in mbs), stop,
+                         sum(step_tensors(mb)[0].numel() for mb in mbs), stop,
                          mbs[0]["global_n_targets"] / run.world])      # + the normalizer (DDP averages ranks)
-    inputs = [[mb["input_ids"], mb["labels"], *mb["supervised"]] for mb in mbs]
+    inputs = [step_tensors(mb) for mb in mbs]
     if run.cuda:
         inputs, host = [[t.pin_memory() for t in batch] for batch in inputs], host.pin_memory()
     if run.graphs is not None:
@@ -263,7 +280,7 @@ def step_once(run, inputs, routed, host):
         last = i == len(inputs) - 1
         with run.ddp.no_sync() if run.world > 1 and not last else nullcontext():
             with autocast(run):
-                loss, sums = run.ddp(*batch, routed, normalizer)
+                loss, sums = run.ddp(*batch[:5], routed, normalizer, *batch[5:])
             loss.backward()
         if run.block_graphs and not last:
             keep_grads(params)
@@ -365,8 +382,8 @@ def diagnose(run, mb):
 
 
 def batch_shape(mbs, routed):
-    """What a compiled step is specialised on: routing and each micro-batch's [B, T] and P."""
-    return (routed, *((*mb["input_ids"].shape, mb["supervised"][0].shape[1]) for mb in mbs))
+    """What a compiled step is specialised on: routing and each micro-batch's [B, T] and P (packed: [R, L], P)."""
+    return (routed, *((*step_tensors(mb)[0].shape, step_tensors(mb)[2].shape[1]) for mb in mbs))
 
 
 # ------------------------------------------------------------------ validation

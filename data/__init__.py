@@ -1,6 +1,7 @@
-"""Fine-tuning data: LLM-Adapters-format reader, prompt templates, tokenization, batching, default task."""
+"""Fine-tuning data: LLM-Adapters-format reader, prompt templates, tokenization, batching, packing, default task."""
 from data.dataset import (IGNORE_INDEX, TokenizedDataset, batches, collate, epoch_order, grad_accum_steps,
                           holdout_indices, length_grouped_order, split_holdout,
                           load_dataset, load_examples, steps_per_epoch, tokenize_example)
 from data.default_task import make_default_task, write_default_task
+from data.packing import Packing, first_fit_rows, pack_micro_batch, packed_targets, padding_share
 from data.prompts import RESPONSE_MARKER, TEMPLATES, build_prompt

@@ -256,10 +256,14 @@ def supervision(labels, bucket=1):
 
 # ----------------------------------------------------------------------------- eq. 2
 
-def aggregate_sources(hiddens, t_star):
-    """eq. 2: z_b = mean_l sg(h_l[b, t*_b]) over the source layers. hiddens: list of [B, T, D]."""
+def aggregate_sources(hiddens, t_star, rows=None):
+    """eq. 2: z_b = mean_l sg(h_l[b, t*_b]) over the source layers. hiddens: list of [B, T, D].
+    rows (packed rows, --pack): example i's t* is at (rows[i], t_star[i]): z_i = mean_l sg(h_l[rows_i, t*_i])."""
     if len(hiddens) == 0:
         raise ValueError("aggregate_sources got no source hidden states")
+    if rows is not None:
+        rows, t_star = rows.to(hiddens[0].device), t_star.to(hiddens[0].device)
+        return at_least_fp32(torch.stack([h.detach()[rows, t_star] for h in hiddens])).mean(dim=0)
     idx = t_star.to(hiddens[0].device)[:, None, None].expand(-1, 1, hiddens[0].shape[-1])
     at_boundary = torch.stack([h.detach().gather(1, idx)[:, 0] for h in hiddens])    # [L, B, D]
     return at_least_fp32(at_boundary).mean(dim=0)
@@ -391,27 +395,36 @@ class EchoModule(nn.Module):
         return {(l, m): self.injectors[self.key(l, m)](z)
                 for l in self.cfg.target_layers for m in self.cfg.target_modules}
 
-    def inject(self, z, labels, attention_mask=None):
+    def inject(self, z, labels, attention_mask=None, documents=None):
         """z [B, D] → EchoInject(deltas = fp32 δ per (layer, module) (eqs. 3-6), mask = bool M (eq. 8)).
-        The model casts δ and M to each module's output dtype when it adds them (eq. 7)."""
-        if tuple(z.shape) != (labels.shape[0], self.dim):
+        The model casts δ and M to each module's output dtype when it adds them (eq. 7).
+        documents (packed rows, --pack): each token's example [R, T] (−1: padding); z is then [N examples, D]
+        and each token gets its own example's δ [R, T, d_out] (M is 0 on padding, so its δ is never added)."""
+        rows = labels.shape[0] if documents is None else z.shape[0]        # packed: one z per example
+        if tuple(z.shape) != (rows, self.dim):
             raise ValueError(f"Echo z has shape {list(z.shape)}, expected [{labels.shape[0]}, {self.dim}]")
         mask = answer_mask(labels, self.cfg.all_positions, attention_mask)                   # eq. 8
+        per_token = (lambda d: d) if documents is None else (lambda d: d[documents.clamp_min(0)])
         if not self.cfg.token_scale:
-            return EchoInject(deltas=self.deltas(z), mask=mask)
+            return EchoInject(deltas={k: per_token(d) for k, d in self.deltas(z).items()}, mask=mask)
         deltas, scales = {}, {}
         for l in self.cfg.target_layers:
             for m in self.cfg.target_modules:
                 injector = self.injectors[self.key(l, m)]
-                deltas[l, m], unscaled = injector.delta_and_unscaled(z)                        # eqs. 3-6
-                scales[l, m] = (injector.token_w, unscaled)                                   # λ_t = λ + w·x_t
+                delta, unscaled = injector.delta_and_unscaled(z)                               # eqs. 3-6
+                deltas[l, m] = per_token(delta)
+                scales[l, m] = (injector.token_w, per_token(unscaled))                        # λ_t = λ + w·x_t
         return EchoInject(deltas=deltas, mask=mask, token_scales=scales)
 
-    def forward(self, source_hiddens, boundary, labels, attention_mask=None):
+    def forward(self, source_hiddens, boundary, labels, attention_mask=None, packing=None):
         """source_hiddens: the Echo-off pass's residual streams [B, T, D] of cfg.source_layers, in
-        that order; boundary: t* [B] (from `supervision`)."""
-        z = aggregate_sources(source_hiddens, boundary)                      # eq. 2
-        return self.inject(z, labels, attention_mask)                        # eqs. 3-8
+        that order; boundary: t* [B] (from `supervision`). packing (data.Packing, --pack): the rows are
+        packed and boundary is each example's t* in its row (example_row)."""
+        if packing is None:
+            z = aggregate_sources(source_hiddens, boundary)                                  # eq. 2
+            return self.inject(z, labels, attention_mask)                                    # eqs. 3-8
+        z = aggregate_sources(source_hiddens, boundary, rows=packing.example_row)             # eq. 2, per example
+        return self.inject(z, labels, attention_mask, documents=packing.documents)           # eqs. 3-8
 
     def config_dict(self):
         return {"echo": asdict(self.cfg), "n_layers": self.n_layers, "dim": self.dim,
@@ -517,7 +530,7 @@ def uses_answer_window(cfg):
 
 
 def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, attention_mask=None,
-              record=None, window=None):
+              record=None, window=None, packing=None):
     """One micro-batch of training, LoRA / DoRA (echo=None) or Echo-LoRA / Echo-DoRA (eqs. 2-12).
 
     Echo-off pass → CE_off (and the source hidden states); if routed, Echo-on pass → CE_on and
@@ -548,16 +561,26 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     where targets is IGNORE). window=False: the Echo-on pass over every position even where
     uses_answer_window(cfg) (the same loss; diagnostics see every answer token's injection).
 
+    packing (data.Packing, --pack): tokens/labels are packed rows (data.pack_micro_batch) and `supervised` is
+    that function's (index, targets, per-example t*). Attention stays inside each example, positions restart
+    per example, and z, δ, M are per example (EchoModule.forward). The Echo-on pass then recomputes every
+    position of the rows from the split layer (the answer window is not used with packing).
+
     Returns (loss, sums): loss = eq. 11 / normalizer (for backward); sums = detached [3] tensor
     (Σ CE_off, Σ CE_on, τ² Σ KL) over this micro-batch's answer tokens (zeros for a skipped pass).
     """
     if echo is not None and (echo.n_layers != model.args.n_layers or echo.dim != model.args.dim):
         raise ValueError(f"EchoModule was built for n_layers={echo.n_layers}, dim={echo.dim}; the model has "
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
+    if packing is not None and supervised is None:
+        raise ValueError("echo_loss with packing needs supervised= from data.pack_micro_batch")
     index, targets, boundary = supervision(labels) if supervised is None else supervised
     normalizer = (targets != IGNORE).sum().clamp_min(1) if normalizer is None else normalizer
-    positions = model.positions_for(tokens, attention_mask)
+    positions = model.positions_for(tokens, attention_mask) if packing is None else packing.positions
     kw = dict(positions=positions, attention_mask=attention_mask)
+    if packing is not None:
+        kw["documents"] = packing.documents
+        window = False            # packed rows: the full Echo-on pass (docs/packing.md)
     n_layers = model.args.n_layers
     split = 0 if echo is None or echo.cfg.separate_passes else echo.cfg.target_layers[0]
     sources = echo.cfg.source_layers if echo is not None else ()
@@ -590,7 +613,7 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
         on_index = torch.where(targets != IGNORE, index - boundary[:, None], 0)   # the same positions, in the window
     else:
         with torch.autocast(tokens.device.type, enabled=False):
-            inject = echo(source_hiddens, boundary, labels, attention_mask)
+            inject = echo(source_hiddens, boundary, labels, attention_mask, packing=packing)
         record_into(record, inject, source_hiddens, boundary)
         h_on = model.run_layers(h_split, split, n_layers, echo_inject=inject, **kw)
         on_index = index

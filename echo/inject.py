@@ -22,11 +22,13 @@ def add_echo(out, x, mask, delta, token_scale=None):   # eq. 7
 
     δ_{b,t} = δ_b = λ (e ⊙ g)_b (eq. 6), or with --echo-token-scale λ_t = λ + w·x_t:
     δ_{b,t} = δ_b + (w·x_{b,t}) (e ⊙ g)_b, where token_scale = (w [d_in], e ⊙ g [B, d_out]) and x [B, T, d_in]
-    is the module's input. w starts at 0, so the run starts exactly at the scalar λ."""
-    delta = delta[:, None, :]
+    is the module's input. w starts at 0, so the run starts exactly at the scalar λ.
+    Packed rows (--pack) carry δ (and e ⊙ g) per token, [B, T, d_out]: each token its own example's."""
+    per_row = lambda d: d[:, None, :] if d.dim() == 2 else d
+    delta = per_row(delta)
     if token_scale is not None:
         w, unscaled = token_scale
-        delta = delta + (at_least_fp32(x) @ w.to(at_least_fp32(x).dtype))[..., None] * unscaled[:, None, :]
+        delta = delta + (at_least_fp32(x) @ w.to(at_least_fp32(x).dtype))[..., None] * per_row(unscaled)
     added = mask[..., None].to(out.dtype) * delta.to(out.dtype)
     return out + added, added
 

@@ -343,6 +343,18 @@ def attention_mask_4d(attention_mask, T, cache_pos):
     return (allowed | (k_pos == q_pos))[:, None]
 
 
+def document_attention_mask(documents):
+    """bool [B,1,T,T] for packed rows (data.packing): causal ∧ the key is in the query's example; documents
+    [B, T] holds each token's example (−1 on padding, which sees only itself, so its rows stay finite and are
+    never used). An explicit mask for SDPA: exact on any device. A GPU kernel that takes the same layout
+    (varlen attention with cumulative lengths, flex_attention's document mask) replaces this function and
+    its one call in run_layers; which one is to be chosen by measurement (docs/packing.md)."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = (documents[:, :, None] == documents[:, None, :]) & (documents[:, None, :] >= 0)
+    return ((same & causal) | torch.eye(T, dtype=torch.bool, device=documents.device))[:, None]
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -450,13 +462,16 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)
 
     def run_layers(self, h, start, end, *, positions, attention_mask=None, echo_inject=None,
-                   hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0, keys=None, prompt=None):
+                   hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0, keys=None, prompt=None,
+                   documents=None):
         """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`, each block's
         keys/values into `keys` (a dict) when given. prompt: a PromptKV, for a pass over a window of
         positions (h [B, W, D], positions [B, W]) that attends to another pass's keys/values first.
         With args.activation_checkpointing, while gradients are recorded (and without a KV cache, which
         a recomputation would write twice), each block's call is checkpointed: what it returns, and so
-        what `hiddens` / `keys` collect, are the same tensors' values, and gradients reach them as before."""
+        what `hiddens` / `keys` collect, are the same tensors' values, and gradients reach them as before.
+        documents: packed rows (data.packing, --pack): each token's example [B, T] (−1: padding); attention stays
+        inside an example (document_attention_mask), `positions` restart at 0 per example."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         mask = None
         if kv_cache is not None:      # keys: the whole cache; slots not written yet are masked out
@@ -467,6 +482,8 @@ class Transformer(nn.Module):
             mask = attention_mask_4d(torch.cat([attention_mask.bool(), unwritten], 1), h.shape[1], cache_pos)
         elif prompt is not None:
             mask = prompt.mask
+        elif documents is not None:
+            mask = document_attention_mask(documents)
         elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
         recompute = self.args.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
@@ -505,14 +522,14 @@ class Transformer(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
 
     def forward(self, tokens, attention_mask=None, *, positions=None, echo_inject=None, hidden_layers=(),
-                logits_index=None, kv_cache=None, cache_pos=0):
+                logits_index=None, kv_cache=None, cache_pos=0, documents=None):
         if positions is None:
             positions = self.positions_for(tokens, attention_mask, cache_pos)
         wanted = [self.layer_index(layer) for layer in hidden_layers]
         hiddens = {}
         h = self.run_layers(self.embed(tokens), 0, self.args.n_layers, positions=positions,
                             attention_mask=attention_mask, echo_inject=echo_inject, hidden_layers=set(wanted),
-                            hiddens=hiddens, kv_cache=kv_cache, cache_pos=cache_pos)
+                            hiddens=hiddens, kv_cache=kv_cache, cache_pos=cache_pos, documents=documents)
         logits = self.head(h, logits_index)
         return (logits, [hiddens[i] for i in wanted]) if hidden_layers else logits
 

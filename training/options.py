@@ -67,6 +67,10 @@ def add_training_flags(a):
     a("--max-len", type=int, default=256, help="rows longer than this (tokens) are dropped")
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
       help="batch rows of similar length together (less padding; see data.length_grouped_order)")
+    a("--pack", action="store_true",
+      help="lay each micro-batch's examples end to end into rows of at most --max-len tokens (attention and "
+           "positions per example, Echo per example): the same examples and loss per step, less padding "
+           "(docs/packing.md)")
     a("--seed", type=int, default=42, help="adapter init, data order, LoRA dropout and the Echo router")
     a("--dtype", default="bf16", type=dtype_arg, choices=["bf16", "fp32"],
       help="compute dtype of the frozen base on GPU (bf16 or bfloat16, fp32 or float32; fp16 would need loss "
@@ -273,5 +277,8 @@ def check_options(opts, world=1):
     if opts.micro_batch is not None:
         need(opts.global_batch % (opts.micro_batch * world) == 0, "--micro-batch",
              f"{opts.micro_batch} × {world} process(es) does not divide --global-batch {opts.global_batch}")
+    need(not (opts.pack and opts.cuda_graphs in ("step", "blocks")), "--pack",
+         f"is not supported with --cuda-graphs {opts.cuda_graphs}: packed micro-batches change their number of "
+         f"rows from step to step, so nearly every step would capture a new graph; use --cuda-graphs off (or auto)")
     if opts.echo:
         EchoConfig.from_flags(opts).check_values()       # NaN λ, gate bias, ... named by their flag

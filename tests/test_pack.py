@@ -1,0 +1,257 @@
+"""--pack (data/packing.py, docs/packing.md): a micro-batch's examples laid end to end into fewer rows give,
+in fp64 with dropout 0, the same per-example logits, z, δ, M, L_off, L_on, L_kd and gradients as the padded
+layout, with routing on and off; planted leaks (attention across an example boundary, positions that do not
+restart, z read at another example's t*) are caught; train.py --pack gives the same per-step losses and resumes
+bit-exact; what --pack cannot do is refused in one line."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data
+import model.model as model_module
+import train
+from echo import EchoConfig, EchoModule, aggregate_sources, echo_loss, supervision
+from model.model import ModelArgs, Transformer, attention_mask_4d
+from model.tokenizer import ByteTokenizer
+
+PAD, VOCAB = 0, 61
+PROMPTS, ANSWERS = (3, 6, 4, 2, 5, 7), (4, 2, 5, 3, 1, 3)     # rows of 7 … 10 tokens, three to a 16-token row
+CFG = dict(target_layers=(0, 1), source_layers=(-2, -1), target_modules=("wq", "wv", "w2"), bottleneck=8)
+
+
+def tiny(seed=0, **cfg):
+    """fp64, LoRA dropout 0, non-zero LoRA B and λ = 3 (so the adapter and Echo move every number)."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,
+                                  max_seq_len=64, adapter="lora", lora_rank=4, lora_dropout=0.0,
+                                  lora_modules=("wq", "wk", "wv", "wo", "w2"))).double()
+    echo = EchoModule(EchoConfig(**{**CFG, **cfg}), model.args).double()
+    with torch.no_grad():
+        for m in model.adapter_linears():
+            m.lora_b.normal_(0.0, 0.05)
+        for injector in echo.injectors.values():
+            injector.lam.fill_(3.0)
+            if hasattr(injector, "token_w"):
+                injector.token_w.normal_(0.0, 0.3)
+    return model, echo
+
+
+def layouts(row_len=16):
+    """The same six examples, padded (data.collate) and packed (data.pack_micro_batch)."""
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for p, a in zip(PROMPTS, ANSWERS):
+        ids = torch.randint(1, VOCAB, (p + a,), generator=g).tolist()
+        rows.append((ids, [-100] * p + ids[p:]))
+    mb = data.collate(rows, PAD, 1)
+    sup = supervision(mb["labels"])
+    packed = data.pack_micro_batch(mb, sup[2], row_len, PAD)
+    return mb, sup, packed
+
+
+def pieces(packed_t, packed, i):
+    """Example i's slice of a packed [R, L, ...] tensor."""
+    n = PROMPTS[i] + ANSWERS[i]
+    r, s = int(packed["packing"].example_row[i]), int(packed["example_start"][i])
+    return packed_t[r, s:s + n]
+
+
+def test_the_packer_packs_in_order_and_restarts_positions():
+    mb, sup, packed = layouts()
+    layout = packed["packing"]
+    R, L = packed["input_ids"].shape
+    assert R == 3 < len(PROMPTS) and L == 16
+    assert sorted(layout.documents[layout.documents >= 0].unique().tolist()) == list(range(len(PROMPTS)))
+    for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS)):
+        assert pieces(packed["input_ids"], packed, i).tolist() == mb["input_ids"][i, :p + a].tolist()
+        assert pieces(packed["labels"], packed, i).tolist() == mb["labels"][i, :p + a].tolist()
+        assert pieces(layout.positions, packed, i).tolist() == list(range(p + a))
+        assert pieces(layout.documents, packed, i).tolist() == [i] * (p + a)
+        assert int(packed["supervised"][2][i]) == int(packed["example_start"][i]) + p - 1      # t* in its row
+    index, targets, _ = packed["supervised"]
+    assert (targets != -100).sum() == (sup[1] != -100).sum() == sum(ANSWERS)
+    assert (packed["input_ids"] == PAD).sum() == R * L - sum(PROMPTS) - sum(ANSWERS)
+
+
+def check_same_logits_z_delta_mask(model, echo, mb, sup, packed):
+    """Per example: Echo-off logits and source hidden states at every real position, z (eq. 2), δ (eqs. 3-6),
+    M (eq. 8) and the Echo-on logits (eq. 7) of the packed layout equal the padded layout's."""
+    layout, sources = packed["packing"], echo.cfg.source_layers
+    off_u, hid_u = model(mb["input_ids"], hidden_layers=sources)
+    off_p, hid_p = model(packed["input_ids"], positions=layout.positions, documents=layout.documents,
+                         hidden_layers=sources)
+    z_u = aggregate_sources(hid_u, sup[2])
+    z_p = aggregate_sources(hid_p, packed["supervised"][2], rows=layout.example_row)
+    inject_u = echo(hid_u, sup[2], mb["labels"])
+    inject_p = echo(hid_p, packed["supervised"][2], packed["labels"], packing=layout)
+    on_u = model(mb["input_ids"], echo_inject=inject_u)
+    on_p = model(packed["input_ids"], positions=layout.positions, documents=layout.documents, echo_inject=inject_p)
+    torch.testing.assert_close(z_p, z_u, rtol=1e-12, atol=1e-12)
+    deltas_u, deltas_p = echo.deltas(z_u), echo.deltas(z_p)
+    for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS)):
+        n = p + a
+        torch.testing.assert_close(pieces(off_p, packed, i), off_u[i, :n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pieces(on_p, packed, i), on_u[i, :n], rtol=1e-10, atol=1e-12)
+        assert torch.equal(pieces(inject_p.mask, packed, i), inject_u.mask[i, :n])
+        assert pieces(inject_p.mask, packed, i).sum() == a
+        for key in deltas_u:
+            torch.testing.assert_close(deltas_p[key][i], deltas_u[key][i], rtol=1e-12, atol=1e-12)
+            assert torch.equal(pieces(inject_p.deltas[key], packed, i), deltas_p[key][i].expand(n, -1))
+    assert not inject_p.mask[layout.documents < 0].any()
+    assert (on_u - off_u).abs().max() > 1e-3          # the injection moves the logits: the check can fail
+
+
+@pytest.mark.parametrize("variant", ["default", "token scale"])
+def test_packed_logits_z_delta_and_mask_equal_the_padded_layout(variant):
+    model, echo = tiny(**({"token_scale": True} if variant == "token scale" else {}))
+    check_same_logits_z_delta_mask(model, echo, *layouts())
+
+
+def gradients(model, echo, loss):
+    params = [p for p in [*model.parameters(), *echo.parameters()] if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("routed", [True, False])
+@pytest.mark.parametrize("variant", ["default", "no answer window", "separate passes", "all positions",
+                                     "token scale"])
+def test_packed_losses_and_gradients_equal_the_padded_layout(routed, variant):
+    """L_off, L_on, L_kd (echo_loss's sums), the loss and the gradient of every trainable weight; the padded
+    layout runs as train.py runs it (the answer-window Echo-on pass by default), the packed one the full pass."""
+    cfg = {"default": {}, "no answer window": {"answer_window": False}, "separate passes": {"separate_passes": True},
+           "all positions": {"all_positions": True}, "token scale": {"token_scale": True}}[variant]
+    model, echo = tiny(**cfg)
+    mb, sup, packed = layouts()
+    n = (sup[1] != -100).sum()
+    loss_u, sums_u = echo_loss(model, echo, mb["input_ids"], mb["labels"], routed=routed, supervised=sup,
+                               normalizer=n)
+    loss_p, sums_p = echo_loss(model, echo, packed["input_ids"], packed["labels"], routed=routed, normalizer=n,
+                               supervised=packed["supervised"], packing=packed["packing"])
+    if routed:
+        assert sums_u[1] != sums_u[0] and sums_u[2] > 1e-6          # L_on and L_kd far from no-ops
+    torch.testing.assert_close(sums_p, sums_u, rtol=1e-11, atol=1e-12)
+    assert loss_p.item() == pytest.approx(loss_u.item(), rel=1e-11)
+    grads_u, grads_p = gradients(model, echo, loss_u), gradients(model, echo, loss_p)
+    assert sum(g is not None for g in grads_u) > (len(grads_u) // 2 if routed else 1)
+    for g_u, g_p in zip(grads_u, grads_p):
+        assert (g_u is None) == (g_p is None)
+        if g_u is not None:
+            torch.testing.assert_close(g_p, g_u, rtol=1e-9, atol=1e-12)
+
+
+def leak_across_examples(documents):
+    """A planted bug: causal attention over the whole packed row."""
+    return attention_mask_4d(documents >= 0, documents.shape[1], 0)
+
+
+@pytest.mark.parametrize("leak", ["attention across the example boundary", "positions that do not restart",
+                                  "z at another example's t*"])
+def test_planted_leaks_are_caught(leak, monkeypatch):
+    model, echo = tiny()
+    mb, sup, packed = layouts()
+    layout = packed["packing"]
+    if leak == "attention across the example boundary":
+        monkeypatch.setattr(model_module, "document_attention_mask", leak_across_examples)
+    elif leak == "positions that do not restart":
+        packed["packing"] = replace(layout, positions=torch.arange(layout.positions.shape[1]).expand_as(layout.positions))
+    else:
+        index, targets, boundary = packed["supervised"]
+        packed["supervised"] = (index, targets, boundary.roll(1))
+        packed["packing"] = replace(layout, example_row=layout.example_row.roll(1))
+    with pytest.raises(AssertionError):
+        check_same_logits_z_delta_mask(model, echo, mb, sup, packed)
+
+
+def test_pack_refuses_what_it_cannot_lay_out():
+    mb, sup, _ = layouts()
+    with pytest.raises(ValueError) as e:
+        data.pack_micro_batch(mb, sup[2], 9, PAD)                 # the 10-token example does not fit a row
+    assert "\n" not in str(e.value) and "example 5" in str(e.value) and "--max-len 9" in str(e.value)
+    mb["labels"][2, 0] = mb["input_ids"][2, 0]
+    with pytest.raises(ValueError) as e:
+        data.pack_micro_batch(mb, sup[2], 16, PAD)
+    assert "\n" not in str(e.value) and "first token" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- train.py --pack
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random base model folder and 16 rows of 41 … 80 tokens (two or three to a 128-token row)."""
+    root = tmp_path_factory.mktemp("pack")
+    torch.manual_seed(0)
+    train.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259)), ByteTokenizer(), root / "base")
+    rows = [{"instruction": f"say {i}", "input": "", "output": "xy"[i % 2] * (1 + (7 * i) % 40), "answer": ""}
+            for i in range(16)]
+    (root / "ds.json").write_text(json.dumps(rows))
+    return root
+
+
+def args(setup, out, *extra):
+    """6 steps of global batch 8 in micro-batches of 4, with Echo routed, then not (p falls 1 → 0)."""
+    return ["--model", str(setup / "base"), "--data", str(setup / "ds.json"), "--out", str(out),
+            "--template", "alpaca-short", "--max-len", "128", "--dtype", "fp32", "--no-compile", "--device", "cpu",
+            "--dropout", "0", "--global-batch", "8", "--micro-batch", "4", "--max-steps", "6", "--lr", "1e-2",
+            "--warmup-steps", "1", "--seed", "3", "--echo-targets", "1", "--echo-sources", "2", "3",
+            "--echo-p-start", "1", "--echo-p-end", "0", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("echo", ["--echo", "--no-echo"])
+def test_train_pack_gives_the_same_losses(setup, tmp_path, echo):
+    train.main(args(setup, tmp_path / "padded", echo))
+    train.main(args(setup, tmp_path / "packed", echo, "--pack"))
+    padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
+    assert len(padded) == len(packed) == 6
+    assert sum(m["padded_tokens"] for m in packed) < 0.9 * sum(m["padded_tokens"] for m in padded)     # 12 % padding, not 23 %
+    if echo == "--echo":
+        assert {m["routed"] for m in padded} == {True, False}
+    for a, b in zip(padded, packed):
+        assert a["routed"] == b["routed"] and a["tokens"] == b["tokens"] and a["answer_tokens"] == b["answer_tokens"]
+        for k in ("loss", "loss_off", "loss_on", "loss_kd"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-7), (a["step"], k)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_packed_run_is_bit_exact(setup, tmp_path, monkeypatch):
+    """Checkpoint at step 2, die inside step 4, --resume: the same metrics and weights as the run that was
+    never stopped (as tests/test_train.py's resume tests, for the padded layout)."""
+    extra = ("--echo", "--pack", "--save-every", "2", "--max-steps", "5", "--dropout", "0.1")
+    train.main(args(setup, tmp_path / "full", *extra))
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Crash
+        return clip(*a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_crash)
+    with pytest.raises(Crash):
+        train.main(args(setup, tmp_path / "resumed", *extra))
+    monkeypatch.undo()
+    train.main(args(setup, tmp_path / "resumed", *extra, "--resume"))
+    wall = ("tokens_per_s", "padded_tokens_per_s", "mfu", "peak_gib", "seconds", "warmup")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in wall} for r in rows]
+    assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "full"))
+    from safetensors.torch import load_file
+    for name in ("adapter/adapter.safetensors", "echo.safetensors"):
+        a, b = (load_file(str(d / name)) for d in (tmp_path / "full", tmp_path / "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("graphs", ["step", "blocks"])
+def test_pack_with_cuda_graphs_is_refused_in_one_line(setup, tmp_path, graphs):
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, tmp_path / "run", "--pack", "--cuda-graphs", graphs))
+    assert "\n" not in str(e.value) and str(e.value).startswith("--pack ") and f"--cuda-graphs {graphs}" in str(e.value)
+    assert not (tmp_path / "run").exists()
