@@ -69,7 +69,7 @@ from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensor
                         read_adapter_config)
 from model.model import ATTENTION_MODULES, FFN_MODULES, MODULE_ALIASES, Transformer, canonical_module
 from model.nf4 import dequantize_nf4, quantize_nf4
-from model.rundir import base_model_of_adapter, read_params
+from model.rundir import DEQUANTIZED_FROM, base_model_of_adapter, is_dequantized_copy, read_params
 
 DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp16", "fp32")}     # the --dtype values
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -141,7 +141,8 @@ def params_to_hf_config(params, dtype=torch.bfloat16, bos_id=None, eos_id=None, 
         "max_position_embeddings": params.get("max_seq_len", 4096 if params.get("use_scaled_rope") is None else 131072),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": HF_DTYPE_NAMES[dtype],
     }
-    for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
+    for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id),
+                       (DEQUANTIZED_FROM, params.get(DEQUANTIZED_FROM))):      # an NF4 run's weights say so
         if value is not None:
             cfg[key] = value
     return cfg
@@ -173,6 +174,7 @@ def hf_config_to_params(config):
         "rope_theta": float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
         "use_scaled_rope": bool(scaling), "max_seq_len": config.get("max_position_embeddings", 2048),
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        **({DEQUANTIZED_FROM: "nf4"} if config.get(DEQUANTIZED_FROM) == "nf4" else {}),   # model.load reads it
     }
 
 
@@ -1108,6 +1110,8 @@ def export(fmt, model_dir, out, adapter_dir=None, dtype=None, force=False, base_
         if dtype is None:
             print(f"NF4 base: writing the {'merged ' if adapter_dir else ''}model as bf16 "
                   f"(dequant(W){' + ΔW' if adapter_dir else ''}; pass --dtype fp32 for fp32); it is not re-quantised")
+    if nf4 or (adapter_cfg or {}).get("base_format") == "nf4" and is_dequantized_copy(model_dir, adapter_dir):
+        params = {**params, DEQUANTIZED_FROM: "nf4"}     # dequant(NF4(W)) (+ ΔW): model.load refuses nf4 on it
     if adapter_dir is not None:
         sd = merged_state(sd, params, adapter_dir, adapter_cfg, target)
     with atomic_dir(out, force, inputs) as tmp:

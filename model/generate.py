@@ -345,7 +345,8 @@ def resolve_base_format(flag, adapter_cfg, model_dir=None, adapter_dir=None):
     """-> (base format, why, warning or None). Without --base-format: the one the adapter was trained on
     (adapter_config.json "base_format"; absent = plain), except that a run's base/ folder already holds
     dequant(W) and is loaded plain (quantising it again would round it a second time). A flag that
-    disagrees with that choice is obeyed with a one-line warning: a real model, but not the trained one."""
+    disagrees with that choice is obeyed with a one-line warning: a real model, but not the trained one; nf4 on
+    weights already dequantised from NF4 is refused as load_model refuses it (model.load.check_not_dequantized)."""
     recorded = (adapter_cfg or {}).get("base_format", "plain")
     if adapter_cfg is None:
         expected, why = "plain", "no adapter"
@@ -355,6 +356,9 @@ def resolve_base_format(flag, adapter_cfg, model_dir=None, adapter_dir=None):
         expected, why = recorded, "the adapter's adapter_config.json"
     else:
         expected, why = "plain", "the adapter records no base_format"
+    if (flag or expected) == "nf4" and model_dir is not None:       # the refusal load_model would give, first
+        from .load import check_not_dequantized
+        check_not_dequantized(model_dir, "nf4", adapter_dir, adapter_cfg)
     if flag is None or adapter_cfg is None:
         return flag or expected, ("--base-format" if flag else why), None
     if flag == expected:

@@ -310,7 +310,7 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
     elif model_dir.is_dir():
         tokenizer = load_dir_tokenizer(model_dir)
         args = dir_model_args(model_dir, tokenizer, **overrides)
-        check_not_dequantized(model_dir, args, adapter_dir, adapter_cfg)
+        check_not_dequantized(model_dir, args.base_format, adapter_dir, adapter_cfg)
         plan = open_checkpoint(model_dir, args)
     else:
         raise FileNotFoundError(f"model {model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
@@ -332,17 +332,19 @@ def load_model(model, *, adapter_dir=None, device="cpu", dtype=torch.float32, **
     return net, tokenizer
 
 
-def check_not_dequantized(model_dir, args, adapter_dir=None, adapter_cfg=None):
+def check_not_dequantized(model_dir, base_format, adapter_dir=None, adapter_cfg=None):
     """An NF4 base quantises the folder's weights, so it is refused for weights that are dequant(NF4(W))
     already, which it would round a second time: a run's base/ beside its NF4-trained adapter (train.py
-    writes dequant(W) there), or a folder whose params.json says "dequantized_from": "nf4" (a merged export
-    of an NF4 run: dequant(NF4(W)) + ΔW). Such a folder is the NF4 model when loaded plain."""
-    if args.base_format != "nf4":
+    writes dequant(W) there), or a folder whose params.json says "dequantized_from": "nf4" (an NF4 run's base/,
+    a merged export of an NF4 run: dequant(NF4(W)) + ΔW). Such a folder is the NF4 model when loaded plain.
+    model.generate.resolve_base_format refuses the same, by this function, before anything is loaded."""
+    if base_format != "nf4":
         return
-    from .rundir import is_dequantized_copy
+    from .rundir import DEQUANTIZED_FROM, is_dequantized_copy
     params_path = Path(model_dir) / "params.json"
-    if read_json(params_path).get("dequantized_from") == "nf4":
-        why = f'{params_path} says "dequantized_from": "nf4"'
+    params = read_json(params_path) if params_path.is_file() else None
+    if isinstance(params, dict) and params.get(DEQUANTIZED_FROM) == "nf4":
+        why = f'{params_path} says "{DEQUANTIZED_FROM}": "nf4"'
     elif (adapter_cfg or {}).get("base_format") == "nf4" and is_dequantized_copy(model_dir, adapter_dir):
         why = f"it is the base/ of the run of adapter {adapter_dir}"
     else:

@@ -110,9 +110,19 @@ def read_params(model_dir):
     return read_json_object(Path(model_dir) / "params.json", PARAMS_INTS, PARAMS_NUMBERS)
 
 
-def is_dequantized_copy(model_dir, adapter_dir):
-    """Whether model_dir is the run's base/ folder beside an adapter trained on an NF4 base: train.py writes
-    base/ as dequant(W) (model.load.as_plain_model), so it already holds the weights the adapter trained on."""
-    if model_dir is None or adapter_dir is None:
+DEQUANTIZED_FROM = "dequantized_from"   # params.json / HF config.json: "nf4" on weights that are dequant(NF4(W))
+
+
+def is_dequantized_copy(model_dir, adapter_dir=None):
+    """Whether model_dir's weights are dequant(NF4(W)) already, so that an NF4 base would round them a second
+    time: its params.json says "dequantized_from": "nf4" (train.py's base/ of an NF4 run, an export merged on an
+    NF4 base: training.checkpoint.save_base, convert_weights --export), or it is the run's base/ folder beside
+    adapter_dir (runs from before that mark, whose base/ train.py wrote as dequant(W) all the same)."""
+    if model_dir is None:
         return False
-    return Path(model_dir).resolve() == Path(adapter_dir).resolve().parent / "base"
+    params = Path(model_dir) / "params.json"
+    if params.is_file():
+        marked = read_json(params)
+        if isinstance(marked, dict) and marked.get(DEQUANTIZED_FROM) == "nf4":
+            return True
+    return adapter_dir is not None and Path(model_dir).resolve() == Path(adapter_dir).resolve().parent / "base"

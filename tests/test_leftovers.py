@@ -100,3 +100,69 @@ def test_measured_json_records_no_machine_path(tmp_path, monkeypatch):
     assert command.startswith("python train.py --model ../smollm2 --data tests/.measure-speed-data/"), command
     assert "--out '<scratch>/run'" in command
     assert str(ROOT.parent) not in command and sys.executable not in command and str(tmp_path) not in command
+
+
+# ------------------------------------------------------------------ NF4 run's weights say "dequantized_from"
+
+def test_an_nf4_runs_base_folder_says_dequantized_from(tmp_path):
+    from model import ModelArgs, Transformer
+    from model.load import load_model
+    from model.tokenizer import ByteTokenizer
+    torch.manual_seed(0)
+    for fmt in ("plain", "nf4"):
+        ckpt.save_base(Transformer(ModelArgs.from_name("tiny", vocab_size=259, base_format=fmt)), ByteTokenizer(),
+                       tmp_path / fmt)
+        assert json.loads((tmp_path / fmt / "params.json").read_text()).get("dequantized_from") == \
+            (None if fmt == "plain" else "nf4")
+    assert load_model(tmp_path / "plain", base_format="nf4")[0].args.base_format == "nf4"
+    with pytest.raises(ValueError, match=f'^{tmp_path / "nf4"}: its weights are already dequantised from NF4 '
+                                         f'\\({tmp_path / "nf4" / "params.json"} says "dequantized_from": "nf4"\\)'):
+        load_model(tmp_path / "nf4", base_format="nf4")
+    assert load_model(tmp_path / "nf4")[0].args.base_format == "plain"
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tmp_path_factory):
+    from test_qlora_cli import make_nf4_run
+    return make_nf4_run(tmp_path_factory.mktemp("leftovers_nf4"), "lora")
+
+
+def test_merged_exports_of_an_nf4_run_say_dequantized_from(nf4_run, tmp_path, capsys):
+    import convert_weights as cw
+    from model.load import load_model
+    run = nf4_run / "run"
+    for fmt, record in (("meta", "params.json"), ("hf", "config.json")):
+        for base_format, mark in (("nf4", "nf4"), ("plain", None)):
+            out = tmp_path / f"{fmt}-{base_format}"
+            cw.main(["--export", fmt, "--model", str(nf4_run / "base"), "--adapter", str(run), "--base-format",
+                     base_format, "--dtype", "fp32", str(out)])
+            assert json.loads((out / record).read_text()).get("dequantized_from") == mark, out
+    cw.main([str(tmp_path / "hf-nf4"), str(tmp_path / "back"), "--no-tokenizer"])      # HF -> ours keeps it
+    assert json.loads((tmp_path / "back" / "params.json").read_text())["dequantized_from"] == "nf4"
+    shutil.copy(nf4_run / "base" / "tokenizer_config.json", tmp_path / "back")
+    for merged in (tmp_path / "meta-nf4", tmp_path / "back"):
+        with pytest.raises(ValueError, match="already dequantised from NF4"):
+            load_model(merged, base_format="nf4")
+    assert load_model(tmp_path / "meta-plain", base_format="nf4")[0].args.base_format == "nf4"
+
+
+# ------------------------------------------------------------------ generate: the refusal, no warning first
+
+def test_nf4_on_dequantized_weights_is_refused_before_any_warning(nf4_run, tmp_path, capsys):
+    import model.generate as gen
+    run = tmp_path / "run"
+    shutil.copytree(nf4_run / "run" / "adapter", run / "adapter")
+    shutil.copytree(nf4_run / "base", run / "base")              # a run's base/ beside its NF4 adapter
+    shutil.copytree(nf4_run / "base", tmp_path / "marked")
+    params = json.loads((tmp_path / "marked" / "params.json").read_text())
+    (tmp_path / "marked" / "params.json").write_text(json.dumps({**params, "dequantized_from": "nf4"}))
+    capsys.readouterr()
+    for model_dir, why in ((run / "base", f"it is the base/ of the run of adapter {run / 'adapter'}"),
+                           (tmp_path / "marked", f'{tmp_path / "marked" / "params.json"} says')):
+        with pytest.raises(SystemExit) as e:
+            gen.main(["--model", str(model_dir), "--adapter", str(run), "--base-format", "nf4", "--device", "cpu",
+                      "--max-new-tokens", "2", "hello"])
+        assert capsys.readouterr().err == ""                    # no warning before the refusal
+        msg = str(e.value.code)
+        assert "\n" not in msg and msg.startswith(f"error: {model_dir}: its weights are already dequantised") and \
+            why in msg and msg.endswith("quantise them a second time: load it with --base-format plain"), msg

@@ -121,14 +121,15 @@ def test_eval_default_names_nf4_results_apart(nf4_run):
 
 def test_a_runs_base_folder_is_already_dequantised():
     """train.py writes a default run's base/ as dequant(W): loading it plain is the trained model; nf4 would
-    quantise it again (resolve_base_format follows a flag asking for that, with the warning; load_model then
-    refuses it, test_nf4_on_weights_already_dequantised_is_refused_by_name)."""
+    quantise it again: a flag asking for that is refused by resolve_base_format itself, with load_model's one
+    line (test_nf4_on_weights_already_dequantised_is_refused_by_name), and no warning before it."""
     cfg = {"method": "lora", "base_format": "nf4"}
     assert gen.resolve_base_format(None, cfg, "runs/x/base", "runs/x/adapter")[0] == "plain"
     assert gen.resolve_base_format(None, cfg, "models/m", "runs/x/adapter")[:2] == (
         "nf4", "the adapter's adapter_config.json")
-    fmt, _, warning = gen.resolve_base_format("nf4", cfg, "runs/x/base", "runs/x/adapter")
-    assert fmt == "nf4" and warning.startswith("warning: --base-format nf4")
+    with pytest.raises(ValueError, match=r"^runs/x/base: its weights are already dequantised from NF4 \(it is the "
+                                         r"base/ of the run of adapter runs/x/adapter\); .* --base-format plain$"):
+        gen.resolve_base_format("nf4", cfg, "runs/x/base", "runs/x/adapter")
     assert gen.resolve_base_format(None, None) == ("plain", "no adapter", None)
     assert gen.resolve_base_format("nf4", None)[:2] == ("nf4", "--base-format")
     assert gen.resolve_base_format("nf4", {"method": "lora"})[2].startswith("warning: --base-format nf4, but the "

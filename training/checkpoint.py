@@ -14,6 +14,7 @@ import torch.distributed as dist
 from echo import save_echo
 from model.io import disk_cause, fingerprint, umask_mode
 from model.lora import ADAPTER_KEYS, save_adapter
+from model.rundir import DEQUANTIZED_FROM
 from training.options import compute_dtype, default_of
 
 RUN_FILES = ("config.json", "metrics.jsonl", "echo_diagnostics.jsonl", "summary.json", "checkpoint", "adapter",
@@ -355,12 +356,14 @@ def load_checkpoint(run):
 
 def save_base(model, tokenizer, out_dir):
     """The default run's random base model, so eval.py can rebuild exactly the model that was trained. An NF4
-    base is saved as the plain weights its forward uses, dequant(W), without building a second model. Each
+    base is saved as the plain weights its forward uses, dequant(W), without building a second model, and its
+    params.json says "dequantized_from": "nf4" (model.rundir.is_dequantized_copy). Each
     file is written atomically and follows the umask (safetensors alone would leave model.safetensors 0600)."""
     from safetensors.torch import save_file
     out_dir.mkdir(parents=True, exist_ok=True)
     base = {k: v.contiguous() for k, v in model.dequantized_state_dict(model.tok_embeddings.weight.dtype).items()}
     atomic_file(out_dir / "model.safetensors", lambda tmp: save_file(base, str(tmp)))
-    params = json.dumps(model.args.to_params_json(), indent=2)
+    nf4 = {DEQUANTIZED_FROM: "nf4"} if model.args.base_format == "nf4" else {}    # model.load refuses nf4 on it
+    params = json.dumps({**model.args.to_params_json(), **nf4}, indent=2)
     atomic_file(out_dir / "params.json", lambda tmp: tmp.write_text(params))
     atomic_file(out_dir / "tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps({"type": "byte"})))
