@@ -216,8 +216,7 @@ class EchoStep(nn.Module):
         self.model, self.echo = model, echo
 
     def forward(self, tokens, labels, index, targets, boundary, routed, normalizer, *packing):
-        """packing (--pack): positions, documents, example_row (data.Packing's fields); boundary is then
-        each example's t* in its packed row."""
+        """packing (--pack): data.Packing's fields, in order."""
         return echo_loss(self.model, self.echo, tokens, labels, routed=routed, normalizer=normalizer,
                          supervised=(index, targets, boundary), packing=data.Packing(*packing) if packing else None)
 
@@ -232,20 +231,18 @@ def micro_batches(run, epoch, start_step):
         for mb in mbs:
             mb["supervised"] = supervision(mb["labels"], bucket=P_BUCKET)
             if run.opts.pack:            # the same examples, laid out in fewer rows (the step reads mb["packed"])
-                mb["packed"] = data.pack_micro_batch(mb, mb["supervised"][2], run.train_set.max_len,
-                                                     run.train_set.pad_id, bucket=P_BUCKET)
+                mb["packed"] = data.pack_micro_batch(mb, run.train_set.max_len, run.train_set.pad_id)
         yield step, mbs
 
 
 def step_tensors(mb):
     """What the step reads of a micro-batch: tokens, labels, index, targets, t*, and with --pack the packed
-    rows' positions, documents and example rows (EchoStep.forward)."""
+    rows' tokens and labels instead, and their layout (data.Packing's fields; EchoStep.forward). The
+    supervision (index, targets, t*) stays per example, in its own positions."""
     if "packed" not in mb:
         return [mb["input_ids"], mb["labels"], *mb["supervised"]]
     packed = mb["packed"]
-    layout = packed["packing"]
-    return [packed["input_ids"], packed["labels"], *packed["supervised"], layout.positions, layout.documents,
-            layout.example_row]
+    return [packed["input_ids"], packed["labels"], *mb["supervised"], *vars(packed["packing"]).values()]
 
 
 def train_step(run, mbs, routed, stop):

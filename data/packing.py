@@ -19,11 +19,22 @@ from data.dataset import IGNORE_INDEX
 class Packing:
     """The layout the model and Echo need, as an explicit argument (no global state):
     positions [R, L] RoPE position of each token inside its example; documents [R, L] the example (0 … N−1,
-    its index in the micro-batch) each token belongs to, −1 on padding; example_row [N] the row of each
-    example (z of example i is read at (example_row[i], boundary[i]), eq. 2)."""
+    its index in the micro-batch) each token belongs to, −1 on padding; example_row, example_start,
+    example_length [N]: where example i lies (row, first slot, tokens)."""
     positions: torch.Tensor
     documents: torch.Tensor
     example_row: torch.Tensor
+    example_start: torch.Tensor
+    example_length: torch.Tensor
+
+    def flat(self, local):
+        """Positions `local` [N, P] inside each example -> their indices in the flattened rows [R·L]."""
+        L = self.documents.shape[1]
+        return (self.example_row * L + self.example_start)[:, None] + local
+
+    def per_example(self, h, local):
+        """h [R, L, ...] at positions `local` [N, P] of each example -> [N, P, ...]: the padded layout's rows."""
+        return h.flatten(0, 1)[self.flat(local)]
 
 
 def first_fit_rows(lengths, row_len):
@@ -43,15 +54,14 @@ def first_fit_rows(lengths, row_len):
     return [sorted(r) for r in rows]
 
 
-def pack_micro_batch(mb, boundary, row_len, pad_id, pad_multiple=32, bucket=1):
-    """A collated micro-batch (data.collate: right-padded input_ids / labels / attention_mask [B, T]) and
-    its per-example t* (`boundary` [B], from echo.supervision) → the packed micro-batch: a dict with
-    input_ids, labels [R, L], `packing` (Packing), example_start [B] (where each example begins in its row)
-    and `supervised` = (index, targets [R, P], boundary [B])
-    where index/targets are the supervised logit positions of each packed row and boundary is each
-    example's t* in its row's coordinates. L = the fullest row rounded up to pad_multiple, at most row_len.
-    Raises, in one line, if an example is longer than row_len or its first token is supervised (then the
-    last token of the example before it would predict it)."""
+def pack_micro_batch(mb, row_len, pad_id, pad_multiple=32):
+    """A collated micro-batch (data.collate: right-padded input_ids / labels / attention_mask [B, T]) → the
+    packed micro-batch: a dict with input_ids, labels [R, L] and `packing` (Packing). L = the fullest row
+    rounded up to pad_multiple, at most row_len. The supervision (echo.supervision of the padded labels:
+    answer positions, targets, t*) stays per example, in each example's own positions: the packed step reads
+    logits at example_start + those positions, so the last token of one example never predicts the first
+    of the next. Raises, in one line, if an example is longer than row_len or is supervised from its first
+    token (it would have no prompt, and so no t*)."""
     lengths = mb["attention_mask"].sum(dim=1).tolist()
     for i, n in enumerate(lengths):
         if n > row_len:
@@ -79,28 +89,9 @@ def pack_micro_batch(mb, boundary, row_len, pad_id, pad_multiple=32, bucket=1):
             documents[r, offset:offset + n] = i
             example_row[i], start[i] = r, offset
             offset += n
-    index, targets = packed_targets(labels, documents, bucket)
-    return {"input_ids": input_ids, "labels": labels, "packing": Packing(positions, documents, example_row),
-            "supervised": (index, targets, start + boundary), "example_start": start}
-
-
-def packed_targets(labels, documents, bucket=1):
-    """The supervised logit positions of packed rows: t with y[t+1] ≠ −100 and t+1 in the same example (the
-    last token of one example never predicts the first of the next) -> index, targets [R, P], P = the most
-    supervised positions of a row, rounded up to `bucket`; padding slots point at 0 with target −100 (as in
-    echo.supervision, whose positions per example these are, shifted by the example's start)."""
-    R, L = labels.shape
-    supervised = (labels[:, 1:] != IGNORE_INDEX) & (documents[:, 1:] == documents[:, :-1])
-    counts = supervised.sum(dim=1)
-    P = max(1, -(-int(counts.max()) // bucket) * bucket)
-    pos = torch.arange(L - 1).expand(R, -1)
-    order = torch.where(supervised, pos, pos + L).argsort(dim=1, stable=True)[:, :P]
-    if order.shape[1] < P:
-        order = torch.nn.functional.pad(order, (0, P - order.shape[1]))
-    valid = torch.arange(P)[None, :] < counts[:, None]
-    index = torch.where(valid, order, torch.zeros_like(order))
-    targets = torch.where(valid, labels.gather(1, index + 1), torch.full_like(index, IGNORE_INDEX))
-    return index, targets
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels,
+            "packing": Packing(positions, documents, example_row, start, lengths)}
 
 
 def padding_share(lengths, micro_batch, row_len, pad_multiple=32):

@@ -416,15 +416,13 @@ class EchoModule(nn.Module):
                 scales[l, m] = (injector.token_w, per_token(unscaled))                        # λ_t = λ + w·x_t
         return EchoInject(deltas=deltas, mask=mask, token_scales=scales)
 
-    def forward(self, source_hiddens, boundary, labels, attention_mask=None, packing=None):
+    def forward(self, source_hiddens, boundary, labels, attention_mask=None, rows=None, documents=None):
         """source_hiddens: the Echo-off pass's residual streams [B, T, D] of cfg.source_layers, in
-        that order; boundary: t* [B] (from `supervision`). packing (data.Packing, --pack): the rows are
-        packed and boundary is each example's t* in its row (example_row)."""
-        if packing is None:
-            z = aggregate_sources(source_hiddens, boundary)                                  # eq. 2
-            return self.inject(z, labels, attention_mask)                                    # eqs. 3-8
-        z = aggregate_sources(source_hiddens, boundary, rows=packing.example_row)             # eq. 2, per example
-        return self.inject(z, labels, attention_mask, documents=packing.documents)           # eqs. 3-8
+        that order; boundary: t* [B] (from `supervision`). Packed rows (--pack, data.Packing): example i's
+        t* is at (rows[i], boundary[i]); with `documents` (the Echo-on pass over the packed rows) each token
+        gets its own example's δ, without (the answer window: one row per example) δ stays per row."""
+        z = aggregate_sources(source_hiddens, boundary, rows=rows)                            # eq. 2
+        return self.inject(z, labels, attention_mask, documents=documents)                    # eqs. 3-8
 
     def config_dict(self):
         return {"echo": asdict(self.cfg), "n_layers": self.n_layers, "dim": self.dim,
@@ -561,10 +559,11 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     where targets is IGNORE). window=False: the Echo-on pass over every position even where
     uses_answer_window(cfg) (the same loss; diagnostics see every answer token's injection).
 
-    packing (data.Packing, --pack): tokens/labels are packed rows (data.pack_micro_batch) and `supervised` is
-    that function's (index, targets, per-example t*). Attention stays inside each example, positions restart
-    per example, and z, δ, M are per example (EchoModule.forward). The Echo-on pass then recomputes every
-    position of the rows from the split layer (the answer window is not used with packing).
+    packing (data.Packing, --pack): tokens/labels are packed rows (data.pack_micro_batch); `supervised` stays
+    the padded layout's (per example, in its own positions). Attention stays inside each example, positions
+    restart per example; logits are read per example at its own answer positions ([B, P], as unpacked), and z,
+    δ, M are per example. The answer window works on packed rows: one window row per example, reading the
+    packed Echo-off pass's residual stream and its own prompt's keys/values (`packed_window`).
 
     Returns (loss, sums): loss = eq. 11 / normalizer (for backward); sums = detached [3] tensor
     (Σ CE_off, Σ CE_on, τ² Σ KL) over this micro-batch's answer tokens (zeros for a skipped pass).
@@ -573,14 +572,13 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
         raise ValueError(f"EchoModule was built for n_layers={echo.n_layers}, dim={echo.dim}; the model has "
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
     if packing is not None and supervised is None:
-        raise ValueError("echo_loss with packing needs supervised= from data.pack_micro_batch")
+        raise ValueError("echo_loss with packing needs supervised= (echo.supervision of the padded labels)")
     index, targets, boundary = supervision(labels) if supervised is None else supervised
     normalizer = (targets != IGNORE).sum().clamp_min(1) if normalizer is None else normalizer
     positions = model.positions_for(tokens, attention_mask) if packing is None else packing.positions
     kw = dict(positions=positions, attention_mask=attention_mask)
     if packing is not None:
         kw["documents"] = packing.documents
-        window = False            # packed rows: the full Echo-on pass (docs/packing.md)
     n_layers = model.args.n_layers
     split = 0 if echo is None or echo.cfg.separate_passes else echo.cfg.target_layers[0]
     sources = echo.cfg.source_layers if echo is not None else ()
@@ -591,13 +589,16 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     if split > 0:
         h_split = model.run_layers(h_split, 0, split, hidden_layers=sources, hiddens=hiddens, **kw)
     h_off = model.run_layers(h_split, split, n_layers, hidden_layers=sources, hiddens=hiddens, keys=keys, **kw)
-    off_sum, logits_off = model.head_loss(h_off, index, targets)
+    off_sum, logits_off = model.head_loss(*at_answers(h_off, index, packing), targets)
     if not routed:
         zero = torch.zeros((), device=off_sum.device)
         return echo_objective(off_sum, None, None, False) / normalizer, torch.stack([off_sum.detach(), zero, zero])
 
     source_hiddens = [hiddens[l] for l in sources]
-    if window:
+    if window and packing is not None:
+        h_on, on_index = packed_window(model, echo, packing, h_split, keys, labels, (index, targets, boundary),
+                                       split, source_hiddens, record)
+    elif window:
         T, P = tokens.shape[1], index.shape[1]
         slots = boundary[:, None] + torch.arange(P, device=tokens.device)        # t*_b … t*_b + P − 1
         inside = slots < T                                # slots past the row's end: never supervised
@@ -612,17 +613,48 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
                                 echo_inject=inject, prompt=prompt)
         on_index = torch.where(targets != IGNORE, index - boundary[:, None], 0)   # the same positions, in the window
     else:
+        t_star, rows = (boundary, None) if packing is None else (packing.example_start + boundary, packing.example_row)
         with torch.autocast(tokens.device.type, enabled=False):
-            inject = echo(source_hiddens, boundary, labels, attention_mask, packing=packing)
-        record_into(record, inject, source_hiddens, boundary)
+            inject = echo(source_hiddens, t_star, labels, attention_mask, rows=rows, documents=kw.get("documents"))
+        record_into(record, inject, source_hiddens, t_star)
         h_on = model.run_layers(h_split, split, n_layers, echo_inject=inject, **kw)
-        on_index = index
+        h_on, on_index = at_answers(h_on, index, packing)
     on_sum, logits_on = model.head_loss(h_on, on_index, targets)
     if record is not None:
         record["logits_on"] = logits_on
     kd_sum, _ = masked_kl(logits_on, logits_off, valid=targets != IGNORE, tau=echo.cfg.tau, reduction="sum")
     loss = echo_objective(off_sum, on_sum, kd_sum, True, echo.cfg.lambda_kd) / normalizer     # eq. 11
     return loss, torch.stack([off_sum.detach(), on_sum.detach(), kd_sum.detach()])
+
+
+def at_answers(h, index, packing=None):
+    """(h, logits index) for Transformer.head_loss: the padded layout's rows and index as they are; packed rows
+    (--pack) -> each example's hidden states at its own answer positions [B, P, D] (index None: all of them)."""
+    return (h, index) if packing is None else (packing.per_example(h, index), None)
+
+
+def packed_window(model, echo, packing, h_split, keys, labels, supervised, split, source_hiddens, record):
+    """The answer-window Echo-on pass (see echo_loss) on packed rows, with one window row per example, as in
+    the padded layout: example i's slots t*_i … t*_i + P − 1 of its own positions, read from the packed
+    Echo-off pass (the residual stream at the split layer; the keys/values of the example's own prompt,
+    nothing of the examples beside it). -> (h_on [B, P, D], the answer positions in the window)."""
+    index, targets, boundary = supervised
+    B, P = index.shape
+    L = packing.documents.shape[1]
+    local = boundary[:, None] + torch.arange(P, device=index.device)                 # t*_i … t*_i + P − 1
+    inside = local < packing.example_length[:, None]        # slots past the example's end: never supervised
+    flat = packing.flat(torch.minimum(local, packing.example_length[:, None] - 1))
+    t_star = packing.example_start + boundary                                        # in the packed row
+    with torch.autocast(labels.device.type, enabled=False):
+        inject = echo(source_hiddens, t_star, torch.where(inside, labels.flatten()[flat], IGNORE),
+                      rows=packing.example_row)
+    record_into(record, inject, source_hiddens, t_star)
+    own = packing.documents[packing.example_row] == torch.arange(B, device=index.device)[:, None]    # [B, L]
+    kv = {layer: (k[packing.example_row], v[packing.example_row]) for layer, (k, v) in keys.items()}
+    prompt = PromptKV(kv, window_attention_mask(t_star, L, inside, own))
+    h_on = model.run_layers(h_split.flatten(0, 1)[flat], split, model.args.n_layers,
+                            positions=packing.positions.flatten()[flat], echo_inject=inject, prompt=prompt)
+    return h_on, torch.where(targets != IGNORE, index - boundary[:, None], 0)
 
 
 def record_into(record, inject, source_hiddens, boundary):

@@ -47,14 +47,14 @@ def layouts(row_len=16):
         rows.append((ids, [-100] * p + ids[p:]))
     mb = data.collate(rows, PAD, 1)
     sup = supervision(mb["labels"])
-    packed = data.pack_micro_batch(mb, sup[2], row_len, PAD)
+    packed = data.pack_micro_batch(mb, row_len, PAD)
     return mb, sup, packed
 
 
 def pieces(packed_t, packed, i):
     """Example i's slice of a packed [R, L, ...] tensor."""
     n = PROMPTS[i] + ANSWERS[i]
-    r, s = int(packed["packing"].example_row[i]), int(packed["example_start"][i])
+    r, s = int(packed["packing"].example_row[i]), int(packed["packing"].example_start[i])
     return packed_t[r, s:s + n]
 
 
@@ -69,9 +69,7 @@ def test_the_packer_packs_in_order_and_restarts_positions():
         assert pieces(packed["labels"], packed, i).tolist() == mb["labels"][i, :p + a].tolist()
         assert pieces(layout.positions, packed, i).tolist() == list(range(p + a))
         assert pieces(layout.documents, packed, i).tolist() == [i] * (p + a)
-        assert int(packed["supervised"][2][i]) == int(packed["example_start"][i]) + p - 1      # t* in its row
-    index, targets, _ = packed["supervised"]
-    assert (targets != -100).sum() == (sup[1] != -100).sum() == sum(ANSWERS)
+        assert int(layout.example_length[i]) == p + a
     assert (packed["input_ids"] == PAD).sum() == R * L - sum(PROMPTS) - sum(ANSWERS)
 
 
@@ -83,9 +81,10 @@ def check_same_logits_z_delta_mask(model, echo, mb, sup, packed):
     off_p, hid_p = model(packed["input_ids"], positions=layout.positions, documents=layout.documents,
                          hidden_layers=sources)
     z_u = aggregate_sources(hid_u, sup[2])
-    z_p = aggregate_sources(hid_p, packed["supervised"][2], rows=layout.example_row)
+    t_star = layout.example_start + sup[2]                                # in the packed row
+    z_p = aggregate_sources(hid_p, t_star, rows=layout.example_row)
     inject_u = echo(hid_u, sup[2], mb["labels"])
-    inject_p = echo(hid_p, packed["supervised"][2], packed["labels"], packing=layout)
+    inject_p = echo(hid_p, t_star, packed["labels"], rows=layout.example_row, documents=layout.documents)
     on_u = model(mb["input_ids"], echo_inject=inject_u)
     on_p = model(packed["input_ids"], positions=layout.positions, documents=layout.documents, echo_inject=inject_p)
     torch.testing.assert_close(z_p, z_u, rtol=1e-12, atol=1e-12)
@@ -119,7 +118,8 @@ def gradients(model, echo, loss):
                                      "token scale"])
 def test_packed_losses_and_gradients_equal_the_padded_layout(routed, variant):
     """L_off, L_on, L_kd (echo_loss's sums), the loss and the gradient of every trainable weight; the padded
-    layout runs as train.py runs it (the answer-window Echo-on pass by default), the packed one the full pass."""
+    layout runs as train.py runs it (the answer-window Echo-on pass by default), and the packed one too (one
+    window row per example), or the full pass where the variant asks for it."""
     cfg = {"default": {}, "no answer window": {"answer_window": False}, "separate passes": {"separate_passes": True},
            "all positions": {"all_positions": True}, "token scale": {"token_scale": True}}[variant]
     model, echo = tiny(**cfg)
@@ -128,7 +128,7 @@ def test_packed_losses_and_gradients_equal_the_padded_layout(routed, variant):
     loss_u, sums_u = echo_loss(model, echo, mb["input_ids"], mb["labels"], routed=routed, supervised=sup,
                                normalizer=n)
     loss_p, sums_p = echo_loss(model, echo, packed["input_ids"], packed["labels"], routed=routed, normalizer=n,
-                               supervised=packed["supervised"], packing=packed["packing"])
+                               supervised=sup, packing=packed["packing"])
     if routed:
         assert sums_u[1] != sums_u[0] and sums_u[2] > 1e-6          # L_on and L_kd far from no-ops
     torch.testing.assert_close(sums_p, sums_u, rtol=1e-11, atol=1e-12)
@@ -157,9 +157,8 @@ def test_planted_leaks_are_caught(leak, monkeypatch):
     elif leak == "positions that do not restart":
         packed["packing"] = replace(layout, positions=torch.arange(layout.positions.shape[1]).expand_as(layout.positions))
     else:
-        index, targets, boundary = packed["supervised"]
-        packed["supervised"] = (index, targets, boundary.roll(1))
-        packed["packing"] = replace(layout, example_row=layout.example_row.roll(1))
+        packed["packing"] = replace(layout, example_row=layout.example_row.roll(1),
+                                    example_start=layout.example_start.roll(1))
     with pytest.raises(AssertionError):
         check_same_logits_z_delta_mask(model, echo, mb, sup, packed)
 
@@ -167,11 +166,11 @@ def test_planted_leaks_are_caught(leak, monkeypatch):
 def test_pack_refuses_what_it_cannot_lay_out():
     mb, sup, _ = layouts()
     with pytest.raises(ValueError) as e:
-        data.pack_micro_batch(mb, sup[2], 9, PAD)                 # the 10-token example does not fit a row
+        data.pack_micro_batch(mb, 9, PAD)                 # the 10-token example does not fit a row
     assert "\n" not in str(e.value) and "example 5" in str(e.value) and "--max-len 9" in str(e.value)
     mb["labels"][2, 0] = mb["input_ids"][2, 0]
     with pytest.raises(ValueError) as e:
-        data.pack_micro_batch(mb, sup[2], 16, PAD)
+        data.pack_micro_batch(mb, 16, PAD)
     assert "\n" not in str(e.value) and "first token" in str(e.value)
 
 
