@@ -61,10 +61,12 @@ from safetensors.torch import save_file
 
 from model.generate import choose_base_format, find_adapter_dir
 from model.io import contiguous as _contiguous, write_json as _write_json
-from model.io import (check_apart, check_writable, is_write_error, read_json, read_json_object, read_pth,  # noqa: F401
-                      read_safetensors, umask_mode, write_failed, write_ours)  # write_ours: re-exported
-from model.load import (CliParser, HelpFormatter, args_from_params, dtype_arg, expected_adapter_shapes,
-                        expected_shapes, load_dir_tokenizer, torch_dtype)
+from model.io import (DAMAGED, check_apart, check_writable, first_line, is_write_error, read_json,  # noqa: F401
+                      read_json_object, read_pth, read_safetensors, umask_mode, write_failed,
+                      write_ours)  # write_ours: re-exported
+from model.load import (CliParser, HelpFormatter, args_from_params, checkpoint_files, dtype_arg,
+                        expected_adapter_shapes, expected_shapes, load_dir_tokenizer, open_checkpoint,
+                        read_checkpoint, torch_dtype)
 from model.lora import (check_adapter_tensors, check_finite, load_adapter_tensors, merged_weight,
                         read_adapter_config)
 from model.model import ATTENTION_MODULES, FFN_MODULES, MODULE_ALIASES, Transformer, canonical_module
@@ -87,9 +89,6 @@ META_BLOCK_NAMES = {v: k for k, v in HF_BLOCK_NAMES.items()}
 # LLaMA 3.1 RoPE scaling, the constants of Meta's apply_scaling (params.json: use_scaled_rope)
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
-COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                   "feed_forward.w1.weight", "feed_forward.w3.weight")
-ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 _BLOCK_KEY = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 _HF_BLOCK_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
@@ -247,7 +246,7 @@ def meta_to_hf(state_dict, params):
     return hf
 
 
-def hf_to_meta(state_dict, params):
+def hf_to_meta(state_dict, params, drop_tied=True):
     """HF keys -> Meta keys; q/k rows un-permuted to interleaved order. params: from hf_config_to_params
     (an HF config.json dict is accepted too). Rotary inv_freq buffers of old checkpoints are dropped."""
     if "hidden_size" in params:
@@ -268,66 +267,7 @@ def hf_to_meta(state_dict, params):
             meta[f"layers.{m[1]}.{name}.weight"] = unpermute_rotate_half(w, n_heads) if n_heads else w
         else:
             raise ValueError(f"unknown key '{k}'")
-    return drop_tied_output(meta, params)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Meta model-parallel shards
-
-def shard_dim(key, shard_shape, params, n_shards):
-    """Dimension along which Meta's model-parallel code split `key` over n_shards (None: replicated).
-    Column-parallel (wq wk wv w1 w3 output) split their output rows (dim 0), row-parallel (wo w2) their
-    inputs (dim 1). The embedding: LLaMA 1/2 ParallelEmbedding splits the embedding dim (dim 1), LLaMA 3
-    VocabParallelEmbedding the vocabulary (dim 0); the shard shape says which."""
-    if n_shards == 1 or key.endswith("norm.weight"):
-        return None
-    if key == "tok_embeddings.weight":
-        if shard_shape[1] * n_shards == params["dim"]:
-            return 1
-        if shard_shape[1] == params["dim"]:
-            return 0
-        raise ValueError(f"tok_embeddings.weight shard shape {tuple(shard_shape)} fits neither split of dim {params['dim']}")
-    if key == "output.weight" or key.endswith(COLUMN_PARALLEL):
-        return 0
-    if key.endswith(ROW_PARALLEL):
-        return 1
-    raise ValueError(f"unknown key '{key}'")
-
-
-def merge_meta_shards(shard_paths, params, dtype=None):
-    """Merge consolidated.NN.pth model-parallel shards into one Meta state dict.
-    Shards are memory-mapped and copied into the preallocated result one at a time, so peak memory is
-    the merged model plus one shard's pages. rope.freqs (a buffer) is dropped."""
-    shard_paths = sorted(shard_paths)
-    n = len(shard_paths)
-    out, dims, shapes = {}, {}, {}
-    for i, path in enumerate(shard_paths):
-        shard = read_pth(path)
-        shard.pop("rope.freqs", None)
-        name = os.path.basename(path)
-        if i == 0:
-            for k, w in shard.items():
-                dims[k] = shard_dim(k, w.shape, params, n)
-                shapes[k] = tuple(w.shape)
-                full = list(w.shape)
-                if dims[k] is not None:
-                    full[dims[k]] *= n
-                out[k] = torch.empty(full, dtype=dtype or w.dtype)
-        if set(shard) != set(shapes):
-            extra = sorted(set(shard) ^ set(shapes))[0]
-            raise ValueError(f"{name}: key '{extra}' is not in every shard")
-        for k, w in shard.items():
-            if tuple(w.shape) != shapes[k]:
-                raise ValueError(f"{name}: '{k}' has shape {tuple(w.shape)}, {os.path.basename(shard_paths[0])} has {shapes[k]}")
-            if dims[k] is None:
-                if i == 0:
-                    out[k].copy_(w)
-                elif not torch.equal(out[k], w.to(out[k].dtype)):
-                    raise ValueError(f"{name}: replicated '{k}' differs from shard 0")
-            else:
-                out[k].narrow(dims[k], i * w.shape[dims[k]], w.shape[dims[k]]).copy_(w)
-        del shard
-    return out
+    return drop_tied_output(meta, params) if drop_tied else meta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,13 +304,37 @@ HF_CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
 def read_meta(src):
-    """(state dict, params) of a Meta checkpoint folder, shards merged, tied output dropped."""
+    """(state dict, params) of a Meta checkpoint folder, shards merged, tied output dropped: model.load's
+    streamed reader (open_checkpoint checks files, keys and shapes from the memory-mapped shards; read_checkpoint
+    concatenates each weight's pieces), so the host holds the merged model, never every shard besides it."""
     params = read_params(src)
-    shards = sorted(glob.glob(os.path.join(glob.escape(src), "consolidated.*.pth")))
-    sd = merge_meta_shards(shards, params)
-    if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
-        raise ValueError(f"{src}: checkpoint lacks tok_embeddings.weight or layers.0.feed_forward.w1.weight")
+    plan = open_checkpoint(src, args_from_params(params, **meta_vocab_size(src, params)))
+    sd = dict(read_checkpoint_named(plan))
     return sd, normalize_params(params, drop_tied_output(sd, params, src), src)
+
+
+def meta_vocab_size(src, params):
+    """{"vocab_size": rows of the embedding} when params.json leaves it to the weights (LLaMA 1/2 write -1;
+    their ParallelEmbedding splits the embedding dim, so each shard holds every row); else {}."""
+    if (params.get("vocab_size") or -1) > 0:
+        return {}
+    first = read_pth(checkpoint_files(src)[1][0])          # memory-mapped: reads the header only
+    if "tok_embeddings.weight" not in first:
+        raise ValueError(f"{src}: checkpoint lacks tok_embeddings.weight")
+    return {"vocab_size": first["tok_embeddings.weight"].shape[0]}
+
+
+def read_checkpoint_named(plan):
+    """model.load.read_checkpoint, with a weight that cannot be read (a data region cut short) one line naming
+    its file (read_pth names a damaged shard itself)."""
+    for source, keys in plan:
+        try:
+            yield from read_checkpoint([(source, keys)])
+        except ValueError:
+            raise
+        except Exception as e:  # SafetensorError / OSError / RuntimeError: torch's and safetensors' multi-line errors
+            where = os.path.dirname(source[0]) if isinstance(source, list) else source
+            raise ValueError(f"{where}: cannot read this checkpoint ({first_line(e)}); {DAMAGED}") from None
 
 
 def _load_tensor_file(path):
@@ -378,8 +342,25 @@ def _load_tensor_file(path):
     return read_safetensors(path) if path.endswith(".safetensors") else read_pth(path)
 
 
+def hf_tensors(files):
+    """(HF key, tensor) of each weight of an HF checkpoint, one at a time: safetensors through model.load's
+    streamed reader (the header first, then one tensor), pytorch_model*.bin (pickles) whole per file."""
+    from safetensors import safe_open
+    for path in files:
+        if not path.endswith(".safetensors"):
+            yield from _load_tensor_file(path).items()
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # SafetensorError / OSError: the header cut short
+            raise ValueError(f"{path}: cannot read this checkpoint ({first_line(e)}); {DAMAGED}") from None
+        yield from read_checkpoint_named([(path, keys)])
+
+
 def read_hf(src):
-    """(Meta state dict, params) of an HF checkpoint folder (single or sharded safetensors / .bin)."""
+    """(Meta state dict, params) of an HF checkpoint folder (single or sharded safetensors / .bin), read one
+    tensor at a time and renamed (q/k rows un-permuted) as it comes: the host holds the model once."""
     config = read_json_object(os.path.join(src, "config.json"), HF_CONFIG_INTS, HF_CONFIG_NUMBERS)
     params = hf_config_to_params(config)
     repo = config.get("_name_or_path")        # a hub id is kept, for --export peft's base_model_name_or_path
@@ -388,9 +369,9 @@ def read_hf(src):
     files = sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))
     files = files or sorted(glob.glob(os.path.join(glob.escape(src), "pytorch_model*.bin")))
     sd = {}
-    for path in files:
-        sd.update(_load_tensor_file(path))
-    sd = hf_to_meta(sd, params)
+    for k, w in hf_tensors(files):
+        sd.update(hf_to_meta({k: w}, params, drop_tied=False))
+    sd = drop_tied_output(sd, params, src)
     check_shapes(sd, params, src)
     return sd, params
 

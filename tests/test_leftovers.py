@@ -166,3 +166,65 @@ def test_nf4_on_dequantized_weights_is_refused_before_any_warning(nf4_run, tmp_p
         msg = str(e.value.code)
         assert "\n" not in msg and msg.startswith(f"error: {model_dir}: its weights are already dequantised") and \
             why in msg and msg.endswith("quantise them a second time: load it with --base-format plain"), msg
+
+
+# ------------------------------------------------------------------ convert_weights reads through model.load's streamed reader
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tie", [False, True])
+def test_sharded_checkpoints_read_streamed_and_equal(tmp_path, monkeypatch, dtype, tie):
+    """read_meta / read_hf of 2 Meta shards (LLaMA 2's and LLaMA 3's embedding split) and of 3 HF safetensors
+    shards give every tensor of the model exactly (torch.equal, same dtype), one tensor at a time through
+    model.load.read_checkpoint, never a whole-file read."""
+    import convert_weights as cw
+    from test_convert import assert_same, base_state_dict, split_like_meta, tiny_model, write_shards
+    sd = {k: v.to(dtype) for k, v in base_state_dict(tiny_model(tie=tie)).items()}
+    read = []
+
+    def streamed(plan):
+        for k, w in original(plan):
+            read.append(k)
+            yield k, w
+    original = cw.read_checkpoint
+    monkeypatch.setattr(cw, "read_checkpoint", streamed)
+    monkeypatch.setattr(cw, "read_safetensors", lambda *a: pytest.fail("a whole safetensors file read"))
+    for style, embedding_dim, vocab in (("llama2", 1, -1), ("llama3", 0, 50)):
+        params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 48, "norm_eps": 1e-5,
+                  "vocab_size": vocab, "tie_word_embeddings": tie}
+        shards = split_like_meta(sd, 2, embedding_dim)
+        write_shards(tmp_path / style, shards, params)
+        read.clear()
+        got, got_params = cw.read_meta(str(tmp_path / style))
+        assert_same(got, sd)
+        assert got_params["vocab_size"] == 50 and sorted(read) == sorted(sd), style
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    meta_params = cw.normalize_params({**params, "vocab_size": 50}, sd)
+    cw.write_hf(sd, meta_params, str(hf), max_shard_bytes=sum(v.numel() * v.element_size() for v in sd.values()) // 3)
+    assert len(list(hf.glob("model-*-of-*.safetensors"))) >= 3
+    read.clear()
+    got, _ = cw.read_hf(str(hf))
+    assert_same(got, sd)
+    assert len(read) == len(sd)
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_a_truncated_shard_is_one_line_naming_it(tmp_path, layout):
+    import convert_weights as cw
+    from test_convert import base_state_dict, split_like_meta, tiny_model, write_shards
+    sd = base_state_dict(tiny_model())
+    params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 48, "vocab_size": 50}
+    src = tmp_path / layout
+    if layout == "hf":
+        src.mkdir()
+        cw.write_hf(sd, cw.normalize_params(params, sd), str(src), max_shard_bytes=40_000)
+        victim = sorted(src.glob("model-*.safetensors"))[1]
+    else:
+        write_shards(src, split_like_meta(sd, 2, 0), params)
+        victim = src / "consolidated.01.pth"
+    victim.write_bytes(victim.read_bytes()[:-2000])
+    with pytest.raises(SystemExit) as e:
+        cw.main([str(src), str(tmp_path / "out"), "--no-tokenizer"])
+    msg = str(e.value.code)
+    assert "\n" not in msg and str(victim) in msg and "cannot read this checkpoint" in msg, msg
+    assert not (tmp_path / "out").exists()
