@@ -196,13 +196,17 @@ def check_meta_shards(paths, want, args):
 
 def read_checkpoint(plan):
     """(key, tensor) of each weight of open_checkpoint's plan, one at a time, in the checkpoint's dtype. A
-    Meta weight is its pieces concatenated (each shard memory-mapped: only the pieces are read)."""
+    Meta weight is its pieces concatenated (each shard memory-mapped: only the pieces are read); a replicated
+    one (the norms) must be the same in every shard."""
     for source, keys in plan:
         if isinstance(source, list):           # Meta shards: keys is {key: split dim}
             shards = [read_pth(path) for path in source]
             mapped = all(is_zip(path) for path in source)       # read_pth maps zip files (torch.save's format)
             for k, dim in keys.items():
                 pieces = [s[k] for s in shards]
+                for path, piece in zip(source[1:], pieces[1:]):      # a replicated weight (norms) is one tensor
+                    if dim is None and not torch.equal(piece, pieces[0]):
+                        raise ValueError(f"{path}: replicated {k} differs from {source[0].name}'s; {DAMAGED}")
                 yield k, pieces[0] if dim is None else torch.cat(pieces, dim)
                 if mapped:
                     for piece in pieces:

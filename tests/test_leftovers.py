@@ -228,3 +228,22 @@ def test_a_truncated_shard_is_one_line_naming_it(tmp_path, layout):
     msg = str(e.value.code)
     assert "\n" not in msg and str(victim) in msg and "cannot read this checkpoint" in msg, msg
     assert not (tmp_path / "out").exists()
+
+
+def test_a_replicated_weight_that_differs_between_shards_is_named(tmp_path):
+    """Meta shards each hold the whole norms: shards that disagree are refused by convert and by load_model."""
+    import convert_weights as cw
+    from model.load import load_model
+    from test_convert import base_state_dict, split_like_meta, tiny_model, write_shards
+    sd = base_state_dict(tiny_model())
+    shards = split_like_meta(sd, 2, 0)
+    shards[1]["layers.1.ffn_norm.weight"] = shards[1]["layers.1.ffn_norm.weight"] + 1e-3
+    params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 48, "vocab_size": 50}
+    write_shards(tmp_path / "src", shards, params)
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
+    want = f"{tmp_path / 'src' / 'consolidated.01.pth'}: replicated layers.1.ffn_norm.weight differs from consolidated.00.pth's"
+    with pytest.raises(SystemExit) as e:
+        cw.main([str(tmp_path / "src"), str(tmp_path / "out"), "--no-tokenizer"])
+    assert str(e.value.code).startswith(f"error: {want}")
+    with pytest.raises(ValueError, match=f"^{want}"):
+        load_model(tmp_path / "src")
