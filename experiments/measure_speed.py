@@ -27,12 +27,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from model.io import atomic_write, atomic_write_text
 from model.load import CliParser, HelpFormatter
 
 from .common import DATA_DIR, RESULTS, ROOT, arg_path, logged_command
 from .runs import train_files
 
 SPEED = RESULTS / "speed"
+SCRATCH = "<tmp>/measure-speed"      # the run's temporary folder, as measured.json records it
 
 
 def benchmark_shapes(summary):
@@ -98,7 +100,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     files = refuse_bad_input(p, a)
     dest = SPEED / f"real-vs-step-{a.tag}"
-    scratch = Path("<scratch>") if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
+    scratch = Path(SCRATCH) if a.dry_run else Path(tempfile.mkdtemp(prefix="measure-speed-"))
     model = Path(a.model).absolute() if a.model else scratch / "model"
     train = train_command(a, [f.absolute() for f in files], model, scratch)
     if a.dry_run:
@@ -177,21 +179,21 @@ def benchmark_at_run_shapes(a, model, scratch):
 
 def recorded_command(cmd, scratch):
     """A command line as measured.json records it: `python`, paths relative to the working folder (arg_path),
-    the temporary folder as <scratch>: no absolute path of the machine that measured."""
-    shown = [str(c).replace(str(scratch), "<scratch>", 1) if str(c).startswith(str(scratch)) else arg_path(c)
+    the temporary folder as <tmp>/measure-speed: no absolute path of the machine that measured."""
+    shown = [str(c).replace(str(scratch), SCRATCH, 1) if str(c).startswith(str(scratch)) else arg_path(c)
              for c in cmd[1:]]
     return logged_command([cmd[0], *shown])
 
 
 def write_measured(a, dest, train, scratch, bench):
-    """results/speed/real-vs-step-<tag>/: measured.json (how it was made), summary.json, benchmark.jsonl."""
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "measured.json").write_text(json.dumps(
-        {"weights": "random" if a.shape else "real", "model": a.shape or Path(a.model).name,
-         "tokenizer": Path(a.tokenizer).name if a.tokenizer else None, "steps": a.steps,
-         "save_every": a.save_every, "train_command": recorded_command(train, scratch)}, indent=2) + "\n")
-    shutil.copy(scratch / "run" / "summary.json", dest / "summary.json")
-    shutil.copy(bench, dest / "benchmark.jsonl")
+    """results/speed/real-vs-step-<tag>/: measured.json (how it was made), summary.json, benchmark.jsonl, each
+    written atomically (a full disk leaves the old file, and names the path: model.io.atomic_write)."""
+    measured = {"weights": "random" if a.shape else "real", "model": a.shape or Path(a.model).name,
+                "tokenizer": Path(a.tokenizer).name if a.tokenizer else None, "steps": a.steps,
+                "save_every": a.save_every, "train_command": recorded_command(train, scratch)}
+    atomic_write_text(dest / "measured.json", json.dumps(measured, indent=2) + "\n")
+    for source, name in ((scratch / "run" / "summary.json", "summary.json"), (bench, "benchmark.jsonl")):
+        atomic_write(dest / name, lambda tmp: shutil.copyfile(source, tmp))
 
 
 if __name__ == "__main__":

@@ -96,9 +96,10 @@ def test_measured_json_records_no_machine_path(tmp_path, monkeypatch):
         ms.write_measured(a, tmp_path / "dest", train, scratch, scratch / "bench.jsonl")
     finally:
         shutil.rmtree(data, ignore_errors=True)
+    assert (tmp_path / "dest" / "summary.json").read_text() == "{}" and (tmp_path / "dest" / "benchmark.jsonl").exists()
     command = json.loads((tmp_path / "dest" / "measured.json").read_text())["train_command"]
     assert command.startswith("python train.py --model ../smollm2 --data tests/.measure-speed-data/"), command
-    assert "--out '<scratch>/run'" in command
+    assert "--out '<tmp>/measure-speed/run'" in command
     assert str(ROOT.parent) not in command and sys.executable not in command and str(tmp_path) not in command
 
 
