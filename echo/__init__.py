@@ -14,7 +14,8 @@ API (every equation is computed once, in the function named here; the tests call
     echo_norm(z, kind, eps); EchoInjector(d_in, d_out, ...)        eqs. 3-6
     answer_mask(labels, all_positions=False, attention_mask=None)  eq. 8
     EchoModule(cfg, model.args)                                    all injectors; keep it fp32
-        echo(source_hiddens, boundary, labels) -> EchoInject       eqs. 2-8 (what the Echo-on pass adds)
+        echo(source_hiddens, boundary, labels) -> EchoInject       eqs. 2-8 (what the Echo-on pass adds);
+            packed rows (--pack): rows= each example's row, documents= each token's example (δ per token)
         echo.inject(z, labels) -> EchoInject;  echo.deltas(z) -> {(layer, module): δ}
     EchoInject.at_layer(i) -> EchoSite; EchoSite.apply(module, x, out)   eq. 7 inside the model (echo/inject.py:
         model/ knows only this protocol; x is the module's input, for variants such as --echo-token-scale)
@@ -23,6 +24,7 @@ API (every equation is computed once, in the function named here; the tests call
     echo_objective(loss_off, loss_on, loss_kd, routed, lambda_kd)                 eq. 11
     echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, record=None)
         -> (loss, sums [ΣCE_off, ΣCE_on, τ²ΣKL])   one micro-batch of training; echo=None = plain LoRA/DoRA;
+        packing=data.Packing: packed rows (docs/packing.md), z/δ/M and the answer window per example;
         record: a dict that receives the pass's EchoInject, norms and Echo-on logits (diagnostics, tests)
     uses_answer_window(cfg)     whether the Echo-on pass recomputes only the answer window (echo_loss)
     save_echo(echo, out_dir) / load_echo(in_dir)   echo.safetensors + echo_config.json (analysis only)

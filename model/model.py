@@ -11,6 +11,8 @@ its projections; each projection's output becomes `site.apply(module, x, out)` (
 every layer as long as X hands every injected layer the same kind of site.
 A pass may also run on a window of positions only and read the other positions' keys and values from
 an earlier pass (`PromptKV`): Echo's Echo-on pass recomputes only the answer, not the prompt.
+Packed rows (--pack, data/packing.py) are explicit arguments too: `run_layers(positions=..., documents=...)`,
+positions restarting per example and attention kept inside each example (`document_attention_mask`).
 
 Two opt-in memory options (ModelArgs; off, the model is exactly the one above):
   base_format="nf4"  QLoRA: every frozen linear of the blocks (wq..w3, with or without an adapter) keeps

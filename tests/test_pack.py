@@ -254,3 +254,40 @@ def test_pack_with_cuda_graphs_is_refused_in_one_line(setup, tmp_path, graphs):
         train.main(args(setup, tmp_path / "run", "--pack", "--cuda-graphs", graphs))
     assert "\n" not in str(e.value) and str(e.value).startswith("--pack ") and f"--cuda-graphs {graphs}" in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_pack_two_processes_equal_one(setup, tmp_path):
+    """DDP with --pack: 2 gloo processes (each packs its own micro-batch of 4) = 1 process with 2 micro-batches
+    of 4 (gradient accumulation), Echo routed and not: the same losses and weights."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from safetensors.torch import load_file
+    two, one = tmp_path / "two", tmp_path / "one"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "train.py"), *args(setup, two, "--echo", "--pack", "--grad-clip", "0")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    train.main(args(setup, one, "--echo", "--pack", "--grad-clip", "0"))
+    m2, m1 = metrics(two), metrics(one)
+    assert {m["routed"] for m in m1} == {True, False} and len(m1) == len(m2) == 6
+    for a, b in zip(m2, m1):
+        assert a["routed"] == b["routed"]
+        for k in ("loss", "loss_off", "loss_on", "loss_kd"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (b["step"], k)
+    for name in ("adapter/adapter.safetensors", "echo.safetensors"):
+        ta, tb = (load_file(str(d / name)) for d in (two, one))
+        for k in tb:
+            torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_resume_refuses_a_change_of_pack(setup, tmp_path):
+    """The layout decides LoRA dropout's draws, so a run is resumed with the --pack it started with."""
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--echo", "--max-steps", "2"))
+    with pytest.raises(ValueError) as e:
+        train.main(args(setup, out, "--echo", "--max-steps", "2", "--resume", "--pack"))
+    assert "\n" not in str(e.value) and str(e.value).startswith("--resume: --pack is ")
