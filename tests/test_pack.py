@@ -291,3 +291,26 @@ def test_resume_refuses_a_change_of_pack(setup, tmp_path):
     with pytest.raises(ValueError) as e:
         train.main(args(setup, out, "--echo", "--max-steps", "2", "--resume", "--pack"))
     assert "\n" not in str(e.value) and str(e.value).startswith("--resume: --pack is ")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_pack_on_a_gpu_gives_the_same_losses(setup, tmp_path, compiled):
+    """The first run of --pack on a GPU (written on CPU, not yet run): eager, then compiled (--cuda-graphs auto
+    resolves to off with --pack), fp32, dropout 0: the padded run's per-step losses and close weights."""
+    def gpu(out, *extra):
+        argv = args(setup, out, "--echo", *(("--compile",) if compiled else ("--no-compile",)), *extra)
+        argv.remove("--no-compile")
+        argv[argv.index("--device") + 1] = "cuda"
+        return argv
+    torch._dynamo.reset()
+    train.main(gpu(tmp_path / "padded"))
+    torch._dynamo.reset()
+    train.main(gpu(tmp_path / "packed", "--pack"))
+    padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["opts"]["cuda_graphs"] == "auto"
+    for a, b in zip(padded, packed):
+        assert a["routed"] == b["routed"]
+        for k in ("loss_off", "loss_on", "loss_kd"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
