@@ -18,6 +18,7 @@ import training.checkpoint as checkpoint
 import training.log
 import training.options
 from model import ModelArgs, Transformer, load_model
+from model.rundir import run_path
 from model.tokenizer import ByteTokenizer
 from test_train import Crash, args, crash_in_step, metrics, one_line, setup  # noqa: F401  (setup: the fixture)
 
@@ -198,7 +199,7 @@ def test_recorded_path(tmp_path):
     for path, want in cases.items():
         assert recorded_path(path, out) == want, path
         if path and want.startswith("<run folder>"):
-            assert training.options.resolved_path(want, out) == path
+            assert run_path(want, out) == path
     assert recorded_path("/elsewhere/f.json", "/") == "<outside the repository>/elsewhere/f.json"
     assert recorded_path(str(tmp_path / "f.json"), "/other/run") == f"<outside the repository>/{tmp_path.name}/f.json"
 

@@ -12,6 +12,7 @@ import data
 from echo import FIELDS as ECHO_FIELDS, EchoConfig
 from data.tasks import DEFAULT_RUN      # `python train.py`'s --out, where eval.py looks for it
 from model.load import CliParser, HelpFormatter, dtype_arg
+from model.rundir import run_path
 
 
 def build_parser(description=None):
@@ -121,14 +122,6 @@ def recorded_path(path, out):
     return "<outside the repository>/" + "/".join(part for part in full.parts[-2:] if part != full.anchor)
 
 
-def resolved_path(recorded, run_dir):
-    """A path config.json recorded (recorded_path), as a path of this machine: "<run folder>/..." taken from
-    `run_dir`, others as they are (the placeholder "<outside the repository>/..." names no file here)."""
-    if isinstance(recorded, str) and (recorded == RUN_FOLDER or recorded.startswith(RUN_FOLDER + "/")):
-        return os.path.normpath(Path(run_dir) / recorded[len(RUN_FOLDER) + 1:])
-    return recorded
-
-
 def recorded_opts(opts, out):
     """vars(opts) with every path option as recorded_path writes it (config.json's "opts")."""
     record = dict(vars(opts))
@@ -161,8 +154,8 @@ def read_config(path, parser, argv=()):
     for key, value in values.items():
         action = actions[key.replace("-", "_")]
         if action.dest in PATH_OPTIONS:           # "<run folder>/...": beside the config file, a run's config.json
-            value = [resolved_path(v, Path(path).parent) for v in value] if isinstance(value, list) else \
-                resolved_path(value, Path(path).parent)
+            value = [run_path(v, Path(path).parent) for v in value] if isinstance(value, list) else \
+                run_path(value, Path(path).parent)
         if action.dest in NOT_FROM_CONFIG:
             continue
         if placeholder(value) and not given & set(action.option_strings):
