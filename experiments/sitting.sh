@@ -89,13 +89,13 @@ case "${1:-}" in
   suite)                                                     # the GPU suite, beside the runs: COMMIT=<hash> names the tree
     : "${COMMIT:?set COMMIT to the commit hash of the tree under test}"
     snapshot
-    COMMIT=$COMMIT setsid nohup bash "$0" _suite >/dev/null 2>&1 </dev/null &
+    COMMIT=$COMMIT SUITE_ARGS="${SUITE_ARGS:-}" setsid nohup bash "$0" _suite >/dev/null 2>&1 </dev/null &
     sleep 3; head -n 2 /work/gpu-suite.txt ;;
   _suite)
     cd "$SNAP"
     { echo "# python -m pytest -q -rA tests on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)," \
-           "tree $COMMIT, ../shared complete, started $(date -u +%FT%TZ)"
-      PYTHONUNBUFFERED=1 python -m pytest -q -rA tests 2>&1 && echo "# exit status 0" || echo "# exit status $?"
+           "tree $COMMIT, ../shared complete, extra pytest args: ${SUITE_ARGS:-none}, started $(date -u +%FT%TZ)"
+      PYTHONUNBUFFERED=1 python -m pytest -q -rA tests ${SUITE_ARGS:-} 2>&1 && echo "# exit status 0" || echo "# exit status $?"
     } >/work/gpu-suite.txt 2>&1 ;;
   nf4bench)                                                  # issue 24's measurements, in the background
     snapshot
@@ -112,7 +112,8 @@ case "${1:-}" in
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
   bench)                                                     # the routed step, the tree before the Echo refactor
     snapshot                                                 # (.cache/before, carried) against this one, GPU alone
-    for m in "/work/smollm2 --batch 16" "llama3-8b --batch 2"; do
+    shift; [ $# -gt 0 ] || set -- "/work/smollm2 --batch 16" "llama3-8b --batch 2"     # bench ["MODEL --batch B" ...]
+    for m in "$@"; do
       (cd .cache/before && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo routed --steps 30 \
          --json /work/bench-before.jsonl | grep -o '"ms": [0-9.]*' | tr '\n' ' ') || true
       (cd "$SNAP" && timeout 300 python tests/benchmark.py --model $m --seq 256 --echo routed --steps 30 \
