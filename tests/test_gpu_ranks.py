@@ -28,10 +28,16 @@ an fp32-level difference (1e-7) flips roundings of bf16 outputs: elements move b
 relative, and that spreads through the layers. The same code in fp32 cannot hide a wiring fault (it is the
 same code: autocast changes no wiring), so bf16 is held to bf16's resolution instead of fp32's: losses
 u/4 ≈ 5e-4 relative (a token-mean of log-probabilities whose logits moved by ≤ 1 bf16 ulp on some
-elements); weights 8 steps · lr · 2^-5 = 2.5e-3, i.e. a 3 % error in each step's AdamW update, still 32 times
-below a wiring fault's ~lr per step. Measured: H200 (results/gpu/) 1.4e-7 / 9.9e-8, where all processes
-happened to pick the same kernels; H100 under MPS (2026-12-07, tree 94de165) 3.6e-5 / 3.1e-4, the fp32 cases
-passing on the same machine at the fp32 tolerance."""
+elements). Weights cannot be held element by element in bf16: AdamW's update is lr·m/(√v + ε), so an element
+whose gradient is near zero moves by up to ±lr per step on the sign of rounding noise, and the largest element
+difference says nothing about the wiring (H100, 2026-12-07: 3.1e-4 on one machine, 4.0e-3 on another, with
+losses agreeing to 1.9e-4). So bf16 compares each trained tensor as a whole: ‖w_ranks − w_one‖ / ‖w_one‖
+≤ 2^-4. A wiring fault changes every element's update by O(lr) — LoRA B starts at zero, so its whole value is
+those 8 updates (relative change O(1)), and LoRA A / the Echo weights move by ~8·lr = 0.08 per element against
+an init of RMS ~0.07 in the test model (O(1) too) — 16 times the tolerance. Measured: H200 (results/gpu/)
+1.4e-7 / 9.9e-8 (loss / largest element), where all processes happened to pick the same kernels; H100 under
+MPS (2026-12-07) 3.6e-5 / 3.1e-4 and, with the suite running beside it, 1.9e-4 / 4.0e-3; the fp32 cases passed
+on both machines at the fp32 tolerance. The per-tensor criterion has not yet run on a GPU."""
 import json
 import os
 import signal
@@ -76,8 +82,9 @@ def trained(out):
     return {**load_file(str(out / "adapter" / "adapter.safetensors")), **load_file(str(out / "echo.safetensors"))}
 
 
-def compare(a, b, loss_rtol, weight_atol):
-    """Largest loss and weight differences of two runs, asserting the routing, steps and tolerances."""
+def compare(a, b, loss_rtol, weight_atol, weight_rel=None):
+    """Largest loss and weight differences of two runs, asserting the routing, steps and tolerances. Weights:
+    the largest element difference (weight_atol), or with weight_rel the largest per-tensor ‖a − b‖ / ‖b‖."""
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
     assert [m["routed"] for m in ma] == [m["routed"] for m in mb] and any(m["routed"] for m in ma)
@@ -86,12 +93,16 @@ def compare(a, b, loss_rtol, weight_atol):
     ta, tb = trained(a), trained(b)
     assert ta.keys() == tb.keys()
     worst_weight = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
-    print(f"{a.name} vs {b.name}: loss rel {worst_loss:.2e}, weights abs {worst_weight:.2e}")
-    assert worst_loss <= loss_rtol and worst_weight <= weight_atol, (worst_loss, worst_weight)
+    worst_rel = max(float((ta[k] - tb[k]).norm() / tb[k].norm().clamp_min(1e-30)) for k in ta)
+    print(f"{a.name} vs {b.name}: loss rel {worst_loss:.2e}, weights abs {worst_weight:.2e}, "
+          f"per-tensor rel {worst_rel:.2e}")
+    assert worst_loss <= loss_rtol, (worst_loss, worst_weight, worst_rel)
+    assert (worst_rel <= weight_rel) if weight_rel is not None else (worst_weight <= weight_atol), \
+        (worst_loss, worst_weight, worst_rel)
 
 
-# (loss relative, weights absolute) by dtype: see the module docstring for the derivations and the measurements
-TOLERANCE = {"fp32": (1e-6, STEPS * LR * 1e-3), "bf16": (2.0 ** -9 / 4, STEPS * LR * 2.0 ** -5)}
+# (loss relative, weights absolute, weights per-tensor relative) by dtype: the module docstring derives them
+TOLERANCE = {"fp32": (1e-6, STEPS * LR * 1e-3, None), "bf16": (2.0 ** -9 / 4, None, 2.0 ** -4)}
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

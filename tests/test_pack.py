@@ -213,9 +213,14 @@ def test_train_pack_gives_the_same_losses(setup, tmp_path, echo):
         assert {m["routed"] for m in padded} == {True, False}
     for a, b in zip(padded, packed):
         assert a["routed"] == b["routed"] and a["tokens"] == b["tokens"] and a["answer_tokens"] == b["answer_tokens"]
-        for k in ("loss", "loss_off", "loss_on", "loss_kd"):
+        for k in ("loss", "loss_off", "loss_on"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-7), (a["step"], k)
+        # L_kd is a KL of two nearly equal distributions (here ~1e-7): fp32 rounding of log-probabilities of size
+        # ~5 is ~6e-7 per token, so it is compared at that level; a leak moves L_on (checked above) and the fp64
+        # tests above check L_kd itself exactly. (Another CPU, 2026-12-07: 1.96e-7 against 9.27e-8.)
+        if "loss_kd" in a:
+            assert b["loss_kd"] == pytest.approx(a["loss_kd"], rel=2e-5, abs=1e-6), (a["step"], "loss_kd")
 
 
 class Crash(Exception):
