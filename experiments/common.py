@@ -160,14 +160,20 @@ def file_name(path):
 
 
 def arg_path(path):
-    """A path as a command argument: relative to the working folder when that stays within the project or
-    its sibling folders (../shared, ../smollm2), so the records the command writes (config.json, eval-*.json,
-    logs) name no machine's absolute path; else as given."""
+    """A path as a command argument: relative to the working folder when it lies inside the project, in
+    ../shared, or in another sibling folder (../smollm2) that is not under the system's temporary folder (a
+    checkout in /tmp would otherwise make every pytest folder a "sibling"), so the records the command writes
+    (config.json, eval-*.json, logs) name no machine's absolute path; else as given."""
     p = str(path)
     if not os.path.isabs(p):
         return p
     rel = os.path.relpath(p)
-    return p if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+    parts = Path(rel).parts
+    if not parts or parts[0] != os.pardir:
+        return rel
+    sibling = len(parts) > 1 and parts[1] != os.pardir
+    in_tmp = Path(p).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    return rel if sibling and (parts[1] == "shared" or not in_tmp) else p
 
 
 def logged_command(cmd):

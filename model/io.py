@@ -204,17 +204,17 @@ def folder_fingerprints(folder):
 
 def record_path(path, *roots, repository=None):
     """A path as a record stores it: relative to the first of `roots` (a run folder, the repository) that holds
-    it; else, beside `repository` (../shared/...), relative to it; else "<outside>/FOLDER/NAME": never the
+    it; else, in ../shared beside `repository` (../shared/...; nothing else in its parent, which may be /tmp); else "<outside>/FOLDER/NAME": never the
     absolute path of the machine that made the record (the fingerprints stored beside it identify the
     content). None stays None."""
     if path is None:
         return None
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))          # as given, links not followed: ../shared may be a link
     for root in roots:
-        r = Path(root).resolve()
+        r = Path(os.path.abspath(root))
         if p == r or r in p.parents:
             return p.relative_to(r).as_posix() or "."
-    beside = Path(repository).resolve().parent if repository else None
-    if beside is not None and beside != Path(beside.anchor) and beside in p.parents:
-        return "../" + p.relative_to(beside).as_posix()
+    shared = Path(os.path.abspath(repository)).parent / "shared" if repository else None   # ../shared beside a checkout
+    if shared is not None and (p == shared or shared in p.parents):
+        return "../" + p.relative_to(shared.parent).as_posix()
     return "<outside>/" + "/".join(part for part in p.parts[-2:] if part != p.anchor)

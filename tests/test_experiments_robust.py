@@ -324,14 +324,17 @@ def test_commands_and_their_logs_name_no_absolute_paths(monkeypatch):
     import sys
     from experiments.recipes import Unit
     monkeypatch.chdir(ROOT)
-    args = rp.parse_args(["--model", str(ROOT.parent / "smollm2"), "--data-dir", str(common.DATA_DIR)])
+    args = rp.parse_args(["--model", str(ROOT / "models" / "smollm2"), "--data-dir", str(common.DATA_DIR)])
     unit = Unit("echo-lora", 0, "main")
     cmds = [R.train_command(args, unit, "fresh"), R.eval_command(args, R.unit_dir(args, unit), "greedy", "x.json")]
     for cmd in cmds:
         assert cmd[0] == sys.executable and not [a for a in cmd[1:] if Path(a).is_absolute()], cmd
         assert R.logged_command(cmd).startswith("python ")
     train = cmds[0]
-    assert train[train.index("--model") + 1] == "../smollm2"
+    assert train[train.index("--model") + 1] == "models/smollm2"
+    import tempfile
+    if not ROOT.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):     # a checkout in /tmp: no sibling rule
+        assert common.arg_path(ROOT.parent / "smollm2") == "../smollm2"             # a model beside the checkout
     assert train[-1] == "results/smollm2-135m-paper-recipe/runs/echo-lora-s0"
     assert common.arg_path("/tmp/elsewhere/run") == "/tmp/elsewhere/run"       # outside the project: as given
 

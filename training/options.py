@@ -104,8 +104,8 @@ PATH_OPTIONS = ("model", "data", "val_data", "out", "config")       # the option
 
 def recorded_path(path, out):
     """A path as the run's records (config.json) write it, never an absolute path of the machine: relative to
-    the repository (where train.py, eval.py and experiments/ run) when it lies inside it or beside it
-    (../shared/...); "<run folder>/..." (relative to the run folder `out`) when the two share a folder other
+    the repository (where train.py, eval.py and experiments/ run) when it lies inside it or in ../shared (the
+    data and models beside a checkout; not anything else in its parent folder, which may be /tmp); "<run folder>/..." (relative to the run folder `out`) when the two share a folder other
     than the file system's root; else "<outside the repository>/FOLDER/NAME" (the last two parts: what
     experiments.common.file_name compares data files by). A name that is no path (a preset such as tiny) stays.
     The content fingerprints recorded beside it (data_fingerprints, model_fingerprints) identify the file."""
@@ -114,7 +114,7 @@ def recorded_path(path, out):
     full, run = Path(os.path.abspath(path)), Path(os.path.abspath(out))
     if full.is_relative_to(REPOSITORY):
         return full.relative_to(REPOSITORY).as_posix() or "."
-    if REPOSITORY.parent != Path(REPOSITORY.anchor) and full.is_relative_to(REPOSITORY.parent):
+    if full.is_relative_to(REPOSITORY.parent / "shared"):     # ../shared, the data and models beside a checkout
         return "../" + full.relative_to(REPOSITORY.parent).as_posix()
     if Path(os.path.commonpath([full, run])) != Path(full.anchor):
         inside = os.path.relpath(full, run).replace(os.sep, "/")
