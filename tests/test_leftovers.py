@@ -87,7 +87,7 @@ def test_measured_json_records_no_machine_path(tmp_path, monkeypatch):
         (scratch / "run" / "summary.json").write_text("{}")
         (scratch / "bench.jsonl").write_text("")
         monkeypatch.chdir(ROOT)
-        a = ms.build_parser().parse_args(["--model", str(ROOT.parent / "smollm2"), "--tag", "t",
+        a = ms.build_parser().parse_args(["--model", str(ROOT / "models" / "smollm2"), "--tag", "t",
                                           "--data-dir", str(data)])
         train = ms.train_command(a, [f.absolute() for f in ms.train_files(a.data_dir)],
                                  Path(a.model).absolute(), scratch)
@@ -97,7 +97,7 @@ def test_measured_json_records_no_machine_path(tmp_path, monkeypatch):
         shutil.rmtree(data, ignore_errors=True)
     assert (tmp_path / "dest" / "summary.json").read_text() == "{}" and (tmp_path / "dest" / "benchmark.jsonl").exists()
     command = json.loads((tmp_path / "dest" / "measured.json").read_text())["train_command"]
-    assert command.startswith("python train.py --model ../smollm2 --data tests/.measure-speed-data/"), command
+    assert command.startswith("python train.py --model models/smollm2 --data tests/.measure-speed-data/"), command
     assert "--out '<tmp>/measure-speed/run'" in command
     assert str(ROOT.parent) not in command and sys.executable not in command and str(tmp_path) not in command
 
