@@ -49,11 +49,6 @@ from training.log import STATS, Log, summary_of
 from training.options import (DEFAULT_RUN, apply_default_run, check_options, compute_dtype, parse_args,
                               recorded_opts, recorded_path)
 
-# Only for tests/benchmark.py and tests/test_gpu.py, which still take these from train: to go when they import
-# them from data and training.log / training.graphs.
-from data import IGNORE_INDEX as IGNORE  # noqa: E402,F401
-from training.graphs import StatsOnHost  # noqa: E402,F401
-from training.log import step_flops  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------ setup
@@ -250,10 +245,10 @@ def train_step(run, mbs, routed, stop):
     summed over ranks but not read here (the log reads it one step late, from the host copy
     StatsOnHost queues behind the step). With --cuda-graphs step it is valid until the next step of
     the same shape."""
-    host = torch.tensor([0.0, 0.0, 0.0, sum(int(mb["attention_mask"].sum()) for mb in mbs),
-                         sum(step_tensors(mb)[0].numel() for mb in mbs), stop,
-                         mbs[0]["global_n_targets"] / run.world])      # + the normalizer (DDP averages ranks)
     inputs = [step_tensors(mb) for mb in mbs]
+    host = torch.tensor([0.0, 0.0, 0.0, sum(int(mb["attention_mask"].sum()) for mb in mbs),
+                         sum(batch[0].numel() for batch in inputs), stop,
+                         mbs[0]["global_n_targets"] / run.world])      # + the normalizer (DDP averages ranks)
     if run.cuda:
         inputs, host = [[t.pin_memory() for t in batch] for batch in inputs], host.pin_memory()
     if run.graphs is not None:
@@ -380,7 +375,7 @@ def diagnose(run, mb):
 
 def batch_shape(mbs, routed):
     """What a compiled step is specialised on: routing and each micro-batch's [B, T] and P (packed: [R, L], P)."""
-    return (routed, *((*step_tensors(mb)[0].shape, step_tensors(mb)[2].shape[1]) for mb in mbs))
+    return (routed, *((*t[0].shape, t[2].shape[1]) for t in map(step_tensors, mbs)))
 
 
 # ------------------------------------------------------------------ validation

@@ -404,7 +404,8 @@ class EchoModule(nn.Module):
         if tuple(z.shape) != (rows, self.dim):
             raise ValueError(f"Echo z has shape {list(z.shape)}, expected [{labels.shape[0]}, {self.dim}]")
         mask = answer_mask(labels, self.cfg.all_positions, attention_mask)                   # eq. 8
-        per_token = (lambda d: d) if documents is None else (lambda d: d[documents.clamp_min(0)])
+        example = None if documents is None else documents.clamp_min(0)       # each token's example, once
+        per_token = (lambda d: d) if example is None else (lambda d: d[example])
         if not self.cfg.token_scale:
             return EchoInject(deltas={k: per_token(d) for k, d in self.deltas(z).items()}, mask=mask)
         deltas, scales = {}, {}

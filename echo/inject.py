@@ -28,7 +28,8 @@ def add_echo(out, x, mask, delta, token_scale=None):   # eq. 7
     delta = per_row(delta)
     if token_scale is not None:
         w, unscaled = token_scale
-        delta = delta + (at_least_fp32(x) @ w.to(at_least_fp32(x).dtype))[..., None] * per_row(unscaled)
+        xf = at_least_fp32(x)
+        delta = delta + (xf @ w.to(xf.dtype))[..., None] * per_row(unscaled)
     added = mask[..., None].to(out.dtype) * delta.to(out.dtype)
     return out + added, added
 

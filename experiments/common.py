@@ -99,16 +99,14 @@ def check_numbers(path, record, keys, where=""):
 METRIC_NUMBERS = ("loss", "loss_off", "loss_on", "loss_kd", "val_loss", "val_exact")     # what the curves draw
 
 
-def read_metrics(path):
-    """The records of a run's metrics.jsonl ([] when missing), checked: each line an object, "step" a step
-    number, the losses numbers; a damaged line is a StepFailed naming path:line and the field. Only the last
-    line may be torn (a run killed mid-write): it is skipped."""
+def json_objects(path, torn_last_ok=False, damaged="", unreadable=""):
+    """(line number, object) for each non-empty line of a JSON-lines file; a line that is not a JSON object is
+    a StepFailed naming path:line (`damaged` and `unreadable` say what to do). torn_last_ok: a last line that
+    is not JSON (a writer killed mid-line) is skipped."""
     try:
         lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return []
     except (OSError, UnicodeDecodeError) as e:
-        raise StepFailed(f"cannot read {path} ({getattr(e, 'strerror', None) or 'not text'})") from None
+        raise StepFailed(f"cannot read {path} ({getattr(e, 'strerror', None) or 'not text'}){unreadable}") from None
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -116,11 +114,23 @@ def read_metrics(path):
         try:
             r = json.loads(line)
         except ValueError:
-            if i == len(lines):
+            if torn_last_ok and i == len(lines):
                 continue
-            raise StepFailed(f"{path}:{i}: not a JSON line (damaged: train.py writes one object a line)") from None
+            raise StepFailed(f"{path}:{i}: not a JSON line{damaged}") from None
         if not isinstance(r, dict):
             raise StepFailed(f"{path}:{i}: not a JSON object")
+        out.append((i, r))
+    return out
+
+
+def read_metrics(path):
+    """The records of a run's metrics.jsonl ([] when missing), checked: each line an object, "step" a step
+    number, the losses numbers; a damaged line is a StepFailed naming path:line and the field. Only the last
+    line may be torn (a run killed mid-write): it is skipped."""
+    if not Path(path).exists():
+        return []
+    out = []
+    for i, r in json_objects(path, torn_last_ok=True, damaged=" (damaged: train.py writes one object a line)"):
         step = r.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise StepFailed(f"{path}:{i}: field step is {step!r}, not a step number")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from echo import EchoConfig
 from echo.echo import module_out_dim
-from experiments.common import RESULTS, StepFailed, committed, refuse_trial, shown_path, write_atomic
+from experiments.common import (RESULTS, StepFailed, committed, json_objects, refuse_trial, shown_path,
+                                write_atomic)
 from model.load import CliParser, HelpFormatter
 from model.model import ModelArgs
 
@@ -62,20 +63,7 @@ def measured_steps(path=BENCH):
     """{(benchmark model, echo 'off' | 'routed'): (micro-batch rows, ms)} of the whole-step-graph benchmark;
     a damaged line is a StepFailed naming the file, the line and the field."""
     out = {}
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise StepFailed(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): give tests/benchmark.py --json "
-                         f"lines with --bench") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError:
-            raise StepFailed(f"{path}:{i}: not a JSON line") from None
-        if not isinstance(r, dict):
-            raise StepFailed(f"{path}:{i}: not a JSON object")
+    for i, r in json_objects(path, unreadable=": give tests/benchmark.py --json lines with --bench"):
         if r.get("graphs") == "step" and r.get("seq") == 256:
             for k in ("batch", "ms"):
                 if not isinstance(r.get(k), (int, float)) or isinstance(r.get(k), bool) or r[k] <= 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model.load import CliParser, HelpFormatter
 
-from .common import RESULTS, StepFailed, committed, refuse_trial, shown_path, write_atomic
+from .common import RESULTS, StepFailed, committed, json_objects, refuse_trial, shown_path, write_atomic
 from .tables import splice_into_readme
 
 HERE = RESULTS                       # results/: reads HERE/speed/, writes HERE/speed-table.md
@@ -34,21 +34,7 @@ def read_record(path):
 
 def read_lines(path):
     """The JSON-object lines of a .jsonl file; a damaged line is a StepFailed naming file:line."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise StepFailed(f"cannot read {path} ({getattr(e, 'strerror', None) or 'not text'})") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                r = None
-            if not isinstance(r, dict):
-                raise StepFailed(f"{path}:{i}: not a JSON object line")
-            out.append(r)
-    return out
+    return [r for _, r in json_objects(path)]
 
 
 def rows_of(path, make):

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # run from any
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from data import IGNORE_INDEX  # noqa: E402
 from echo import EchoConfig, EchoModule, supervision  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from model.load import CliParser, HelpFormatter, build_model, dir_model_args  # noqa: E402
+from training.log import step_flops  # noqa: E402
 
 
 def model_args(name, method, dropout, base_format="plain"):
@@ -61,11 +63,11 @@ def make_run(opts, method, echo_on, graphs, base_format):
 
 def batch(opts, vocab):
     tokens = torch.randint(0, vocab, (opts.batch, opts.seq))
-    labels = torch.full_like(tokens, train.IGNORE)
+    labels = torch.full_like(tokens, IGNORE_INDEX)
     labels[:, -opts.answer:] = tokens[:, -opts.answer:]
     return [{"input_ids": tokens, "labels": labels, "attention_mask": torch.ones_like(tokens, dtype=torch.bool),
              "supervised": supervision(labels, bucket=train.P_BUCKET),
-             "global_n_targets": int((labels[:, 1:] != train.IGNORE).sum())}]
+             "global_n_targets": int((labels[:, 1:] != IGNORE_INDEX).sum())}]
 
 
 def measure(opts, method, echo_mode, graphs, base_format="plain"):
@@ -96,7 +98,7 @@ def measure(opts, method, echo_mode, graphs, base_format="plain"):
     return {"model": opts.model, "method": method, "base_format": base_format, "echo": echo_mode, "graphs": graphs,
             "activation_checkpointing": opts.activation_checkpointing, "batch": opts.batch,
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
-            "mfu": round(train.step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
+            "mfu": round(step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
                          / (ms / 1000) / (opts.peak_tflops * 1e12), 3),
             **peak_memory(), "warmup_s": round(warmup_s, 1),
             "loss_off": round(stats[0].item() / mbs[0]["global_n_targets"], 4),

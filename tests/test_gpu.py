@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from training.graphs import StatsOnHost
 from test_train import args, metrics, setup  # noqa: F401  (setup is a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -127,9 +128,9 @@ def test_stats_on_host_holds_the_step_it_follows():
     stats = torch.zeros(6, device="cuda")
     for k in range(3):
         stats.fill_(k)
-        held = train.StatsOnHost(stats)
+        held = StatsOnHost(stats)
         torch.cuda._sleep(10_000_000)                 # keep the stream busy: the copy must be queued, not done
         stats.fill_(100 + k)                           # the next step writes over the same memory
         assert held.tolist() == [float(k)] * 6
-    cpu = train.StatsOnHost(torch.arange(3.0))
+    cpu = StatsOnHost(torch.arange(3.0))
     assert cpu.tolist() == [0.0, 1.0, 2.0]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from echo import save_echo
-from model.io import disk_cause, fingerprint, umask_mode
+from model.io import disk_cause, fingerprint, publish
 from model.lora import ADAPTER_KEYS, save_adapter
 from model.rundir import DEQUANTIZED_FROM
 from training.options import compute_dtype, default_of
@@ -80,8 +80,7 @@ def atomic_file(path, write):
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except (OSError, RuntimeError) as e:     # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
         raise write_failed(e, path) from None

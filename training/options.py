@@ -12,7 +12,7 @@ import data
 from echo import FIELDS as ECHO_FIELDS, EchoConfig
 from data.tasks import DEFAULT_RUN      # `python train.py`'s --out, where eval.py looks for it
 from model.load import CliParser, HelpFormatter, dtype_arg
-from model.rundir import run_path
+from model.rundir import REPOSITORY, RUN_FOLDER, run_path
 
 
 def build_parser(description=None):
@@ -97,8 +97,6 @@ NOT_FROM_CONFIG = {"config", "resume", "force"}
 # ------------------------------------------------------------------ paths as config.json records them
 
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-RUN_FOLDER = "<run folder>"                                          # recorded_path's prefix of run-relative paths
 PATH_OPTIONS = ("model", "data", "val_data", "out", "config")       # the options that name files or folders
 
 
