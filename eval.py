@@ -61,10 +61,9 @@ from pathlib import Path
 
 import torch
 
-from data.tasks import (ANSWER_PATTERNS, COMMONSENSE, DEFAULT_RUN, DISPLAY, PROGRESS_EVERY_S, SHARED, TASKS,  # noqa: F401
-                        Progress, Task, _duration, _load_gsm8k, accuracy, extract_choice, extract_number, is_correct,
+from data.tasks import (ANSWER_PATTERNS, COMMONSENSE, DEFAULT_RUN, DISPLAY, SHARED, TASKS,  # noqa: F401
+                        Progress, Task, accuracy, extract_choice, extract_number, is_correct,
                         load_task_examples, resolve_task, response_of, score_record, task_key)
-from data.prompts import RESPONSE_MARKER  # noqa: F401
 from model.generate import choose_base_format, find_adapter_dir
 from model.io import atomic_write, atomic_write_text, check_writable, folder_fingerprints, fingerprint, record_path
 from model.rundir import base_model_of, run_config, run_paths  # noqa: F401

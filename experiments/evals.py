@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from .common import StepFailed, is_number, read_json, read_record, write_atomic
+from .common import StepFailed, is_number, json_objects, read_json, read_record, write_atomic
 
 
 def eval_file(run, decoding):
@@ -36,18 +36,8 @@ def _predictions(results_file, task):
     res = Path(results_file)
     for p in (res.with_name(res.stem + "-predictions") / f"{task}.jsonl", res.parent / f"predictions_{task}.jsonl"):
         if p.is_file():
-            out = []
-            for i, line in enumerate(p.read_text().splitlines(), 1):
-                try:
-                    r = json.loads(line) if line.strip() else {}
-                except ValueError:
-                    r = None
-                if not isinstance(r, dict):
-                    raise StepFailed(f"{p}:{i}: not a JSON object line (damaged predictions: delete the folder "
-                                     f"and evaluate again)")
-                if line.strip():
-                    out.append(r)
-            return out
+            return [r for _, r in json_objects(p, damaged=" (damaged predictions: delete the folder and evaluate "
+                                                          "again)")]
     return None
 
 

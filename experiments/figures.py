@@ -6,7 +6,7 @@ from pathlib import Path
 
 from training.checkpoint import atomic_file
 
-from .common import read_jsonl, shown_path
+from .common import is_number, read_jsonl, shown_path
 from .evals import find_layer_csv, read_layer_csv
 from .recipes import METHODS, PROBES
 
@@ -102,9 +102,8 @@ def echo_diagnostics(jsonl, csv_out, png_out=None, title="Echo diagnostics"):
 
 def gap_curve(jsonl):
     """[(step, L_on − L_off)] of a run's echo_diagnostics.jsonl records that carry both losses as numbers."""
-    num = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
     return [(r["step"], r["loss_on"] - r["loss_off"]) for r in read_jsonl(jsonl)
-            if isinstance(r.get("step"), int) and num(r.get("loss_on")) and num(r.get("loss_off"))]
+            if isinstance(r.get("step"), int) and is_number(r.get("loss_on")) and is_number(r.get("loss_off"))]
 
 
 def rolling_mean(values, width=9):

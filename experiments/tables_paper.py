@@ -3,7 +3,7 @@ deltas, the validation sweep, the capacity probes, the test's power, GPU-minutes
 import json
 from pathlib import Path
 
-from .common import DISPLAY, IN_FORMAT, TASKS, TRANSFER
+from .common import DISPLAY, IN_FORMAT, TASKS, TRANSFER, is_number
 from .recipes import ABLATIONS, METHODS, PROBES, paper_ablations
 from .tables import _signed, task_avg
 
@@ -12,15 +12,11 @@ def _seed0(results):
     return {r["name"]: r for r in results["runs"] if r["decoding"] == "greedy" and r["seed"] == 0}
 
 
-def _num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def paper_ablation_deltas(prow, key):
     """The paper's Δ of a setting's printed 8-task average (Table 4) against full Echo-LoRA (87.5) and
     against its reproduced LoRA A-0 (84.7, Tables 4/7). -> (vs full, vs LoRA), None where a number is missing."""
     avg, full, lora = (prow.get(k, {}).get("avg") for k in (key, "full", "A-0"))
-    return (avg - full if _num(avg) and _num(full) else None, avg - lora if _num(avg) and _num(lora) else None)
+    return (avg - full if is_number(avg) and is_number(full) else None, avg - lora if is_number(avg) and is_number(lora) else None)
 
 
 def our_ablation_deltas(ours, name):
@@ -58,7 +54,7 @@ def ablation_tables(results):
                  + f" | **{_signed(d_full)}** | **{_signed(d_lora)}** | {_signed(p_full)} | {_signed(p_lora)} |")
     a0avg, p0 = task_avg(a0, TASKS), prow.get("A-0", {}).get("avg")
     L += ["", f"A-0 (LoRA) itself: {a0avg:.1f} % (8-task average) here" + (
-        f", {p0:.1f} % in the paper (Tables 4/7)." if _num(p0) else ".")]
+        f", {p0:.1f} % in the paper (Tables 4/7)." if is_number(p0) else ".")]
     rule = results.get("ablation_rule")
     if rule and rule.get("sd") is not None:
         q = ", ".join(rule["queue"]) or "none"
@@ -68,7 +64,7 @@ def ablation_tables(results):
 
 
 def _ablation_intro(paper, prow):
-    have_paper = any(_num(v.get("avg")) for v in prow.values())
+    have_paper = any(is_number(v.get("avg")) for v in prow.values())
     L = ["", "**Ablations (the paper's Tables 4 and 7) at this scale** — seed 0, greedy, full test sets. Per task: "
              "Δ in points against A-0 (LoRA). Then the Δ of the 8-task average against full Echo-LoRA and against "
              "LoRA, ours (seed 0: echo-lora-s0 and lora-s0) beside the paper's (LLaMA3-8B, printed averages of "
