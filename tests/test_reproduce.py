@@ -62,8 +62,10 @@ def write_eval(path, per_task, *, per_example=False, unextracted=None, limit=Non
                 for i, c in enumerate(f):
                     pred = "" if i >= len(f) - n_unex else ("gold" if c else "x")
                     fh.write(json.dumps({"correct": bool(c), "pred": pred, "skipped": False}) + "\n")
-    res.write_text(json.dumps({"decoding": "greedy", "num_beams": 1, "limit": limit, "device": "cpu",
+    tmp = res.with_name(res.name + ".tmp")       # last and atomic, as eval.py writes it: --jobs readers never
+    tmp.write_text(json.dumps({"decoding": "greedy", "num_beams": 1, "limit": limit, "device": "cpu",  # see half
                                "tasks": tasks}))
+    tmp.replace(res)
 
 
 def accs_run(accs, seed, **kw):
