@@ -422,9 +422,11 @@ def fake_call(log):
             if out.exists() and any(out.iterdir()) and not {"--resume", "--force"} & set(cmd):
                 return 1                                  # train.py refuses to overwrite a folder
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps({"opts": opts_of(cmd)}))
-            (out / "adapter").mkdir(exist_ok=True)
-            (out / "summary.json").write_text(json.dumps({"train_seconds": 3.0, "device": "fake"}))
+            for name, record in (("config.json", {"opts": opts_of(cmd)}),
+                                 ("summary.json", {"train_seconds": 3.0, "device": "fake"})):
+                (out / "adapter").mkdir(exist_ok=True)
+                (out / (name + ".tmp")).write_text(json.dumps(record))     # atomic, as train.py writes them
+                (out / (name + ".tmp")).replace(out / name)
         else:
             lim = int(cmd[cmd.index("--limit") + 1]) if "--limit" in cmd else None
             write_eval(out, accs_run(BASE_ACC, len(log)), limit=lim)
