@@ -3,15 +3,16 @@ compiled step without graphs, and does a GPU resume end bit-identical? Prints on
 
     python -m experiments.graph_probe        # on a CUDA machine; ~3 minutes on an H200
 """
-import json, sys, tempfile, time
+import json, runpy, sys, tempfile, time
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import torch
 from safetensors.torch import load_file
 
 if not torch.cuda.is_available():
     sys.exit("error: experiments.graph_probe compares CUDA graphs: it needs a CUDA GPU")
-import train, training.graphs      # train.main: the probe drives whole training runs in-process (to plant bugs)
+import training.graphs
 from model import ModelArgs, Transformer
 from training.checkpoint import save_base
 from model.tokenizer import ByteTokenizer
@@ -28,11 +29,20 @@ def argv(out, *extra):
             "--lr", "1e-2", "--warmup-steps", "1", "--seed", "3", "--echo", "--echo-targets", "1", "--echo-sources", "2", "3",
             "--echo-p-start", "1", "--echo-p-end", "0", "--compile", *extra]
 
+def train_py(args):
+    """train.py run as a script, in this process (not imported): a bug planted in training.* before the call is
+    what its `from training... import` binds to, and dynamo's caches are the ones reset() clears."""
+    saved, sys.argv = sys.argv, [str(ROOT / "train.py"), *args]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+
 def run(name, *extra, reset=True):
     if reset:
         torch._dynamo.reset()
     out = root / name
-    train.main(argv(out, *extra))
+    train_py(argv(out, *extra))
     m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return out, m
 
@@ -55,14 +65,13 @@ off_m2 = run("off_m2", "--cuda-graphs", "off", "--micro-batch", "2")
 blk_m2 = run("blk_m2", "--cuda-graphs", "blocks", "--micro-batch", "2")
 print("A4 micro-batch 2 (grad accum 2), reset: off vs blocks:", diff(off_m2, blk_m2), flush=True)
 real = training.graphs.keep_grads
-training.graphs.keep_grads = lambda params: None
-train.keep_grads = training.graphs.keep_grads
+training.graphs.keep_grads = lambda params: None       # train.py's `from training.graphs import keep_grads` binds this
 try:
     bug = run("blk_bug", "--cuda-graphs", "blocks", "--micro-batch", "2")
     print("A5 planted stale-gradient bug (keep_grads no-op):", diff(off_m2, bug), flush=True)
 except Exception as e:
     print("A5 planted bug raised:", type(e).__name__, str(e)[:300], flush=True)
-training.graphs.keep_grads = real; train.keep_grads = real
+training.graphs.keep_grads = real
 print("A6 step graphs vs off (reset):", diff(off_r, run("step_r", "--cuda-graphs", "step")), flush=True)
 class Crash(Exception): pass
 def crashed(name, at, *extra):
