@@ -21,6 +21,7 @@
 #                                                          the sweep only lora-e3-lr0.001 is new: its 1-epoch
 #                                                          points are results/smollm2-135m/recipe-sweep's)
 #           COMMIT=<hash> bash experiments/sitting.sh suite    (the GPU suite in the background, into /work/gpu-suite.txt)
+#           bash experiments/sitting.sh startpack         (issue 30: lora-s0 with --pack, into /work/paper-runs-pack)
 #           bash experiments/sitting.sh nf4bench          (issue 24's NF4 / checkpointing benchmark, in the background)
 #   calls:  bash experiments/sitting.sh wait 540          (back to back: a gap over ~30 s loses the machine)
 #           bash experiments/sitting.sh status            (suite, benchmark, runs and GPU at a glance)
@@ -60,6 +61,16 @@ case "${1:-}" in
     PYTHONUNBUFFERED=1 setsid nohup python -m experiments.reproduce --model /work/smollm2 --runs-dir "$RUNS" "$@" \
       >"$LOG" 2>&1 </dev/null &
     sleep 5; tail -3 "$LOG" ;;
+  startpack)                                                 # issue 30: lora-s0's train command with --pack, greedy eval
+    snapshot                                                 # (train.py + eval.py, not reproduce: no beam-4, no base eval)
+    mkdir -p "$RUNS-pack"
+    cd "$SNAP"
+    d=commonsense; r="$RUNS-pack/lora-s0-pack"
+    PYTHONUNBUFFERED=1 setsid nohup bash -c "python train.py --model /work/smollm2 --data $(for t in boolq social_i_qa ARC-Easy ARC-Challenge openbookqa; do printf '../shared/data/%s/%s/train.json ' $d $t; done) \
+      --method lora --seed 0 --lr 0.0002 --epochs 3 --rank 16 --alpha 32 --dropout 0.05 --global-batch 16 --max-len 256 \
+      --val-split 0.02 --eval-every 800 --pack --out $r >$r.train.log 2>&1 && python eval.py --model /work/smollm2 --adapter $r \
+      --data-dir ../shared/data/$d --tasks boolq piqa social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa --greedy --out $r/eval-greedy.json >$r.eval.log 2>&1" >"$LOG.pack" 2>&1 </dev/null &
+    sleep 5; tail -c 300 "$r.train.log" ;;
   wait)
     end=$((SECONDS + ${2:-540}))
     while (( SECONDS < end )) && pgrep -f "[e]xperiments.reproduce" >/dev/null; do sleep 20; done
@@ -67,7 +78,7 @@ case "${1:-}" in
   status)
     tail -n 2 /work/gpu-suite.txt 2>/dev/null || true
     [ -f /work/nf4-bench.jsonl ] && echo "nf4 bench: $(wc -l < /work/nf4-bench.jsonl) configurations" || true
-    for f in "$RUNS"/*.train.log; do
+    for f in "$RUNS"/*.train.log "$RUNS-pack"/*.train.log; do
       [ -f "$f" ] && echo "$(basename "$f" .train.log): $(tail -c 300 "$f" | tr '\r' '\n' | tail -n 1 | cut -c1-80)"
     done
     grep -E "^\[" "$LOG" 2>/dev/null | cut -c1-50 | tail -n 4 || true
@@ -123,12 +134,12 @@ case "${1:-}" in
   collect)                                                   # metrics.jsonl is summarised, not brought back
     (cd "$SNAP" && python -c "import sys, pathlib; from experiments.analysis import metrics_summary
 for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') if (r / 'summary.json').is_file()]" \
-        "$RUNS" "$RUNS-sweep") || true                                  # metrics-summary.json in each finished run
+        "$RUNS" "$RUNS-sweep" "$RUNS-pack") || true                                  # metrics-summary.json in each finished run
     tar -cJf /tmp/paper-runs.tar.xz -C /work --exclude='*/checkpoint' --exclude='*/adapter' \
         --exclude='*-predictions' --exclude='*/base/data' --exclude='*/metrics.jsonl' --exclude='*/echo.safetensors' \
-        "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" )
+        "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" ) $( [ -d "$RUNS-pack" ] && basename "$RUNS-pack" )
     split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
-    cp "$LOG" "$OUT/sitting.log"
+    cp "$LOG" "$OUT/sitting.log"; [ -f "$LOG.pack" ] && cp "$LOG.pack" "$OUT/sitting-pack.log" || true
     for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
   *)
