@@ -162,10 +162,11 @@ def is_write_error(e):
     return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
 
 
-def write_failed(e, path, after="nothing was replaced"):
-    """The one-line OSError every tool raises when writing `path` failed."""
+def write_failed(e, path, after="nothing was replaced", then="rerun"):
+    """The one-line OSError every tool raises when writing `path` failed: the cause, what is left on disk
+    (`after`), and how to go on (`then`: "rerun", or "--resume" for a training run)."""
     return OSError(getattr(e, "errno", None) or errno.EIO,
-                   f"writing {path} failed ({disk_cause(e, path)}); {after}: free space or fix the folder, then rerun")
+                   f"writing {path} failed ({disk_cause(e, path)}); {after}: free space or fix the folder, then {then}")
 
 
 def atomic_write(path, write):

@@ -28,8 +28,8 @@ def test_checkpoint_write_failure_gives_model_io_cause(tmp_path, monkeypatch, er
     usage = shutil.disk_usage(tmp_path)._replace(free=free_mib * 2**20)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     path = tmp_path / "state.pt"
-    msg = str(ckpt.write_failed(error, path))
-    assert f"writing {path} failed ({model.io.disk_cause(error, path)}); the previous version is intact" in msg
+    msg = str(ckpt.checkpoint_write_failed(error, path))
+    assert f"writing {path} failed ({model.io.disk_cause(error, path)}); the previous version is intact: free space or fix the folder, then --resume" in msg
     assert "\n" not in msg and (free_mib == 10_000 or "1 MiB free" in msg or error.strerror)
 
 

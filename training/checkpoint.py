@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from echo import save_echo
-from model.io import disk_cause, fingerprint, publish
+from model.io import fingerprint, publish, write_failed
 from model.lora import ADAPTER_KEYS, save_adapter
 from model.rundir import DEQUANTIZED_FROM
 from training.options import compute_dtype, default_of
@@ -83,14 +83,12 @@ def atomic_file(path, write):
         publish(tmp, path)
     except (OSError, RuntimeError) as e:     # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise write_failed(e, path) from None
+        raise checkpoint_write_failed(e, path) from None
 
 
-def write_failed(e, path):
-    """The one-line OSError for a failed atomic write of `path` (atomic_file, atomic_dir); its cause is
-    model.io.disk_cause's, as every other tool's."""
-    return OSError(getattr(e, "errno", None), f"writing {path} failed ({disk_cause(e, path)}); the previous version "
-                                              f"is intact — free space or fix the folder, then --resume")
+def checkpoint_write_failed(e, path):
+    """model.io.write_failed for a run's own files (atomic_file, atomic_dir): the old version is on disk."""
+    return write_failed(e, path, "the previous version is intact", then="--resume")
 
 
 def atomic_dir(path, write):
@@ -103,7 +101,7 @@ def atomic_dir(path, write):
         write(tmp)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(e, path) from None
+        raise checkpoint_write_failed(e, path) from None
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
