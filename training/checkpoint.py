@@ -74,7 +74,10 @@ def split_trainable(state):
 def atomic_file(path, write):
     """write(tmp), flush it to disk, then rename it over `path`: a reader (or a resume after kill -9,
     power loss or a full disk) finds the complete old file or the complete new one, never a mix. The file
-    gets the mode a plain new file would have (umask), whatever mode write() gave it."""
+    gets the mode a plain new file would have (umask), whatever mode write() gave it.
+    Why not model.io.atomic_write: a run's files are written by one process, must survive power loss (fsync),
+    and their temp name is fixed (`<name>.tmp`) so make_run_dir can sweep a killed run's leftovers; the tools'
+    writer takes a unique temp name instead, because several --jobs processes may write beside each other."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
