@@ -151,9 +151,12 @@ def train_command(a, files, model, scratch, layout):
 
 def recorded_command(cmd, scratch):
     """A command line as measured.json records it: `python`, paths relative to the working folder (arg_path), the
-    scratch folder as <tmp>/pack-speed: no absolute path of the machine that measured."""
+    scratch folder as <tmp>/pack-speed, any other path as train.py's config.json writes one outside the project
+    (<outside the repository>/FOLDER/NAME): no absolute path of the machine that measured."""
     shown = [SCRATCH + str(c)[len(str(scratch)):] if str(c).startswith(str(scratch)) else arg_path(c)
              for c in cmd[1:]]
+    shown = ["<outside the repository>/" + "/".join(Path(c).parts[-2:]) if Path(c).is_absolute() else c
+             for c in shown]
     return logged_command([cmd[0], *shown])
 
 

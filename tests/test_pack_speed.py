@@ -53,6 +53,8 @@ def test_dry_run_commands_differ_in_pack_alone(data, capsys):
         assert padded[padded.index(flag) + 1] == value and packed[packed.index(flag) + 1] == value
     assert padded[:2] == ["python", "train.py"] and "--echo" in padded and "--echo" in packed
     assert not any("pack-speed-" in c for c in padded + packed)         # no real scratch folder (mkdtemp's prefix)
+    assert not any(c.startswith("/") for c in padded + packed)            # the data in /tmp: <outside the repository>
+    assert padded[padded.index("--data") + 1] == "<outside the repository>/boolq/train.json"
 
 
 def test_table_figures_from_two_records(tmp_path, monkeypatch):
