@@ -22,6 +22,7 @@
 #                                                          points are results/smollm2-135m/recipe-sweep's)
 #           COMMIT=<hash> bash experiments/sitting.sh suite    (the GPU suite in the background, into /work/gpu-suite.txt)
 #           bash experiments/sitting.sh startpack         (issue 30: lora-s0 with --pack, into /work/paper-runs-pack)
+#           bash experiments/sitting.sh packbench         (issue 30's kernel and tok/s records; GPU alone, ~20 min)
 #           bash experiments/sitting.sh nf4bench          (issue 24's NF4 / checkpointing benchmark, in the background)
 #   calls:  bash experiments/sitting.sh wait 540          (back to back: a gap over ~30 s loses the machine)
 #           bash experiments/sitting.sh status            (suite, benchmark, runs and GPU at a glance)
@@ -121,6 +122,18 @@ case "${1:-}" in
     $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 \
        --activation-checkpointing || true
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
+  packbench)                                                 # issue 30's speed records, GPU alone, in the background
+    snapshot
+    setsid nohup bash "$0" _packbench >/work/pack-bench.log 2>&1 </dev/null &
+    sleep 3; tail -n 2 /work/pack-bench.log ;;
+  _packbench)                                                # records land in the snapshot's results/, copied to $OUT by collect
+    cd "$SNAP"
+    timeout 600 python -m experiments.pack_attention --model /work/smollm2 || true
+    python -m experiments.pack_speed --model /work/smollm2 --tag smollm2-lora || true
+    python -m experiments.pack_speed --model /work/smollm2 --echo --tag smollm2-echo-lora || true
+    python -m experiments.pack_speed --shape llama3-8b --tokenizer ../shared/tokenizers/llama3 --steps 100 \
+      --tag llama3-8b-shape-lora || true
+    tar -cf /work/pack-bench.tar results/speed/pack-vs-padded-* results/speed/pack-attention-*.jsonl 2>/dev/null || true ;;
   bench)                                                     # the routed step, the tree before the Echo refactor
     snapshot                                                 # (.cache/before, carried) against this one, GPU alone
     shift; [ $# -gt 0 ] || set -- "/work/smollm2 --batch 16" "llama3-8b --batch 2"     # bench ["MODEL --batch B" ...]
@@ -140,7 +153,8 @@ for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') i
         "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" ) $( [ -d "$RUNS-pack" ] && basename "$RUNS-pack" )
     split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
     cp "$LOG" "$OUT/sitting.log"; [ -f "$LOG.pack" ] && cp "$LOG.pack" "$OUT/sitting-pack.log" || true
-    for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl \
+             /work/pack-bench.log /work/pack-bench.tar; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
   *)
     sed -n '2,30p' "$0"; exit 2 ;;
