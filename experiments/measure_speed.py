@@ -118,13 +118,18 @@ def main(argv=None):
     print(f"wrote {dest} and README's speed tables (the run's logs: {scratch})")
 
 
-def build_parser():
-    p = CliParser(prog="python -m experiments.measure_speed", description=__doc__, formatter_class=HelpFormatter)
+def add_model_flags(p):
+    """What a speed tool trains on: a real model folder or a random one of a shape, and the commonsense mix."""
     p.add_argument("--model", help="model folder (real weights)")
     p.add_argument("--shape", help="preset name or params.json: random weights (with --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer folder for --shape")
     p.add_argument("--data-dir", default=arg_path(DATA_DIR),
                    help="the commonsense suite: one TASK/train.json per training task, all trained on at once")
+
+
+def build_parser():
+    p = CliParser(prog="python -m experiments.measure_speed", description=__doc__, formatter_class=HelpFormatter)
+    add_model_flags(p)
     p.add_argument("--tag", required=True, help="results/speed/real-vs-step-<tag>/")
     p.add_argument("--echo", action="store_true", help="Echo-LoRA (the benchmark then times routed and unrouted)")
     p.add_argument("--method", default="lora", choices=["lora", "dora"], help="the adapter train.py trains")

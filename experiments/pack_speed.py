@@ -29,9 +29,9 @@ from pathlib import Path
 from model.io import atomic_write, atomic_write_text
 from model.load import CliParser, HelpFormatter
 
-from .common import (DATA_DIR, RESULTS, ROOT, StepFailed, arg_path, committed, is_number, logged_command,
+from .common import (RESULTS, ROOT, StepFailed, arg_path, committed, is_number, logged_command,
                      read_metrics, refuse_trial, shown_path, write_atomic)
-from .measure_speed import cuda_available, random_model, run
+from .measure_speed import add_model_flags, cuda_available, random_model, run
 from .runs import train_files
 from .speed_table import read_record, rows_of
 from .tables import publish_fragment
@@ -61,11 +61,7 @@ def main(argv=None):
 
 def build_parser():
     p = CliParser(prog="python -m experiments.pack_speed", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", help="model folder (real weights)")
-    p.add_argument("--shape", help="preset name or params.json: random weights (with --tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer folder for --shape")
-    p.add_argument("--data-dir", default=arg_path(DATA_DIR),
-                   help="the commonsense suite: one TASK/train.json per training task, all trained on at once")
+    add_model_flags(p)
     p.add_argument("--tag", help="names the record folder results/speed/pack-vs-padded-<tag>/ (required to measure)")
     p.add_argument("--echo", action="store_true", help="Echo-LoRA in both runs")
     p.add_argument("--method", default="lora", choices=["lora", "dora"], help="the adapter both runs train")
