@@ -28,9 +28,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .io import publish, read_json, read_safetensors
-from .nf4 import NF4Weight, dequantize_nf4, dequantize_tensors
+from .nf4 import NF4Weight, dequantize_fused, dequantize_nf4
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "magnitude")
+
+
+@torch.library.custom_op("echo_lora::nf4_dequantize", mutates_args=())
+def _nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+                    offset: Optional[torch.Tensor], code: torch.Tensor, dq_code: torch.Tensor, shape: List[int],
+                    blocksize: int, dq_blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(W) in dtype (model/nf4.py dequantize_fused: one compiled kernel on CUDA), for the NF4 ops'
+    backward. An op of its own because a torch.compile of the model traces the backward of the ops below
+    into its backward graph: the dequantisation must stay a call at run time there too."""
+    return dequantize_fused(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
+                            dq_blocksize=dq_blocksize, dtype=dtype)
+
+
+@_nf4_dequantize.register_fake
+def _(packed, absmax, absmax2, offset, code, dq_code, shape, blocksize, dq_blocksize, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def _backward_weight(ctx, dtype):
+    """dequant(W) for an NF4 op's backward: through the op above while a torch.compile traces it, else
+    directly (the op's dispatch would add tens of µs of host time per call)."""
+    dequantize = _nf4_dequantize if torch.compiler.is_compiling() else dequantize_fused
+    return dequantize(*ctx.saved_tensors, **ctx.layout, dtype=dtype)
 
 
 @torch.library.custom_op("echo_lora::nf4_linear", mutates_args=())
@@ -41,9 +64,10 @@ def _nf4_linear(u: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, abs
     autograd.Function, because under torch.compile AOTAutograd's partitioner sees through a Function: it
     merges the backward's dequantisation with the forward's and saves the dense W for the backward (every
     layer's full-precision weight, held until then). An op is opaque to it: the forward graph never has W,
-    and what is saved is what setup_context saves, the 4-bit buffers."""
-    w = dequantize_tensors(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
-                           dq_blocksize=dq_blocksize, dtype=u.dtype)
+    and what is saved is what setup_context saves, the 4-bit buffers. Inside, dequant(W) is one compiled
+    kernel on CUDA (dequantize_fused), whether the model around it is compiled or not."""
+    w = dequantize_fused(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
+                         dq_blocksize=dq_blocksize, dtype=u.dtype)
     return F.linear(u, w)
 
 
@@ -60,7 +84,7 @@ def _nf4_linear_setup_context(ctx, inputs, output):
 
 def _nf4_linear_backward(ctx, grad):
     """∂L/∂u = ∂L/∂o · dequant(W), W dequantised again (as QLoRA does); W itself gets no gradient."""
-    w = dequantize_tensors(*ctx.saved_tensors, **ctx.layout, dtype=grad.dtype)
+    w = _backward_weight(ctx, grad.dtype)
     return grad @ w, *[None] * 9
 
 
@@ -80,8 +104,8 @@ def _nf4_linear_and_wat(u: torch.Tensor, a: torch.Tensor, packed: torch.Tensor, 
     """(u · dequant(W)ᵀ, a · dequant(W)ᵀ) from ONE dequantisation: DoRA on an NF4 base needs both W u and the
     W Aᵀ of its row norm (weight_norm), and dequantising twice per forward doubled its cost. The second
     output is a constant of the backward (the norm is detached, DoRA §4.3): only ∂L/∂u flows back."""
-    w = dequantize_tensors(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
-                           dq_blocksize=dq_blocksize, dtype=u.dtype)
+    w = dequantize_fused(packed, absmax, absmax2, offset, code, dq_code, shape=shape, blocksize=blocksize,
+                         dq_blocksize=dq_blocksize, dtype=u.dtype)
     return F.linear(u, w), F.linear(a, w)
 
 
@@ -98,7 +122,7 @@ def _nf4_linear_and_wat_setup_context(ctx, inputs, output):
 
 
 def _nf4_linear_and_wat_backward(ctx, grad, _grad_wat):
-    w = dequantize_tensors(*ctx.saved_tensors, **ctx.layout, dtype=grad.dtype)
+    w = _backward_weight(ctx, grad.dtype)
     return grad @ w, *[None] * 10
 
 

@@ -1,8 +1,9 @@
 """NF4: QLoRA's 4-bit NormalFloat weight format, in plain PyTorch (no bitsandbytes at run time).
 
-Owns the two codebooks, blockwise quantisation with double-quantised absmaxes, and dequantisation;
-nothing else (no matmul: model/lora.py's LoRALinear holds an NF4Weight as its frozen `weight` when the
-model is built with base_format="nf4", and dequantises it inside its forward).
+Owns the two codebooks, blockwise quantisation with double-quantised absmaxes, and dequantisation (eager,
+and on CUDA as one compiled kernel: dequantize_fused); nothing else (no matmul: model/lora.py's LoRALinear
+holds an NF4Weight as its frozen `weight` when the model is built with base_format="nf4", and dequantises
+it inside its forward).
 
 Format (Dettmers et al. 2023, "QLoRA", §3 and Appendix E; bitsandbytes quantize_4bit(quant_type="nf4",
 compress_statistics=True)). A weight of any shape is flattened and cut in blocks of 64 (the last one
@@ -58,7 +59,9 @@ Not bit-exact, or not verified here:
     with it on a GPU (bitsandbytes' CPU path rounds differently, above).
   - bitsandbytes' default (pure-torch) backend rounds by argmin |x − code| with fp32 subtraction, which
     can disagree with its own CUDA tree within an ulp of a boundary; this module follows the CUDA tree.
-  - under torch.compile, DYN[q]·absmax2 + offset may be contracted into one fma (1 ulp from eager).
+  - DYN[q]·absmax2 + offset inside a larger torch.compile graph (dequantize_tensors traced by an outer
+    compile) may be contracted into one fma (1 ulp from eager); dequantize_fused, which model/lora.py's
+    ops use, never is (it splits the multiply from the add).
   - offset is torch's fp32 mean on the tensor's device, as in bitsandbytes, so it is bit-identical only
     when both quantise on the same kind of device (CPU and CUDA reductions may differ in the last bit).
   - codes of the padding after an odd last element are 7 (the zero code), as the CUDA kernel writes.
@@ -66,11 +69,14 @@ This module stores the packed codes of whole blocks (ceil(n/64)·32 bytes); bits
 ceil(n/2) of those bytes.
 """
 import contextlib
+import os
+import warnings
 from fractions import Fraction
 from math import prod
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 NF4_OFFSET = 0.9677083      # bitsandbytes create_normal_map(offset=0.9677083, use_extra_value=True)
 
@@ -295,18 +301,110 @@ def _absmax(absmax, absmax2, offset, dq_code, dq_blocksize):
 
 
 def dequantize_nf4(q, dtype=torch.bfloat16):
-    """NF4Weight → tensor of the original shape in dtype. Gathers, reshapes and one multiply, no loop
-    over blocks, so torch.compile can fuse it into one kernel."""
+    """NF4Weight → tensor of the original shape in dtype (eagerly: dequantize_tensors)."""
     return dequantize_tensors(*q.tensors(), shape=q.shape, blocksize=q.blocksize, dq_blocksize=q.dq_blocksize,
                               dtype=dtype)
 
 
+def _block_scales(absmax, absmax2, dq_code, dq_blocksize):
+    """DYN[q_b]·absmax2_c, fp32, one per block: dequantize_absmax without its `+ offset`. The two are kept
+    in separate functions so that no kernel ever multiplies and then adds (see dequantize_fused). Computed
+    on the zero-padded (groups, dq_blocksize) view, the absmax2 of a group a broadcast: Inductor's C++
+    backend (torch 2.13) drops the last partial group of absmax2.repeat_interleave(256)[:nblocks]."""
+    q = F.pad(absmax, (0, -absmax.numel() % dq_blocksize)).view(-1, dq_blocksize)
+    return (dq_code[q.int()] * absmax2[:, None]).view(-1)[: absmax.numel()]
+
+
+def _scale_codes(packed, scales, offset, code, blocksize, dtype):
+    """(nblocks, blocksize) in dtype: NF4[code_i] · absmax_b in fp32, rounded once to dtype, where absmax_b =
+    scales_b + offset (double quantisation) or scales_b.
+
+    Eagerly each byte is ONE gather from the 256 nibble pairs (NF4[b >> 4], NF4[b & 15]) =
+    cartesian_prod(NF4, NF4)[b], the high nibble first as packed, and the multiply rounds straight to
+    dtype: 3 passes over the weight (uint8 → int32 index, gather, multiply-and-cast) where stack + shift +
+    int + gather + multiply + cast took 7. Compiled, each nibble is shifted out in registers instead, the
+    high one first (Inductor would build a table, or a stack, in kernels of their own), and the whole
+    function is one kernel."""
+    absmax = (scales if offset is None else scales + offset)[:, None]
+    if torch.compiler.is_compiling():
+        shifts = torch.arange(4, -1, -4, dtype=torch.int32, device=packed.device)        # (4, 0)
+        values = code[(packed[:, None].int() >> shifts) & 15].view(-1, blocksize)
+        return (values * absmax).to(dtype)
+    values = torch.cartesian_prod(code, code)[packed.int()].view(-1, blocksize)     # fp32
+    # The product is an fp32 value whatever the output; out= only rounds it to dtype as it stores it.
+    return torch.mul(values, absmax, out=values.new_empty(values.shape, dtype=dtype))
+
+
 def dequantize_tensors(packed, absmax, absmax2, offset, code, dq_code, *, shape, blocksize, dq_blocksize, dtype):
-    """dequantize_nf4 on an NF4Weight's tensors (NF4Weight.tensors()), for code that cannot pass the module
-    (model/lora.py's custom op)."""
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1, blocksize)
-    w = code[codes.int()] * _absmax(absmax, absmax2, offset, dq_code, dq_blocksize)[:, None]   # fp32 × fp32
-    return w.view(-1)[: prod(shape)].view(shape).to(dtype)
+    """dequantize_nf4 on an NF4Weight's tensors (NF4Weight.tensors()), eagerly:
+        absmax_b = DYN[q_b]·absmax2_c + offset    (fp32: a rounded product, then a rounded sum)
+        w_i      = NF4[code_i] · absmax_b          (fp32, then one rounding to dtype)"""
+    scales = absmax if absmax2 is None else _block_scales(absmax, absmax2, dq_code, dq_blocksize)
+    return _scale_codes(packed, scales, offset, code, blocksize, dtype).view(-1)[: prod(shape)].view(shape)
+
+
+EAGER = os.environ.get("ECHO_LORA_NF4_EAGER", "0") not in ("", "0")   # or set model.nf4.EAGER at run time
+COMPILED_DEVICES = ("cuda",)
+_compiled = None            # (_block_scales, _scale_codes) under torch.compile, made at the first CUDA call
+_compiled_keys = set()      # the layouts they have been compiled for (one specialised compilation each)
+_warned = set()
+
+
+def _compiled_fns():
+    global _compiled
+    if _compiled is None:
+        _compiled = tuple(torch.compile(fn, dynamic=False, fullgraph=True) for fn in (_block_scales, _scale_codes))
+    return _compiled
+
+
+def _warn_once(reason, key):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"NF4 dequantisation of layout {key[1:]} runs eagerly (same numbers, slower): {reason}")
+
+
+def dequantize_fused(packed, absmax, absmax2, offset, code, dq_code, *, shape, blocksize, dq_blocksize, dtype):
+    """dequantize_tensors, bit for bit, as one Inductor kernel over the weight on CUDA (the default; the
+    custom ops of model/lora.py call this). Eagerly every pass reads or writes a weight-sized fp32/int32
+    intermediate; the fused kernel reads 0.5 B/param of codes and writes the 2 B/param bf16 W.
+
+    Bit-identity: each element is the same fp32 product rounded once to dtype. The one multiply-then-add,
+    DYN[q]·absmax2 + offset, is split across the two compiled functions (a small kernel over the blocks
+    stores the rounded product; the weight's kernel adds the offset, then multiplies), because Triton
+    contracts a multiply feeding an add into an fma, which rounds once where eager rounds twice.
+
+    dynamic=False: each layout (numel, dtype, double quantisation) gets its own specialised kernel (static
+    sizes, 32-bit indexing, no tail masks), compiled once. The reshape to `shape` is a view outside, so
+    llama3-8b's four weight shapes are three layouts. A model with more layouts than dynamo's
+    recompile_limit (8) dequantises the extra ones eagerly (fullgraph=True would fail there).
+
+    CUDA graphs: compiling (and autotuning) a new layout cannot be captured; a captured call only checks
+    guards and launches the compiled kernels. train.py's StepGraphs runs each batch shape once uncaptured
+    before capturing it, so the layouts are compiled by then; one first seen inside a capture is
+    dequantised eagerly there (capturable) rather than compiled. The forward and the backward use the
+    same layouts (same dtype), and the compiled functions run under no_grad so grad mode adds no guard.
+
+    Eager instead: ECHO_LORA_NF4_EAGER=1 in the environment (or model.nf4.EAGER = True), to compare both
+    on a GPU; and always on CPU (COMPILED_DEVICES), so CPU tests and CI need no compiler. Inside an outer
+    torch.compile's tracing this is dequantize_tensors, traced into that graph."""
+    args = packed, absmax, absmax2, offset, code, dq_code
+    layout = dict(shape=shape, blocksize=blocksize, dq_blocksize=dq_blocksize, dtype=dtype)
+    if EAGER or packed.device.type not in COMPILED_DEVICES or torch.compiler.is_compiling():
+        return dequantize_tensors(*args, **layout)
+    key = (packed.device, packed.numel(), absmax.dtype, absmax2 is None, blocksize, dq_blocksize, dtype)
+    if key not in _compiled_keys:
+        if packed.is_cuda and torch.cuda.is_current_stream_capturing():
+            _warn_once("first seen inside a CUDA graph capture (run one step uncaptured first)", key)
+            return dequantize_tensors(*args, **layout)
+        if len(_compiled_keys) >= torch._dynamo.config.recompile_limit:
+            _warn_once("more layouts than torch._dynamo.config.recompile_limit", key)
+            return dequantize_tensors(*args, **layout)
+    block_scales, scale_codes = _compiled_fns()
+    with torch.no_grad():
+        scales = absmax if absmax2 is None else block_scales(absmax, absmax2, dq_code, dq_blocksize)
+        w = scale_codes(packed, scales, offset, code, blocksize, dtype)
+    _compiled_keys.add(key)
+    return w.view(-1)[: prod(shape)].view(shape)
 
 
 def nf4_bytes(q):

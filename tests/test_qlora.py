@@ -194,8 +194,8 @@ def test_nf4_dora_forward_dequantises_w_once(monkeypatch, dtype):
     layer, _ = nf4_layer_and_dense_twin("dora")
     u = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
     calls = []
-    real = lora.dequantize_tensors
-    monkeypatch.setattr(lora, "dequantize_tensors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lora.dequantize_fused
+    monkeypatch.setattr(lora, "dequantize_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = layer(u)
     assert len(calls) == 1
     params = [u, layer.lora_a, layer.lora_b, layer.magnitude]
