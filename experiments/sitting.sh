@@ -45,7 +45,6 @@ snapshot() {
 case "${1:-}" in
   setup1)                                                    # each call carries ≤ 64 MiB with the tree: the GGUF
     cp .cache/x1/gguf.part.aa /work/gguf.part.aa             # goes in two halves, ../shared's rest with the second
-    cp .cache/x1/*.patch /work/ 2>/dev/null || true          # a branch to test beside the suite (nf4fused)
     nvidia-cuda-mps-control -d || true                       # several runs share the GPU instead of taking turns
     ls /work ;;
   setup2)
@@ -117,21 +116,14 @@ case "${1:-}" in
   _nf4bench)                                                 # one configuration at a time
     cd "$SNAP"
     B="python tests/benchmark.py --json /work/nf4-bench.jsonl"
+    python tests/bench_nf4_dequant.py --json /work/nf4-dequant.jsonl || true      # the dequant alone, per 8B shape
     $B --model llama3-8b --batch 2 --seq 256 --echo off routed --base-format plain nf4 || true
+    ECHO_LORA_NF4_EAGER=1 $B --model llama3-8b --batch 2 --seq 256 --echo off routed --base-format nf4 || true
     $B --model llama3-70b --batch 1 --seq 256 --echo off routed --base-format nf4 --warmup 3 --steps 5 || true
     $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 || true
     $B --model llama3-8b --batch 8 --seq 1024 --echo routed --base-format plain nf4 --graphs off --steps 5 \
        --activation-checkpointing || true
     $B --model llama3-8b --batch 2 --seq 256 --echo off --base-format nf4 --steps 5 --profile || true ;;
-  nf4fused)                                                  # the nf4-fused branch (a patch from setup1) tested on the GPU,
-    rm -rf /work/nf4snap; mkdir -p /work/nf4snap             # beside the suite: correctness only, no timing under load
-    tar -c --exclude=./.cache . | tar -x -C /work/nf4snap
-    (cd /work/nf4snap && { git apply /work/nf4-fused.patch 2>/dev/null || patch -p1 < /work/nf4-fused.patch; })
-    cd /work/nf4snap
-    setsid nohup bash -c "PYTHONUNBUFFERED=1 python -m pytest -q -rA tests/test_nf4_fused.py tests/test_nf4.py \
-      tests/test_qlora.py tests/test_qlora_cli.py >/work/nf4-fused-tests.txt 2>&1; echo \"# exit status \$?\" >>/work/nf4-fused-tests.txt" \
-      >/dev/null 2>&1 </dev/null &
-    sleep 2; ls /work/nf4snap/tests/test_nf4_fused.py ;;
   packbench)                                                 # issue 30's speed records, GPU alone, in the background
     snapshot
     setsid nohup bash "$0" _packbench >/work/pack-bench.log 2>&1 </dev/null &
@@ -164,7 +156,7 @@ for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') i
     split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
     cp "$LOG" "$OUT/sitting.log"; [ -f "$LOG.pack" ] && cp "$LOG.pack" "$OUT/sitting-pack.log" || true
     for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl \
-             /work/pack-bench.log /work/pack-bench.tar /work/nf4-fused-tests.txt; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+             /work/pack-bench.log /work/pack-bench.tar /work/nf4-dequant.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
   *)
     sed -n '2,30p' "$0"; exit 2 ;;

@@ -95,7 +95,9 @@ def measure(opts, method, echo_mode, graphs, base_format="plain"):
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
     tokens = opts.batch * opts.seq
+    import model.nf4
     return {"model": opts.model, "method": method, "base_format": base_format, "echo": echo_mode, "graphs": graphs,
+            "nf4_dequant": ("eager" if model.nf4.EAGER else "fused") if base_format == "nf4" else None,
             "activation_checkpointing": opts.activation_checkpointing, "batch": opts.batch,
             "seq": opts.seq, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000),
             "mfu": round(step_flops(run.model, run.echo, routed, train.batch_shape(mbs, routed)[1:])
