@@ -31,7 +31,12 @@
 #   last:   bash experiments/sitting.sh collect           (then, here: cat the parts | tar -xJ into a scratch folder;
 #                                                          copy each finished run of paper-runs/ into
 #                                                          results/smollm2-135m-paper-recipe/runs/, each of paper-runs-sweep/
-#                                                          into …/sweep/; python -m experiments.reproduce --only-table)
+#                                                          into …/sweep/; python -m experiments.reproduce --only-table;
+#                                                          nf4-bench.jsonl -> results/speed/nf4-bench-<gpu>.jsonl, then
+#                                                          python -m experiments.nf4_table; pack-bench.tar unpacks into
+#                                                          results/, then python -m experiments.pack_speed --only-table;
+#                                                          paper-runs-pack/lora-s0-pack -> …/pack-runs/, then
+#                                                          python -m experiments.pack_accuracy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=/work/paper-runs
