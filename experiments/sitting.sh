@@ -106,7 +106,7 @@ case "${1:-}" in
   suite)                                                     # the GPU suite, beside the runs: COMMIT=<hash> names the tree
     : "${COMMIT:?set COMMIT to the commit hash of the tree under test}"
     snapshot
-    COMMIT=$COMMIT SUITE_ARGS="${SUITE_ARGS:-}" setsid nohup bash "$0" _suite >/dev/null 2>&1 </dev/null &
+    COMMIT=$COMMIT SUITE_ARGS="${SUITE_ARGS:---durations=40}" setsid nohup bash "$0" _suite >/dev/null 2>&1 </dev/null &
     sleep 3; head -n 2 /work/gpu-suite.txt ;;
   _suite)
     cd "$SNAP"
