@@ -16,7 +16,8 @@
 #   here:   split -b 49M ../shared/models/smollm2-135m-instruct/*.gguf .cache/gguf.part.   (aa -> .cache/x1, ab -> .cache/x2)
 #           tar -cJf .cache/x2/shared.tar.xz -C .. --exclude=shared/models/smollm2-135m-instruct shared
 #   call 1: bash experiments/sitting.sh setup1            (carry .cache/x1)
-#   call 2: bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only main --jobs 6
+#   call 2: COMMIT=<hash> bash experiments/sitting.sh go    (carry .cache/x2: setup2, suite, ONLY= runs, startpack)
+#   or:     bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only main --jobs 6
 #                                                          (carry .cache/x2; the committed runs are skipped; of
 #                                                          the sweep only lora-e3-lr0.001 is new: its 1-epoch
 #                                                          points are results/smollm2-135m/recipe-sweep's)
@@ -58,6 +59,12 @@ case "${1:-}" in
     python ../shared/tools/gguf_to_meta.py /work/smollm2.gguf /work/smollm2
     mkdir -p /work/shared/models/smollm2-135m-instruct
     mv /work/smollm2.gguf /work/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf ;;
+  go)                                                       # call 2 in one: ../shared, the suite on this tree (COMMIT=),
+    : "${COMMIT:?set COMMIT to the commit hash of the tree under test}"      # the paper queue and the packed run
+    bash "$0" setup2
+    SUITE_ARGS="${SUITE_ARGS:--n 8 --dist loadfile --durations=40}" bash "$0" suite
+    bash "$0" start --only ${ONLY:-lora-s1 echo-lora-s1 lora-s2 echo-lora-s2} --jobs "${JOBS:-4}"
+    bash "$0" startpack ;;
   start)
     shift
     snapshot
