@@ -39,6 +39,7 @@ import data
 from echo import EchoConfig, EchoModule, Router, echo_loss, supervision
 from echo.diagnostics import echo_diagnostics
 from model import load_model
+from model.model import document_block_mask
 from model.tokenizer import ByteTokenizer
 from training.checkpoint import (CheckpointWriter, atomic_file, check_run_dir, last_checkpoint, load_checkpoint,
                                  make_run_dir, run_fingerprints, save_base, save_checkpoint)
@@ -145,7 +146,7 @@ class Run:
 def setup(opts):
     """Processes, run folder, model, Echo module, data, optimizer, schedule, router."""
     rank, world, device = setup_distributed(opts.device, opts.ranks_share_gpu)
-    check_options(opts, world)
+    check_options(opts, world, device)
     opts.dtype = compute_dtype(opts.dtype, device)      # what runs is what config.json and the checkpoint record
     master = rank == 0
     torch.manual_seed(opts.seed)                        # identical adapter init on every rank
@@ -156,7 +157,7 @@ def setup(opts):
     echo = EchoModule(EchoConfig.from_flags(opts, seed=opts.seed), model.args).to(device) if opts.echo else None
     make_run_dir(opts, out, master, world)      # only now: a bad --model or Echo layer leaves no empty run folder
     train_set, val_set = load_data(opts, tokenizer, out, master, world, base_model=model)
-    step_module = EchoStep(model, echo)          # fp32 Echo weights (eqs. 2-8), whatever the model's dtype
+    step_module = EchoStep(model, echo, opts.pack_attention)     # fp32 Echo weights (eqs. 2-8), whatever the model's dtype
     if opts.micro_batch is None:
         opts.micro_batch = smallest_over_ranks(pick_micro_batch(step_module, opts, world, device), world, device)
     cuda = str(device).startswith("cuda")
@@ -206,14 +207,19 @@ class EchoStep(nn.Module):
     """What DDP wraps: the adapted model plus (optionally) the Echo module. One forward computes the
     whole micro-batch loss — both passes on a routed step — so DDP sees one forward per backward."""
 
-    def __init__(self, model, echo=None):
+    def __init__(self, model, echo=None, pack_attention="sdpa"):
         super().__init__()
-        self.model, self.echo = model, echo
+        self.model, self.echo, self.pack_attention = model, echo, pack_attention
 
     def forward(self, tokens, labels, index, targets, boundary, routed, normalizer, *packing):
-        """packing (--pack): data.Packing's fields, in order."""
+        """packing (--pack): data.Packing's fields, in order. With --pack-attention flex the micro-batch's
+        document BlockMask is built here, once, and every pass over its packed rows reuses it."""
+        packing = data.Packing(*packing) if packing else None
+        block_mask = None
+        if packing is not None and self.pack_attention == "flex":
+            block_mask = document_block_mask(packing.documents)
         return echo_loss(self.model, self.echo, tokens, labels, routed=routed, normalizer=normalizer,
-                         supervised=(index, targets, boundary), packing=data.Packing(*packing) if packing else None)
+                         supervised=(index, targets, boundary), packing=packing, block_mask=block_mask)
 
 
 def micro_batches(run, epoch, start_step):
@@ -226,7 +232,8 @@ def micro_batches(run, epoch, start_step):
         for mb in mbs:
             mb["supervised"] = supervision(mb["labels"], bucket=P_BUCKET)
             if run.opts.pack:            # the same examples, laid out in fewer rows (the step reads mb["packed"])
-                mb["packed"] = data.pack_micro_batch(mb, run.train_set.max_len, run.train_set.pad_id)
+                mb["packed"] = data.pack_micro_batch(mb, run.train_set.max_len, run.train_set.pad_id,
+                                                     flat=run.opts.pack_layout == "flat")
         yield step, mbs
 
 

@@ -3,5 +3,5 @@ from data.dataset import (IGNORE_INDEX, TokenizedDataset, batches, collate, epoc
                           holdout_indices, length_grouped_order, split_holdout,
                           load_dataset, load_examples, steps_per_epoch, tokenize_example)
 from data.default_task import make_default_task, write_default_task
-from data.packing import PACK_MULTIPLE, Packing, first_fit_rows, pack_micro_batch, padding_share
+from data.packing import FLAT_MULTIPLE, PACK_MULTIPLE, Packing, first_fit_rows, pack_micro_batch, padding_share
 from data.prompts import RESPONSE_MARKER, TEMPLATES, build_prompt

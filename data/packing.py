@@ -19,6 +19,9 @@ from data.dataset import IGNORE_INDEX
 # 32): on the commonsense train mix (SmolLM2 tokenizer, --max-len 256, micro-batch 16, length-grouped) rounding
 # to 32 leaves 10.1 % padding, to 8 4.7 %, while 8 still gives few shapes and tensor-core-sized tiles.
 PACK_MULTIPLE = 8
+# The flat layout (--pack-layout flat: the micro-batch in one row) pads to flex_attention's block size, so its
+# BlockMask tiles the row exactly and the padding is one partly filled block.
+FLAT_MULTIPLE = 128
 
 
 @dataclass
@@ -60,14 +63,18 @@ def first_fit_rows(lengths, row_len):
     return [sorted(r) for r in rows]
 
 
-def pack_micro_batch(mb, row_len, pad_id, pad_multiple=PACK_MULTIPLE):
+def pack_micro_batch(mb, row_len, pad_id, pad_multiple=PACK_MULTIPLE, flat=False):
     """A collated micro-batch (data.collate: right-padded input_ids / labels / attention_mask [B, T]) → the
     packed micro-batch: a dict with input_ids, labels [R, L] and `packing` (Packing). L = the fullest row
     rounded up to pad_multiple, at most row_len. The supervision (echo.supervision of the padded labels:
     answer positions, targets, t*) stays per example, in each example's own positions: the packed step reads
     logits at example_start + those positions, so the last token of one example never predicts the first
     of the next. Raises, in one line, if an example is longer than row_len or is supervised from its first
-    token (it would have no prompt, and so no t*)."""
+    token (it would have no prompt, and so no t*).
+    flat=True (--pack-layout flat): every example, in micro-batch order, in ONE row of L = Σ lengths rounded up
+    to FLAT_MULTIPLE (flex_attention's 128-token block), whatever row_len (which still bounds each example, as
+    the RoPE table and the data do): padding is under one block per micro-batch. Only a block-sparse kernel
+    (model.document_block_mask) makes that row cheap; SDPA's explicit mask would cost L²."""
     lengths = mb["attention_mask"].sum(dim=1).tolist()
     for i, n in enumerate(lengths):
         if n > row_len:
@@ -76,9 +83,13 @@ def pack_micro_batch(mb, row_len, pad_id, pad_multiple=PACK_MULTIPLE):
     if bool((mb["labels"][:, 0] != IGNORE_INDEX).any()):
         raise ValueError("--pack: an example is supervised from its first token, so the example before it in a "
                          "packed row would predict it: every example needs a prompt")
-    rows = first_fit_rows(lengths, row_len)
-    fullest = max(sum(lengths[i] for i in r) for r in rows)
-    L = max(min(math.ceil(fullest / pad_multiple) * pad_multiple, row_len), fullest)
+    if flat:
+        rows = [list(range(len(lengths)))]
+        L = math.ceil(sum(lengths) / FLAT_MULTIPLE) * FLAT_MULTIPLE
+    else:
+        rows = first_fit_rows(lengths, row_len)
+        fullest = max(sum(lengths[i] for i in r) for r in rows)
+        L = max(min(math.ceil(fullest / pad_multiple) * pad_multiple, row_len), fullest)
     R, B = len(rows), len(lengths)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     labels = torch.full((R, L), IGNORE_INDEX, dtype=torch.long)

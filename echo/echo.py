@@ -529,7 +529,7 @@ def uses_answer_window(cfg):
 
 
 def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervised=None, attention_mask=None,
-              record=None, window=None, packing=None):
+              record=None, window=None, packing=None, block_mask=None):
     """One micro-batch of training, LoRA / DoRA (echo=None) or Echo-LoRA / Echo-DoRA (eqs. 2-12).
 
     Echo-off pass → CE_off (and the source hidden states); if routed, Echo-on pass → CE_on and
@@ -565,6 +565,9 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
     restart per example; logits are read per example at its own answer positions ([B, P], as unpacked), and z,
     δ, M are per example. The answer window works on packed rows: one window row per example, reading the
     packed Echo-off pass's residual stream and its own prompt's keys/values (`packed_window`).
+    block_mask (with packing, --pack-attention flex): model.document_block_mask(packing.documents), built once
+    per micro-batch by the caller; every pass over the packed rows attends through flex_attention with it (the
+    answer window's rows keep their SDPA mask: one row per example, nothing to skip).
 
     Returns (loss, sums): loss = eq. 11 / normalizer (for backward); sums = detached [3] tensor
     (Σ CE_off, Σ CE_on, τ² Σ KL) over this micro-batch's answer tokens (zeros for a skipped pass).
@@ -574,12 +577,14 @@ def echo_loss(model, echo, tokens, labels, *, routed, normalizer=None, supervise
                          f"n_layers={model.args.n_layers}, dim={model.args.dim}")
     if packing is not None and supervised is None:
         raise ValueError("echo_loss with packing needs supervised= (echo.supervision of the padded labels)")
+    if block_mask is not None and packing is None:
+        raise ValueError("echo_loss with block_mask needs packing= (it is the packed rows' document mask)")
     index, targets, boundary = supervision(labels) if supervised is None else supervised
     normalizer = (targets != IGNORE).sum().clamp_min(1) if normalizer is None else normalizer
     positions = model.positions_for(tokens, attention_mask) if packing is None else packing.positions
     kw = dict(positions=positions, attention_mask=attention_mask)
     if packing is not None:
-        kw["documents"] = packing.documents
+        kw.update(documents=packing.documents, block_mask=block_mask)
     n_layers = model.args.n_layers
     split = 0 if echo is None or echo.cfg.separate_passes else echo.cfg.target_layers[0]
     sources = echo.cfg.source_layers if echo is not None else ()

@@ -12,7 +12,8 @@ every layer as long as X hands every injected layer the same kind of site.
 A pass may also run on a window of positions only and read the other positions' keys and values from
 an earlier pass (`PromptKV`): Echo's Echo-on pass recomputes only the answer, not the prompt.
 Packed rows (--pack, data/packing.py) are explicit arguments too: `run_layers(positions=..., documents=...)`,
-positions restarting per example and attention kept inside each example (`document_attention_mask`).
+positions restarting per example and attention kept inside each example (`document_attention_mask`; or, opt-in,
+`run_layers(block_mask=document_block_mask(documents))`: flex_attention, which skips the masked blocks).
 
 Two opt-in memory options (ModelArgs; off, the model is exactly the one above):
   base_format="nf4"  QLoRA: every frozen linear of the blocks (wq..w3, with or without an adapter) keeps
@@ -34,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from .lora import ADAPTER_KEYS, LoRALinear
@@ -297,8 +299,11 @@ class Attention(nn.Module):
         if prompt_kv is not None:
             k, v = torch.cat([prompt_kv[0], k], 2), torch.cat([prompt_kv[1], v], 2)
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if isinstance(mask, BlockMask):     # packed rows with --pack-attention flex (document_block_mask)
+            y = flex_for(q)(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return injected(site, "wo", y, self.wo(y)), own
 
@@ -355,6 +360,37 @@ def document_attention_mask(documents):
     causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
     same = (documents[:, :, None] == documents[:, None, :]) & (documents[:, None, :] >= 0)
     return ((same & causal) | torch.eye(T, dtype=torch.bool, device=documents.device))[:, None]
+
+
+def document_block_mask(documents):
+    """flex_attention's BlockMask for packed rows: the same mask as document_attention_mask(documents), as a
+    mask_mod(b, h, q, kv) = (documents[b, q] == documents[b, kv] ∧ documents[b, kv] ≥ 0 ∧ kv ≤ q) ∨ q = kv.
+    create_block_mask evaluates it on 128 × 128 tiles and keeps only the tiles with an allowed pair, so
+    flex_attention skips the rest: attention costs Σ per-example squares (+ the diagonal tiles), not L², which
+    makes the one-flat-row layout (data.pack_micro_batch(flat=True)) cheap. Build it once per micro-batch and
+    hand it to every run_layers call of that micro-batch (it does not depend on the layer)."""
+    B, T = documents.shape
+
+    def mask_mod(b, h, q, kv):
+        same = (documents[b, q] == documents[b, kv]) & (documents[b, kv] >= 0) & (kv <= q)
+        return same | (q == kv)         # padding queries see only themselves, so no row is all-masked
+    return create_block_mask(mask_mod, B, None, T, T, device=documents.device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """torch.compile(flex_attention), made on first use (a cache, not state: the same function every call).
+    Eager flex_attention materialises the scores (a reference implementation, no block skipping); compiled, it
+    is one fused block-sparse kernel."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_for(x):
+    """The flex_attention to call for inputs like x: the plain one when already being traced by torch.compile
+    (training/graphs.compile_blocks compiles each block, and the call inlines into its graph) or on CPU (eager
+    runs there, forward only: torch 2.13 has no flex backward on CPU); otherwise (eager GPU) the compiled one."""
+    plain = torch.compiler.is_compiling() or x.device.type == "cpu"
+    return flex_attention if plain else compiled_flex_attention()
 
 
 class Transformer(nn.Module):
@@ -465,7 +501,7 @@ class Transformer(nn.Module):
 
     def run_layers(self, h, start, end, *, positions, attention_mask=None, echo_inject=None,
                    hidden_layers=(), hiddens=None, kv_cache=None, cache_pos=0, keys=None, prompt=None,
-                   documents=None):
+                   documents=None, block_mask=None):
         """Blocks start..end-1. Residual-stream outputs of `hidden_layers` go into `hiddens`, each block's
         keys/values into `keys` (a dict) when given. prompt: a PromptKV, for a pass over a window of
         positions (h [B, W, D], positions [B, W]) that attends to another pass's keys/values first.
@@ -473,7 +509,9 @@ class Transformer(nn.Module):
         a recomputation would write twice), each block's call is checkpointed: what it returns, and so
         what `hiddens` / `keys` collect, are the same tensors' values, and gradients reach them as before.
         documents: packed rows (data.packing, --pack): each token's example [B, T] (−1: padding); attention stays
-        inside an example (document_attention_mask), `positions` restart at 0 per example."""
+        inside an example (document_attention_mask), `positions` restart at 0 per example. block_mask: with
+        documents, document_block_mask(documents) (--pack-attention flex), built once per micro-batch by the
+        caller: attention through flex_attention instead of SDPA with the explicit [B,1,T,T] mask."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         mask = None
         if kv_cache is not None:      # keys: the whole cache; slots not written yet are masked out
@@ -485,7 +523,7 @@ class Transformer(nn.Module):
         elif prompt is not None:
             mask = prompt.mask
         elif documents is not None:
-            mask = document_attention_mask(documents)
+            mask = document_attention_mask(documents) if block_mask is None else block_mask
         elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, h.shape[1], cache_pos)
         recompute = self.args.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
@@ -524,14 +562,15 @@ class Transformer(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
 
     def forward(self, tokens, attention_mask=None, *, positions=None, echo_inject=None, hidden_layers=(),
-                logits_index=None, kv_cache=None, cache_pos=0, documents=None):
+                logits_index=None, kv_cache=None, cache_pos=0, documents=None, block_mask=None):
         if positions is None:
             positions = self.positions_for(tokens, attention_mask, cache_pos)
         wanted = [self.layer_index(layer) for layer in hidden_layers]
         hiddens = {}
         h = self.run_layers(self.embed(tokens), 0, self.args.n_layers, positions=positions,
                             attention_mask=attention_mask, echo_inject=echo_inject, hidden_layers=set(wanted),
-                            hiddens=hiddens, kv_cache=kv_cache, cache_pos=cache_pos, documents=documents)
+                            hiddens=hiddens, kv_cache=kv_cache, cache_pos=cache_pos, documents=documents,
+                            block_mask=block_mask)
         logits = self.head(h, logits_index)
         return (logits, [hiddens[i] for i in wanted]) if hidden_layers else logits
 

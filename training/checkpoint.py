@@ -226,7 +226,7 @@ def write_outputs(run, outputs):
 # --val-data are compared by content (fingerprints), not by the path that names them.
 RESUME_MAY_CHANGE = {"out", "resume", "force", "device", "compile", "cuda_graphs", "micro_batch", "config",
                      "save_every", "log_every", "eval_every", "diagnose_every", "ranks_share_gpu",
-                     "activation_checkpointing"}
+                     "activation_checkpointing", "pack_attention"}
 BY_CONTENT = {"model", "data", "val_data"}
 
 

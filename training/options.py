@@ -72,6 +72,14 @@ def add_training_flags(a):
       help="lay each micro-batch's examples end to end into rows of at most --max-len tokens (attention and "
            "positions per example, Echo per example): the same examples and loss per step, less padding "
            "(docs/packing.md)")
+    a("--pack-attention", default="sdpa", choices=["sdpa", "flex"],
+      help="with --pack: attention over the packed rows through SDPA with an explicit [R,1,L,L] document mask "
+           "(sdpa, exact everywhere) or flex_attention with a document BlockMask that skips the masked 128 x 128 "
+           "blocks (flex; GPU only: torch has no flex backward on CPU; not yet run on a GPU, docs/packing.md)")
+    a("--pack-layout", default="rows", choices=["rows", "flat"],
+      help="with --pack: rows of at most --max-len tokens (rows), or the whole micro-batch in one row padded to a "
+           "multiple of 128, flex's block size (flat; needs --pack-attention flex: an explicit mask would cost "
+           "the whole L x L square)")
     a("--seed", type=int, default=42, help="adapter init, data order, LoRA dropout and the Echo router")
     a("--dtype", default="bf16", type=dtype_arg, choices=["bf16", "fp32"],
       help="compute dtype of the frozen base on GPU (bf16 or bfloat16, fp32 or float32; fp16 would need loss "
@@ -239,8 +247,9 @@ def apply_default_run(opts, default_out=DEFAULT_RUN):
     return opts
 
 
-def check_options(opts, world=1):
-    """Flags that cannot work, caught before anything is built or written; each error names its flag."""
+def check_options(opts, world=1, device=None):
+    """Flags that cannot work, caught before anything is built or written; each error names its flag.
+    device: where the run trains (None: not known yet, the device-dependent checks are skipped)."""
     def need(ok, flag, what):
         if not ok:
             raise ValueError(f"{flag} {what}")
@@ -271,5 +280,14 @@ def check_options(opts, world=1):
     need(not (opts.pack and opts.cuda_graphs in ("step", "blocks")), "--pack",
          f"is not supported with --cuda-graphs {opts.cuda_graphs}: packed micro-batches change their number of "
          f"rows from step to step, so nearly every step would capture a new graph; use --cuda-graphs off (or auto)")
+    need(opts.pack or (opts.pack_attention, opts.pack_layout) == ("sdpa", "rows"),
+         "--pack-attention" if opts.pack_attention != "sdpa" else "--pack-layout",
+         f"{opts.pack_attention if opts.pack_attention != 'sdpa' else opts.pack_layout} needs --pack (it chooses how "
+         f"packed rows are attended or laid out)")
+    need(not (opts.pack_layout == "flat" and opts.pack_attention == "sdpa"), "--pack-layout",
+         "flat needs --pack-attention flex: SDPA's explicit mask over one flat row would cost the whole L x L square")
+    need(not (opts.pack_attention == "flex" and device is not None and str(device).startswith("cpu")),
+         "--pack-attention", "flex is not supported on CPU: training needs a backward and torch has none for "
+         "flex_attention on CPU (\"FlexAttention does not support backward on CPU\"); use a GPU or --pack-attention sdpa")
     if opts.echo:
         EchoConfig.from_flags(opts).check_values()       # NaN λ, gate bias, ... named by their flag
