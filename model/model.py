@@ -381,8 +381,10 @@ def document_block_mask(documents):
 def compiled_flex_attention():
     """torch.compile(flex_attention), made on first use (a cache, not state: the same function every call).
     Eager flex_attention materialises the scores (a reference implementation, no block skipping); compiled, it
-    is one fused block-sparse kernel."""
-    return torch.compile(flex_attention, dynamic=False)
+    is one fused block-sparse kernel. Default `dynamic` (as compile_blocks): packed rows change length from step
+    to step, so after the first new length the kernel is recompiled once with symbolic lengths, and no step
+    falls past torch._dynamo's recompile limit into the eager path."""
+    return torch.compile(flex_attention)
 
 
 def flex_for(x):
