@@ -66,6 +66,10 @@ def build_parser():
     p.add_argument("--echo", action="store_true", help="Echo-LoRA in both runs")
     p.add_argument("--method", default="lora", choices=["lora", "dora"], help="the adapter both runs train")
     p.add_argument("--steps", type=int, default=300, help="train.py steps of each run")
+    p.add_argument("--pack-attention", default="sdpa", choices=["sdpa", "flex"],
+                   help="the packed run's attention kernel (train.py --pack-attention)")
+    p.add_argument("--pack-layout", default="rows", choices=["rows", "flat"],
+                   help="the packed run's layout (train.py --pack-layout; flat needs flex)")
     p.add_argument("--dry-run", action="store_true", help="print the two train commands and stop (no CUDA needed)")
     p.add_argument("--only-table", action="store_true",
                    help="only rebuild the table from the records (no CUDA needed)")
@@ -74,7 +78,7 @@ def build_parser():
     p.add_argument("--out", default=None,
                    help="with --only-table: the table's file; docs/packing.md is rewritten only at the default, "
                         "from the default --speed-dir (default: results/pack-speed-table.md)")
-    # no pass-through of other train.py flags: the two runs differ in --pack alone, at train.py's defaults
+    # no pass-through of other train.py flags: the two runs differ in --pack (and how it packs) alone
     return p
 
 
@@ -142,7 +146,13 @@ def train_command(a, files, model, scratch, layout):
     """train.py's command line for one layout; it runs in ROOT, so its paths are absolute (measure)."""
     return [sys.executable, ROOT / "train.py", "--model", model, "--data", *files, "--method", a.method,
             "--max-steps", a.steps, "--dropout", 0, "--seed", 0, "--save-every", a.steps + 1,
-            "--out", scratch / layout, *(["--echo"] if a.echo else []), *(["--pack"] if layout == "packed" else [])]
+            "--out", scratch / layout, *(["--echo"] if a.echo else []), *(packed_flags(a) if layout == "packed" else [])]
+
+
+def packed_flags(a):
+    """--pack, and how it packs when that is not train.py's default (so a default command reads as before)."""
+    return ["--pack", *(["--pack-attention", a.pack_attention] if a.pack_attention != "sdpa" else []),
+            *(["--pack-layout", a.pack_layout] if a.pack_layout != "rows" else [])]
 
 
 def recorded_command(cmd, scratch):
@@ -177,6 +187,7 @@ def write_measured(a, dest, commands, scratch):
                 "defaults": "both runs at train.py's GPU defaults (compiled; micro-batch picked); --cuda-graphs auto "
                             "resolves to step for the padded run and to off for the packed one",
                 "cuda_graphs": {"padded": "step", "packed": "off"},
+                "packed_as": {"attention": a.pack_attention, "layout": a.pack_layout},
                 "loss_agreement": loss_agreement(scratch),
                 "train_commands": {k: recorded_command(commands[k], scratch) for k in LAYOUTS}}
     atomic_write_text(dest / "measured.json", json.dumps(measured, indent=2) + "\n")
@@ -226,9 +237,11 @@ def one_row(d):
     mb = [meta[k]["micro_batch"] for k in LAYOUTS]
     r = meta["padded"]
     loss = f"{agree['max_abs_diff']:.2g} ({agree['steps']} steps)" if isinstance(agree, dict) else "—"
+    how = m.get("packed_as") or {"attention": "sdpa", "layout": "rows"}     # records from before the option
     return rows_of(d / "measured.json", lambda: (
         f"| {d.name[len(FOLDER):]} | {model} ({weights}) | {r['method']}{' + Echo' if r['echo'] else ''} | "
-        f"{r['device']} | {r['steps']} | {mb[0] if mb[0] == mb[1] else f'{mb[0]} / {mb[1]}'} | "
+        f"{how['layout']}, {how['attention']} | {r['device']} | {r['steps']} | "
+        f"{mb[0] if mb[0] == mb[1] else f'{mb[0]} / {mb[1]}'} | "
         f"{tps['padded']:,.0f} | {tps['packed']:,.0f} | **{tps['packed'] / tps['padded']:.2f}×** | "
         f"{pad['padded']:.1f} % | {pad['packed']:.1f} % | {peak['padded']:.2f} | {peak['packed']:.2f} | {loss} |"))
 
@@ -246,9 +259,9 @@ def table(speed=None):
           "counts non-padding tokens over the steps after warm-up (each run's summary.json); *padding* = 1 − "
           "non-padding / processed tokens; *peak GiB* includes each shape's first, uncaptured step; "
           "*max |Δ loss|*: the two runs' per-step losses (bf16):", "",
-          "| tag | model (weights) | method | device | steps | micro-batch | tok/s padded | tok/s packed | "
+          "| tag | model (weights) | method | packed as | device | steps | micro-batch | tok/s padded | tok/s packed | "
           "packed / padded | padding padded | padding packed | peak GiB padded | peak GiB packed | max \\|Δ loss\\| |",
-          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     return "\n".join(L + [one_row(d) for d in dirs]) + "\n"
 
 

@@ -145,6 +145,8 @@ case "${1:-}" in
     timeout 600 python -m experiments.pack_attention --model /work/smollm2 || true
     python -m experiments.pack_speed --model /work/smollm2 --tag smollm2-lora || true
     python -m experiments.pack_speed --model /work/smollm2 --echo --tag smollm2-echo-lora || true
+    python -m experiments.pack_speed --model /work/smollm2 --pack-attention flex --pack-layout flat \
+      --tag smollm2-lora-flex-flat || true                   # the block-sparse kernel on one flat row per micro-batch
     python -m experiments.pack_speed --shape llama3-8b --tokenizer ../shared/tokenizers/llama3 --steps 100 \
       --tag llama3-8b-shape-lora || true
     tar -cf /work/pack-bench.tar results/speed/pack-vs-padded-* results/speed/pack-attention-*.jsonl 2>/dev/null || true ;;

@@ -62,18 +62,28 @@ def test_table_figures_from_two_records(tmp_path, monkeypatch):
     record(speed, "smollm2-lora", summary(100_000.0, 125_000.0, 2.71), summary(130_000.0, 134_020.0, 2.5))
     record(speed, "smollm2-echo-lora", summary(80_000.0, 100_000.0, 3.16, echo=True),
            summary(96_000.0, 99_000.0, 3.0, echo=True, micro_batch=8),
-           {"weights": "random", "model": "smol", "loss_agreement": {"steps": 300, "max_abs_diff": 0.0123}})
+           {"weights": "random", "model": "smol", "loss_agreement": {"steps": 300, "max_abs_diff": 0.0123},
+            "packed_as": {"attention": "flex", "layout": "flat"}})
     monkeypatch.setattr(ps, "HERE", tmp_path)
     text = ps.publish_table()
     assert (tmp_path / "pack-speed-table.md").read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("| smollm2")]
     # sorted by folder: echo-lora first. 96,000 / 80,000 = 1.20; padding 1 − 80/100 = 20.0 %, 1 − 96/99 = 3.0 %
-    assert rows[0] == ("| smollm2-echo-lora | smol (random) | lora + Echo | NVIDIA H100 | 300 | 16 / 8 | 80,000 | "
+    assert rows[0] == ("| smollm2-echo-lora | smol (random) | lora + Echo | flat, flex | NVIDIA H100 | 300 | 16 / 8 | 80,000 | "
                        "96,000 | **1.20×** | 20.0 % | 3.0 % | 3.16 | 3.00 | 0.012 (300 steps) |")
     # 130,000 / 100,000 = 1.30; 1 − 100/125 = 20.0 %, 1 − 130/134.02 = 3.0 %
-    assert rows[1] == ("| smollm2-lora | smollm2 (real) | lora | NVIDIA H100 | 300 | 16 | 100,000 | 130,000 | "
+    # a record from before --pack-attention/--pack-layout: train.py's defaults
+    assert rows[1] == ("| smollm2-lora | smollm2 (real) | lora | rows, sdpa | NVIDIA H100 | 300 | 16 | 100,000 | 130,000 | "
                        "**1.30×** | 20.0 % | 3.0 % | 2.71 | 2.50 | — |")
     assert len(rows) == 2
+
+
+def test_the_packed_run_says_how_it_packs(data, capsys):
+    ps.main(["--model", "m", "--tag", "t", "--data-dir", str(data), "--pack-attention", "flex", "--pack-layout",
+             "flat", "--dry-run"])
+    padded, packed = (shlex.split(line.split(": ", 1)[1]) for line in capsys.readouterr().out.strip().splitlines())
+    assert packed[-5:] == ["--pack", "--pack-attention", "flex", "--pack-layout", "flat"]
+    assert not any(c.startswith("--pack") for c in padded)
 
 
 def test_no_record_is_one_line_not_an_empty_table(tmp_path):
