@@ -40,6 +40,19 @@ def refuse_trial(path, why, fix):
     raise StepFailed(f"{shown_path(path)} is a committed record and {why}: not written; {fix}")
 
 
+def official_pair(speed, out, official_speed, official_out):
+    """The rule of the table publishers (speed_table, pack_speed, nf4_table): a committed `out` is written only
+    from the committed records. -> whether (speed, out) is the committed pair; a committed out from other
+    records is refused (refuse_trial), and so is a --speed-dir that is not a folder."""
+    official = Path(speed).resolve() == Path(official_speed).resolve()
+    if committed(out) and not (official and Path(out).resolve() == Path(official_out).resolve()):
+        refuse_trial(out, f"--speed-dir {speed} and --out {out} are not {shown_path(official_speed)} and "
+                          f"{shown_path(official_out)}", "give --out a file of your own")
+    if not Path(speed).is_dir():
+        raise StepFailed(f"--speed-dir {speed} is not a folder")
+    return official and Path(out).resolve() == Path(official_out).resolve()
+
+
 def write_atomic(path, text):
     """Write text to path through a temp file in its folder renamed over it (model.io.publish): a full disk
     or a read-only folder leaves the old file whole, and the error (StepFailed) names the path."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from model.load import CliParser, HelpFormatter
 
-from .common import RESULTS, StepFailed, committed, is_number, json_objects, refuse_trial, shown_path, write_atomic
+from .common import RESULTS, StepFailed, official_pair, is_number, json_objects, shown_path, write_atomic
 from .tables import publish_fragment
 
 HERE = RESULTS                       # results/: reads HERE/speed/nf4-bench-*.jsonl, writes HERE/nf4-table.md
@@ -120,15 +120,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)                 # --help and bad flags end here: nothing is read or written
     speed, out = Path(args.speed_dir), Path(args.out)
-    official_speed, official_out = HERE / "speed", HERE / "nf4-table.md"
-    official = speed.resolve() == official_speed.resolve() and out.resolve() == official_out.resolve()
     try:
-        if committed(out) and not official:
-            refuse_trial(out, f"--speed-dir {args.speed_dir} and --out {args.out} are not "
-                         f"{shown_path(official_speed)} and {shown_path(official_out)}",
-                         "give --out a file of your own")
-        if not speed.is_dir():
-            raise StepFailed(f"--speed-dir {speed} is not a folder")
+        official = official_pair(args.speed_dir, args.out, HERE / "speed", HERE / "nf4-table.md")
         t = table(speed)
         if official:
             if not publish_fragment(t, out):          # and docs/speed.md between its markers

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model.load import CliParser, HelpFormatter
 
-from .common import RESULTS, StepFailed, committed, json_objects, refuse_trial, shown_path, write_atomic
+from .common import RESULTS, StepFailed, official_pair, json_objects, shown_path, write_atomic
 from .tables import splice_into_readme
 
 HERE = RESULTS                       # results/: reads HERE/speed/, writes HERE/speed-table.md
@@ -176,14 +176,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)                 # --help and bad flags end here: nothing is read or written
     speed, out = Path(args.speed_dir), Path(args.out)
-    official = speed.resolve() == (HERE / "speed").resolve()
     try:
-        if committed(out) and not (official and out.resolve() == (HERE / "speed-table.md").resolve()):
-            refuse_trial(out, f"--speed-dir {args.speed_dir} and --out {args.out} are not "
-                         f"{shown_path(HERE / 'speed')} and {shown_path(HERE / 'speed-table.md')}",
-                         "give --out a file of your own")
-        if not speed.is_dir():
-            raise StepFailed(f"--speed-dir {speed} is not a folder")
+        official_pair(args.speed_dir, args.out, HERE / "speed", HERE / "speed-table.md")
         t = table(speed)
         sentence = default_run(speed) if out.resolve() == (HERE / "speed-table.md").resolve() else None
         write_atomic(out, t)
