@@ -198,6 +198,15 @@ def args(setup, out, *extra):
             "--echo-p-start", "1", "--echo-p-end", "0", *extra]
 
 
+def gpu_args(setup, out, compiled, *extra):
+    """args() on the GPU, compiled (--compile) or eager."""
+    argv = args(setup, out, *extra)
+    if compiled:
+        argv[argv.index("--no-compile")] = "--compile"
+    argv[argv.index("--device") + 1] = "cuda"
+    return argv
+
+
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -303,15 +312,10 @@ def test_resume_refuses_a_change_of_pack(setup, tmp_path):
 def test_pack_on_a_gpu_gives_the_same_losses(setup, tmp_path, compiled):
     """The first run of --pack on a GPU (written on CPU, not yet run): eager, then compiled (--cuda-graphs auto
     resolves to off with --pack), fp32, dropout 0: the padded run's per-step losses and close weights."""
-    def gpu(out, *extra):
-        argv = args(setup, out, "--echo", *(("--compile",) if compiled else ("--no-compile",)), *extra)
-        argv.remove("--no-compile")
-        argv[argv.index("--device") + 1] = "cuda"
-        return argv
     torch._dynamo.reset()
-    train.main(gpu(tmp_path / "padded"))
+    train.main(gpu_args(setup, tmp_path / "padded", compiled, "--echo"))
     torch._dynamo.reset()
-    train.main(gpu(tmp_path / "packed", "--pack"))
+    train.main(gpu_args(setup, tmp_path / "packed", compiled, "--echo", "--pack"))
     padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
     assert json.loads((tmp_path / "packed" / "config.json").read_text())["opts"]["cuda_graphs"] == "auto"
     for a, b in zip(padded, packed):

@@ -17,7 +17,7 @@ import model.model as model_module
 import train
 from echo import echo_loss
 from model.model import document_block_mask
-from test_pack import ANSWERS, PAD, PROMPTS, args, layouts, metrics, pieces, setup, tiny  # noqa: F401 (fixture)
+from test_pack import ANSWERS, PAD, PROMPTS, args, gpu_args, layouts, metrics, pieces, setup, tiny  # noqa: F401 (fixture)
 
 # eager flex_attention (CPU) warns that it is unfused: it is the reference here, on CPU, by design
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -225,16 +225,11 @@ def test_pack_flex_on_a_gpu_gives_the_same_losses(setup, tmp_path, echo, layout,
     """train.py --pack --pack-attention flex (rows or flat), fp32, dropout 0, eager (flex through
     model.compiled_flex_attention) and compiled (flex traced into each compiled block): the padded run's
     per-step losses, as tests/test_pack.py's GPU test asks of --pack with SDPA. Written on CPU, not yet run."""
-    def gpu(out, *extra):
-        argv = args(setup, out, echo, *(("--compile",) if compiled else ()), *extra)
-        if compiled:
-            argv.remove("--no-compile")
-        argv[argv.index("--device") + 1] = "cuda"
-        return argv
     torch._dynamo.reset()
-    train.main(gpu(tmp_path / "padded"))
+    train.main(gpu_args(setup, tmp_path / "padded", compiled, echo))
     torch._dynamo.reset()
-    train.main(gpu(tmp_path / "flex", "--pack", "--pack-attention", "flex", "--pack-layout", layout))
+    train.main(gpu_args(setup, tmp_path / "flex", compiled, echo, "--pack", "--pack-attention", "flex",
+                        "--pack-layout", layout))
     padded, flex = metrics(tmp_path / "padded"), metrics(tmp_path / "flex")
     assert json.loads((tmp_path / "flex" / "config.json").read_text())["opts"]["pack_attention"] == "flex"
     assert len(padded) == len(flex) == 6
