@@ -23,6 +23,8 @@
 #                                                          points are results/smollm2-135m/recipe-sweep's)
 #           COMMIT=<hash> bash experiments/sitting.sh suite    (the GPU suite in the background, into /work/gpu-suite.txt)
 #           bash experiments/sitting.sh startpack         (issue 30: lora-s0 with --pack, into /work/paper-runs-pack)
+#           bash experiments/sitting.sh startnf4          (issue 32: lora-s0, echo-lora-s0 on an NF4 base, into
+#                                                          /work/paper-runs-nf4; NF4=1 with go starts them too)
 #           bash experiments/sitting.sh packbench         (issue 30's kernel and tok/s records; GPU alone, ~20 min)
 #           bash experiments/sitting.sh nf4bench          (issue 24's NF4 / checkpointing benchmark, in the background)
 #   calls:  bash experiments/sitting.sh wait 540          (back to back: a gap over ~30 s loses the machine)
@@ -37,7 +39,8 @@
 #                                                          python -m experiments.nf4_table; pack-bench.tar unpacks into
 #                                                          results/, then python -m experiments.pack_speed --only-table;
 #                                                          paper-runs-pack/lora-s0-pack -> …/pack-runs/, then
-#                                                          python -m experiments.pack_accuracy)
+#                                                          python -m experiments.pack_accuracy; paper-runs-nf4/* ->
+#                                                          …/nf4-runs/, then python -m experiments.nf4_accuracy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=/work/paper-runs
@@ -64,7 +67,8 @@ case "${1:-}" in
     bash "$0" setup2
     SUITE_ARGS="${SUITE_ARGS:--n 8 --dist loadfile --durations=40}" bash "$0" suite
     bash "$0" start --only ${ONLY:-lora-s1 echo-lora-s1 lora-s2 echo-lora-s2} --jobs "${JOBS:-4}"
-    bash "$0" startpack ;;
+    bash "$0" startpack
+    [ -z "${NF4:-}" ] || bash "$0" startnf4 ;;                # NF4=1: issue 32's two NF4 runs as well
   start)
     shift
     snapshot
@@ -75,23 +79,29 @@ case "${1:-}" in
       >"$LOG" 2>&1 </dev/null &
     sleep 5; tail -3 "$LOG" ;;
   startpack)                                                 # issue 30: lora-s0's train command with --pack, greedy eval
-    snapshot                                                 # (train.py + eval.py, not reproduce: no beam-4, no base eval)
-    mkdir -p "$RUNS-pack"
+    bash "$0" _variant pack lora-s0-pack --pack ;;
+  startnf4)                                                  # issue 32: lora-s0 and echo-lora-s0 on an NF4 base
+    bash "$0" _variant nf4 lora-s0-nf4 --base-format nf4
+    bash "$0" _variant nf4 echo-lora-s0-nf4 --echo --base-format nf4 ;;
+  _variant)                                                  # _variant SUFFIX NAME FLAGS...: lora-s0's paper-recipe train
+    snapshot                                                 # command + FLAGS into $RUNS-SUFFIX/NAME, then its greedy eval
+    dir="$RUNS-$2"; r="$dir/$3"; shift 3                     # (train.py + eval.py, not reproduce: no beam-4, no base eval)
+    mkdir -p "$dir"
     cd "$SNAP"
-    d=commonsense; r="$RUNS-pack/lora-s0-pack"
+    d=commonsense
     PYTHONUNBUFFERED=1 setsid nohup bash -c "python train.py --model /work/smollm2 --data $(for t in boolq social_i_qa ARC-Easy ARC-Challenge openbookqa; do printf '../shared/data/%s/%s/train.json ' $d $t; done) \
       --method lora --seed 0 --lr 0.0002 --epochs 3 --rank 16 --alpha 32 --dropout 0.05 --global-batch 16 --max-len 256 \
-      --val-split 0.02 --eval-every 800 --pack --out $r >$r.train.log 2>&1 && python eval.py --model /work/smollm2 --adapter $r \
-      --data-dir ../shared/data/$d --tasks boolq piqa social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa --greedy --out $r/eval-greedy.json >$r.eval.log 2>&1" >"$LOG.pack" 2>&1 </dev/null &
+      --val-split 0.02 --eval-every 800 $* --out $r >$r.train.log 2>&1 && python eval.py --model /work/smollm2 --adapter $r \
+      --data-dir ../shared/data/$d --tasks boolq piqa social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa --greedy --out $r/eval-greedy.json >$r.eval.log 2>&1" >"$LOG.$(basename "$r")" 2>&1 </dev/null &
     sleep 5; tail -c 300 "$r.train.log" ;;
   wait)
     end=$((SECONDS + ${2:-540}))
-    while (( SECONDS < end )) && pgrep -f "[e]xperiments.reproduce" >/dev/null; do sleep 20; done
+    while (( SECONDS < end )) && pgrep -f "[e]xperiments.reproduce|[t]rain.py --model /work/smollm2|[e]val.py --model /work/smollm2" >/dev/null; do sleep 20; done
     bash "$0" status ;;
   status)
     tail -n 2 /work/gpu-suite.txt 2>/dev/null || true
     [ -f /work/nf4-bench.jsonl ] && echo "nf4 bench: $(wc -l < /work/nf4-bench.jsonl) configurations" || true
-    for f in "$RUNS"/*.train.log "$RUNS-pack"/*.train.log; do
+    for f in "$RUNS"/*.train.log "$RUNS-pack"/*.train.log "$RUNS-nf4"/*.train.log; do
       [ -f "$f" ] && echo "$(basename "$f" .train.log): $(tail -c 300 "$f" | tr '\r' '\n' | tail -n 1 | cut -c1-80)"
     done
     grep -E "^\[" "$LOG" 2>/dev/null | cut -c1-50 | tail -n 4 || true
@@ -163,12 +173,13 @@ case "${1:-}" in
   collect)                                                   # metrics.jsonl is summarised, not brought back
     (cd "$SNAP" && python -c "import sys, pathlib; from experiments.analysis import metrics_summary
 for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') if (r / 'summary.json').is_file()]" \
-        "$RUNS" "$RUNS-sweep" "$RUNS-pack") || true                                  # metrics-summary.json in each finished run
+        "$RUNS" "$RUNS-sweep" "$RUNS-pack" "$RUNS-nf4") || true                                  # metrics-summary.json in each finished run
     tar -cJf /tmp/paper-runs.tar.xz -C /work --exclude='*/checkpoint' --exclude='*/adapter' \
         --exclude='*-predictions' --exclude='*/base/data' --exclude='*/metrics.jsonl' --exclude='*/echo.safetensors' \
-        "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" ) $( [ -d "$RUNS-pack" ] && basename "$RUNS-pack" )
+        "$(basename "$RUNS")" $( [ -d "$RUNS-sweep" ] && basename "$RUNS-sweep" ) $( [ -d "$RUNS-pack" ] && basename "$RUNS-pack" ) \
+        $( [ -d "$RUNS-nf4" ] && basename "$RUNS-nf4" )
     split -b 15M /tmp/paper-runs.tar.xz "$OUT/paper-runs.part."
-    cp "$LOG" "$OUT/sitting.log"; [ -f "$LOG.pack" ] && cp "$LOG.pack" "$OUT/sitting-pack.log" || true
+    cp "$LOG" "$OUT/sitting.log"
     for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl \
              /work/pack-bench.log /work/pack-bench.tar /work/nf4-dequant.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
