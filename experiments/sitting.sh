@@ -31,10 +31,11 @@
 #           bash experiments/sitting.sh status            (suite, benchmark, runs and GPU at a glance)
 #           bash experiments/sitting.sh hold              (no new runs; those running finish)
 #           bash experiments/sitting.sh teacher           (the teacher probe, once echo-lora-s0 is done)
-#   last:   bash experiments/sitting.sh collect           (then, here: cat the parts | tar -xJ into a scratch folder;
-#                                                          copy each finished run of paper-runs/ into
-#                                                          results/smollm2-135m-paper-recipe/runs/, each of paper-runs-sweep/
-#                                                          into …/sweep/; python -m experiments.reproduce --only-table;
+#   last:   bash experiments/sitting.sh collect           (then, here: bash experiments/sitting.sh ingest FILES_AT
+#                                                          copies each finished run of paper-runs/ into
+#                                                          results/smollm2-135m-paper-recipe/runs/, of paper-runs-sweep/
+#                                                          into …/sweep/, of paper-runs-X/ into …/X-runs/, with the
+#                                                          machine's paths rewritten; python -m experiments.reproduce --only-table;
 #                                                          nf4-bench.jsonl -> results/speed/nf4-bench-<gpu>.jsonl, then
 #                                                          python -m experiments.nf4_table; pack-bench.tar unpacks into
 #                                                          results/, then python -m experiments.pack_speed --only-table;
@@ -183,6 +184,26 @@ for d in sys.argv[1:]: [metrics_summary(r) for r in pathlib.Path(d).glob('*/') i
     for f in /work/gpu-suite.txt /work/nf4-bench.jsonl /work/nf4-bench.log /work/bench-before.jsonl /work/bench-after.jsonl \
              /work/pack-bench.log /work/pack-bench.tar /work/nf4-dequant.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/"; done
     ls -la "$OUT" ;;
+  ingest)                                                    # HERE, not on the device: ingest FILES_AT (collect's files)
+    F=$2; S=$(mktemp -d)                                     # finished runs into results/, machine paths rewritten
+    cat "$F"/paper-runs.part.* | tar -xJ -C "$S"
+    sani() { sed -i -e 's#/work/snap#<repo>#g' -e 's#/work/shared#../shared#g' -e 's#/work/smollm2#<smollm2>#g' \
+      -e 's#/work/paper-runs-sweep/#results/smollm2-135m-paper-recipe/sweep/#g' -e 's#/work/paper-runs-\([a-z0-9]*\)/#results/smollm2-135m-paper-recipe/\1-runs/#g' \
+      -e 's#/work/paper-runs/#results/smollm2-135m-paper-recipe/runs/#g' -e 's#/[^ "]*/bin/python[0-9.]*#python#g' \
+      -e 's#/tmp/pytest-of-[a-z]*/pytest-[0-9]*#<tmp>#g' -e 's#/[^ "]*/site-packages#<site-packages>#g' "$@"; }
+    for r in "$S"/paper-runs*/*/; do
+      n=$(basename "$r"); kind=$(basename "$(dirname "$r")"); kind=${kind#paper-runs}
+      dest=results/smollm2-135m-paper-recipe/${kind:+${kind#-}-}runs/$n
+      [ "$kind" = -sweep ] && dest=results/smollm2-135m-paper-recipe/sweep/$n
+      [ -f "$r/eval-greedy.json" ] || [ "$kind" = -sweep ] && [ -f "$r/summary.json" ] || { echo "unfinished: $kind $n"; continue; }
+      [ -e "$dest" ] && { echo "already recorded: $dest"; continue; }
+      mkdir -p "$(dirname "$dest")"; cp -r "$r" "$dest"
+      [ -f "$(dirname "$r")/$n.train.log" ] && [ ! -f "$dest/train.log" ] && cp "$(dirname "$r")/$n.train.log" "$dest/train.log"
+      sani $(find "$dest" -type f); echo "added $dest"
+    done
+    [ -f "$F/gpu-suite.txt" ] && { cp "$F/gpu-suite.txt" "$S/gpu-suite.txt"; sani "$S/gpu-suite.txt"
+      echo "suite log (sanitised): $S/gpu-suite.txt"; tail -n 3 "$S/gpu-suite.txt"; }
+    grep -rlE "/work/|/opt/|/tmp/|/home/" results/ | head || true ;;
   *)
     sed -n '2,30p' "$0"; exit 2 ;;
 esac
