@@ -98,6 +98,10 @@ def _add_queue_flags(a):
     a("--dry-run", action="store_true", help="print the queue, each run's state and the commands; write nothing")
     a("--jobs", type=int, default=1, help="runs trained and evaluated at once (on one GPU they share it, so "
                                           "their recorded speed is not a benchmark; the table says so)")
+    a("--gpus", type=int, nargs="+", default=None, metavar="ID",
+      help="spread the --jobs over these GPUs: job slot i runs on GPU ID[i mod len] (CUDA_VISIBLE_DEVICES of its "
+           "train.py and eval.py), e.g. --jobs 8 --gpus 0 1 2 3 for two runs per GPU (default: every job sees what "
+           "this process sees)")
     a("--beam-limit", default="500", help="published-protocol eval (seed 0) on the first N examples per task; "
                                           "'all' = full test sets, 0 = skip it")
     a("--limit", type=int, default=None, help="smoke test: evaluate the first N examples per task (also caps "
@@ -116,6 +120,7 @@ def resolve(args):
     for flag, v in (("--jobs", args.jobs), ("--limit", args.limit), ("--max-runs", args.max_runs)):
         if v is not None and v < 1:
             raise StepFailed(f"{flag} must be >= 1")
+    _resolve_gpus(args)
     if args.limit and args.max_steps is None:
         args.max_steps = args.limit
     args.recipe_overrides = {k: getattr(args, k) for k in RECIPE_FLAGS}
@@ -123,6 +128,19 @@ def resolve(args):
         args.methods = list(dict.fromkeys(args.methods or MAIN_METHODS))
         args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else MAIN_SEEDS))
     args.data_claim = data_claim(args)
+
+
+def _resolve_gpus(args):
+    """--gpus: ids of GPUs this process sees, checked before any run starts (a typo would put every run on one
+    GPU, or fail each one after its model load)."""
+    if not args.gpus:
+        return
+    import torch
+    count = torch.cuda.device_count()
+    for g in args.gpus:
+        if not 0 <= g < count:
+            raise StepFailed(f"--gpus {g}: this machine shows {count} CUDA GPU{'s' * (count != 1)}"
+                             + (f" (ids 0-{count - 1})" if count else "") + "; give ids among those")
 
 
 def _resolve_outputs(args, rec):

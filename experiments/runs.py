@@ -3,6 +3,7 @@ the check that a record matches what a table claims (recipe + data fingerprints)
 import functools
 import json
 import math
+import queue
 import os
 import shlex
 import subprocess
@@ -258,11 +259,33 @@ def layer_probs_command(args, adapter, out):
     return cmd + ["--out", arg_path(out)]
 
 
-def child_env(args):
-    """Each job gets few CPU threads: N processes of 16 threads each on a shared host only fight."""
+def child_env(args, gpu=None):
+    """The environment of a job's train.py / eval.py, or None to inherit this one: under --jobs N each process
+    gets few CPU threads (N processes of 16 threads each on a shared host only fight), and under --gpus it sees
+    only its job slot's GPU (`gpu`, a CUDA_VISIBLE_DEVICES value)."""
+    if args.jobs == 1 and gpu is None:
+        return None
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (2 * max(args.jobs, 1)))))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
+
+
+def job_slots(args):
+    """The GPU of each of the --jobs slots (CUDA_VISIBLE_DEVICES values), or [None] * jobs without --gpus: slot i
+    runs on --gpus[i mod len], so --jobs 8 --gpus 0 1 2 3 puts two runs on each GPU. An id counts among the GPUs
+    this process sees, so under CUDA_VISIBLE_DEVICES=4,5 `--gpus 0 1` are the physical 4 and 5."""
+    if not args.gpus:
+        return [None] * args.jobs
+    seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [n.strip() for n in seen.split(",")] if seen else [str(i) for i in range(max(args.gpus) + 1)]
+    return [names[args.gpus[i % len(args.gpus)]] for i in range(args.jobs)]
+
+
+def jobs_per_gpu(args):
+    """How many runs share one GPU at a time: the speed a run records is shared by this many."""
+    return -(-args.jobs // len(set(args.gpus))) if args.gpus else args.jobs
 
 
 def run_logged(cmd, log, what, dry_run, move_to=None, env=None):
@@ -288,7 +311,7 @@ def run_logged(cmd, log, what, dry_run, move_to=None, env=None):
     print(f"  [{what}] done in {time.time() - t0:.0f}s (log {log})", flush=True)
 
 
-def train(args, unit, decision):
+def train(args, unit, decision, gpu=None):
     """One training run. train.py refuses an --out that holds anything unless --resume / --force, so a
     fresh run logs beside its folder (RUNS/<run>.train.log) and the log moves to RUN/train.log when
     train.py has made the folder; a folder holding a run that died before its first checkpoint is
@@ -296,7 +319,7 @@ def train(args, unit, decision):
     rd = unit_dir(args, unit)
     what = f"train {unit.run_name}"
     cmd = train_command(args, unit, decision)
-    env = child_env(args) if args.jobs > 1 else None
+    env = child_env(args, gpu)
     if decision == "resume":
         return run_logged(cmd, rd / "train.log", what + " (resume)", args.dry_run, env=env)
     log = rd.parent / f"{rd.name}.train.log"
@@ -319,7 +342,7 @@ def _newest(folder):
     return max(times, default=0.0)
 
 
-def ensure_eval(args, adapter, decoding, what):
+def ensure_eval(args, adapter, decoding, what, gpu=None):
     out = eval_file(adapter if adapter is not None else Path(args.runs_dir) / "base", decoding)
     wanted = args.limit if decoding == "greedy" else beam_limit(args)
     res = eval_results_path(out)
@@ -337,7 +360,7 @@ def ensure_eval(args, adapter, decoding, what):
         raise StepFailed(f"{what}: {adapter} keeps no adapter/ to evaluate (adapters are not committed); delete "
                          f"its summary.json to train it again")           # asked for, not made: a failure
     run_logged(eval_command(args, adapter, decoding, out, force=again), out.with_suffix(".log"), what, args.dry_run,
-               env=child_env(args) if args.jobs > 1 else None)
+               env=child_env(args, gpu))
     if not args.dry_run and eval_results_path(out):
         compact_predictions(eval_results_path(out))
 
@@ -354,8 +377,8 @@ def status(args, unit):
     return decision
 
 
-def run_one(args, unit):
-    """Train one unit unless finished, then its evaluations (missing ones only)."""
+def run_one(args, unit, gpu=None):
+    """Train one unit unless finished, then its evaluations (missing ones only), on `gpu` (child_env)."""
     rd = unit_dir(args, unit)
     state = status(args, unit)
     if state.startswith("mismatch"):             # a failure: the caller asked for this run and gets none
@@ -367,13 +390,13 @@ def run_one(args, unit):
     if state == "finished":
         print(f"[train {unit.run_name}] finished ({rd / 'summary.json'}): skipped")
     else:
-        train(args, unit, state)
+        train(args, unit, state, gpu)
         if not args.dry_run:
-            write_atomic(rd / JOBS_FILE, json.dumps({"concurrent_jobs": args.jobs}) + "\n")
+            write_atomic(rd / JOBS_FILE, json.dumps({"concurrent_jobs": jobs_per_gpu(args)}) + "\n")
     for decoding in unit.evals:
         if decoding == "beam4" and not args.run_beam:
             continue
-        ensure_eval(args, rd, decoding, f"eval {unit.run_name} {decoding}")
+        ensure_eval(args, rd, decoding, f"eval {unit.run_name} {decoding}", gpu)
 
 
 def run_all(args, units, after_each=None):
@@ -381,18 +404,24 @@ def run_all(args, units, after_each=None):
     run does not stop the others; the first failure is raised at the end. Ctrl-C, or any other error,
     starts no further run."""
     lock, failures, stopping = threading.Lock(), [], threading.Event()
+    slots = queue.SimpleQueue()                  # a worker takes a free slot's GPU for one unit, then gives it back
+    for gpu in job_slots(args):
+        slots.put(gpu)
 
     def one(unit):
         if stopping.is_set():
             return
+        gpu = slots.get()
         try:
-            run_one(args, unit)
+            run_one(args, unit, gpu)
         except StepFailed as e:
             print(f"error: {e}", flush=True)
             failures.append(e)
         except BaseException:
             stopping.set()                       # before this worker takes the next unit
             raise
+        finally:
+            slots.put(gpu)
         if not args.dry_run and after_each is not None:
             with lock:
                 after_each()

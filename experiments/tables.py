@@ -393,8 +393,8 @@ def _training_cost(greedy, names):
     cost = [row for row in (_cost_row(n, list(greedy.get(n, {}).values())) for n in names) if row is not None]
     if not cost:
         return []
-    return ["**Training cost** (mean over seeds; from each run's summary.json; *runs at once*: the `--jobs` "
-            "of the call that trained it, i.e. how many runs could share the GPU, so a speed with more than 1 "
+    return ["**Training cost** (mean over seeds; from each run's summary.json; *runs at once*: how many "
+            "runs of the call that trained it could share its GPU (`--jobs`, or `--jobs` per GPU under `--gpus`), so a speed with more than 1 "
             "there is not a benchmark; README's speed table is):", "",
             "| method | train minutes | tokens/s | peak GiB | device | runs at once |",
             "|---|---:|---:|---:|---|---:|"] + cost + [""]

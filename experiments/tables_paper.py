@@ -157,10 +157,10 @@ def power_sentence(pw):
 def cost_sentence(c):
     if not c or not c.get("wall_minutes"):
         return ""
-    parts = ", ".join(f"{v['wall_minutes']:.0f} min over {v['runs']} runs at --jobs {k}"
+    parts = ", ".join(f"{v['wall_minutes']:.0f} min over {v['runs']} runs at {k} per GPU"
                       for k, v in sorted(c["by_jobs"].items()))
     return (f"\n**GPU-minutes spent** (train + eval wall minutes from the run records): {c['wall_minutes']:.0f} "
-            f"({parts}); runs under --jobs N shared one GPU, so the GPU itself was busy for about "
+            f"({parts}); N runs at once shared one GPU, so the GPUs themselves was busy for about "
             f"{c['gpu_minutes_if_shared_evenly']:.0f} minutes if they shared it evenly.\n")
 
 

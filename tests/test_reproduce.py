@@ -502,6 +502,58 @@ def test_jobs_run_at_once_and_are_recorded(tmp_path, monkeypatch):
     assert "| fake | 3 |" in (tmp_path / "t.md").read_text()
 
 
+def test_gpus_spread_the_jobs(tmp_path, monkeypatch):
+    """--jobs 4 --gpus 0 1: each train.py / eval.py sees one GPU, no GPU has more than 2 of them at once and both
+    are used; a run's eval runs on its run's GPU; each run records 2 runs at once (per GPU), not 4. Ids count among
+    the GPUs this process sees (CUDA_VISIBLE_DEVICES=6,7 -> physical 6 and 7)."""
+    calls, inner, lock = [], fake_call([]), __import__("threading").Lock()
+    on_gpu, most, gpu_of = {}, {}, {}
+
+    def spy(cmd, stdout=None, stderr=None, env=None):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        run = Path(cmd[cmd.index("--out") + 1])
+        run = run if cmd[1].endswith("train.py") else run.parent
+        with lock:
+            calls.append((cmd[1], run.name, gpu))
+            on_gpu[gpu] = on_gpu.get(gpu, 0) + 1
+            most[gpu] = max(most.get(gpu, 0), on_gpu[gpu])
+        time.sleep(0.03)
+        try:
+            with lock:
+                return inner(cmd, stdout, stderr)
+        finally:
+            with lock:
+                on_gpu[gpu] -= 1
+    monkeypatch.setattr(R.subprocess, "call", spy)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    for t in C.TRAIN_TASKS:
+        (tmp_path / "data" / t).mkdir(parents=True)
+        (tmp_path / "data" / t / "train.json").write_text("[]")
+    write_eval(tmp_path / "runs" / "base" / "eval-greedy.json", accs_run(BASE_ACC, 0))
+    rp.main(["--recipe", "1epoch-lr1e-3", "--model", "M", "--data-dir", str(tmp_path / "data"), "--runs-dir",
+             str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), "--table", str(tmp_path / "t.md"),
+             "--methods", "lora", "echo-lora", "--seeds", "0", "1", "2", "--jobs", "4", "--gpus", "0", "1"])
+    assert len(calls) == 6 + 6 + 2 and {g for _, _, g in calls} == {"6", "7"}
+    assert max(most.values()) <= 2
+    trained_on = {run: g for script, run, g in calls if script.endswith("train.py")}
+    assert all(g == trained_on[run] for script, run, g in calls if script.endswith("eval.py"))
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert {r["concurrent_jobs"] for r in res["runs"]} == {2}
+
+
+@pytest.mark.parametrize("gpus, count, words", [(["2"], 2, "--gpus 2: this machine shows 2 CUDA GPUs (ids 0-1)"),
+                                                (["0"], 0, "--gpus 0: this machine shows 0 CUDA GPUs;")])
+def test_gpus_that_are_not_there_are_refused(tmp_path, monkeypatch, capsys, gpus, count, words):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: count)
+    monkeypatch.setattr(R.subprocess, "call", lambda *a, **k: pytest.fail("started a run"))
+    with pytest.raises(SystemExit) as e:
+        rp.main(["--model", "M", "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"),
+                 "--table", str(tmp_path / "t.md"), "--jobs", "2", "--gpus", *gpus])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and err.count("\n") == 1 and err.startswith("error: " + words), err
+
+
 @pytest.mark.parametrize("makes_folder", [False, True])
 def test_failure_is_one_line(tmp_path, monkeypatch, makes_folder):
     def failing(cmd, stdout=None, stderr=None, env=None):
@@ -630,7 +682,7 @@ def test_jobs_stop_starting_runs_after_an_unexpected_error(tmp_path, monkeypatch
     """--jobs: an error other than a failed run (here: in the first unit) starts no further unit."""
     started = []
 
-    def boom(args, unit):
+    def boom(args, unit, gpu=None):
         started.append((unit.name, unit.seed))
         time.sleep(0.05)
         raise RuntimeError("boom")
