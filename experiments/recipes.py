@@ -156,12 +156,15 @@ def plan(recipe, *, beam=True, extra_ablation_seeds=()):
 
 def select(units, only):
     """--only NAME...: a run folder name (lora-s0, A-3-s0, lora-e1-lr0.001), a method or variant (A-3: all
-    its seeds), a group (main, ablation, probe, sweep) or seed<N>."""
+    its seeds), a group (main, ablation, probe, sweep) or seed<N>.
+    The units keep the order of the names that picked them (`--only seed1 ablation` queues seed 1 before the
+    ablations), and queue order among the units one name picks."""
     if not only:
         return units
-    want = set(only)
-    return [u for u in units if u.run_name in want or u.name in want or u.group in want
-            or f"seed{u.seed}" in want]
+    rank = {name: i for i, name in reversed(list(enumerate(only)))}       # a name given twice counts where first
+    picked = [(min(rank.get(k, len(only)) for k in (u.run_name, u.name, u.group, f"seed{u.seed}")), i, u)
+              for i, u in enumerate(units)]
+    return [u for r, _, u in sorted(picked, key=lambda t: t[:2]) if r < len(only)]
 
 
 def paper_ablations():

@@ -16,7 +16,11 @@
 #   here:   split -b 49M ../shared/models/smollm2-135m-instruct/*.gguf .cache/gguf.part.   (aa -> .cache/x1, ab -> .cache/x2)
 #           tar -cJf .cache/x2/shared.tar.xz -C .. --exclude=shared/models/smollm2-135m-instruct shared
 #   call 1: bash experiments/sitting.sh setup1            (carry .cache/x1)
-#   call 2: COMMIT=<hash> bash experiments/sitting.sh go    (carry .cache/x2: setup2, suite, ONLY= runs, startpack)
+#   call 2: COMMIT=<hash> bash experiments/sitting.sh go    (carry .cache/x2: setup2, suite, ONLY= runs, startpack;
+#                                                          on a machine of several GPUs: the suite alone on GPU 0,
+#                                                          nf4bench and packbench each alone on a GPU from 4 GPUs,
+#                                                          the rest of the queue (seeds 1-2 first) and startpack /
+#                                                          startnf4 on the others, PER_GPU=3 runs per GPU)
 #   or:     bash experiments/sitting.sh setup2 && bash experiments/sitting.sh start --only main --jobs 6
 #                                                          (carry .cache/x2; the committed runs are skipped; of
 #                                                          the sweep only lora-e3-lr0.001 is new: its 1-epoch
@@ -47,6 +51,7 @@ cd "$(dirname "$0")/.."
 RUNS=/work/paper-runs
 LOG=/work/sitting.log
 SNAP=/work/snap                                              # ../shared from here is /work/shared too
+[ -z "${GPU:-}" ] || export CUDA_VISIBLE_DEVICES=$GPU        # GPU=i pins this command's jobs to GPU i (go, with several)
 
 snapshot() {
   [ -d "$SNAP" ] || { mkdir -p "$SNAP"; tar -c --exclude=./.cache . | tar -x -C "$SNAP"; }
@@ -66,10 +71,23 @@ case "${1:-}" in
   go)                                                       # call 2 in one: ../shared, the suite on this tree (COMMIT=),
     : "${COMMIT:?set COMMIT to the commit hash of the tree under test}"      # the paper queue and the packed run
     bash "$0" setup2
-    SUITE_ARGS="${SUITE_ARGS:--n 8 --dist loadfile --durations=40}" bash "$0" suite
-    bash "$0" start --only ${ONLY:-lora-s1 echo-lora-s1 lora-s2 echo-lora-s2} --jobs "${JOBS:-4}"
-    bash "$0" startpack
-    [ -z "${NF4:-}" ] || bash "$0" startnf4 ;;                # NF4=1: issue 32's two NF4 runs as well
+    n=$(nvidia-smi -L | wc -l)
+    if (( n == 1 )); then                                    # one GPU: the suite beside a few runs (MPS)
+      SUITE_ARGS="${SUITE_ARGS:--n 8 --dist loadfile --durations=40}" bash "$0" suite
+      bash "$0" start --only ${ONLY:-lora-s1 echo-lora-s1 lora-s2 echo-lora-s2} --jobs "${JOBS:-4}"
+      bash "$0" startpack
+      [ -z "${NF4:-}" ] || bash "$0" startnf4                # NF4=1: issue 32's two NF4 runs as well
+    else                                                     # several: the suite alone on GPU 0 (the one-GPU setting
+      GPU=0 SUITE_ARGS="${SUITE_ARGS:--n 8 --dist loadfile --durations=40}" bash "$0" suite      # it must pass in);
+      runs=$(seq -s ' ' 1 $((n - 1)))                        # from 4 GPUs the two benchmarks each alone on the last
+      if (( n >= 4 )); then                                  # two; the queue (seeds first) PER_GPU runs per GPU
+        GPU=$((n - 1)) bash "$0" nf4bench; GPU=$((n - 2)) bash "$0" packbench; runs=$(seq -s ' ' 1 $((n - 3)))
+      fi
+      bash "$0" start --only ${ONLY:-seed1 seed2 probe ablation sweep} \
+        --jobs $(( $(wc -w <<< "$runs") * ${PER_GPU:-3} )) --gpus $runs
+      GPU=${runs%% *} bash "$0" startpack
+      GPU=${runs##* } bash "$0" startnf4
+    fi ;;
   start)
     shift
     snapshot

@@ -117,7 +117,11 @@ def test_queue_priority_order():
     assert names[18:26] == [f"{m}-s{s}" for s in (1, 2) for m in recipes.MAIN_METHODS]
     assert names[26:] == ["A-4-s1", "A-4-s2"]
     assert units[0].evals == ("greedy", "beam4") and units[4].evals == ("greedy",) and units[12].evals == ()
-    assert [u.run_name for u in recipes.select(units, ["probe", "A-3"])] == ["A-3-s0"] + names[12:15]
+    assert [u.run_name for u in recipes.select(units, ["A-3", "probe"])] == ["A-3-s0"] + names[12:15]
+    # --only's order is the queue's: seeds 1-2 before the ablations; one name's units in queue order; a name given
+    # twice, or a unit picked by two names, counts once, where first
+    picked = [u.run_name for u in recipes.select(units, ["seed2", "probe", "A-3", "seed1", "A-3-s0", "probe"])]
+    assert picked == names[22:26] + ["A-4-s2"] + names[12:15] + ["A-3-s0"] + names[18:22] + ["A-4-s1"]
 
 
 def test_ablation_rule_queues_only_variants_beyond_the_seed_sd():
