@@ -15,11 +15,10 @@ from pathlib import Path
 
 from model.load import CliParser, HelpFormatter
 
-from .common import DISPLAY, IN_FORMAT, RESULTS, TASKS, StepFailed, committed, read_record, refuse_trial, shown_path, \
-    write_atomic
+from .common import DISPLAY, IN_FORMAT, RESULTS, TASKS, StepFailed, read_record, shown_path
 from .pack_accuracy import accuracies, paired_counts
 from .stats import mcnemar_exact, mean_sd
-from .tables import publish_fragment
+from .tables import publish_runs_table
 
 RECIPE = RESULTS / "smollm2-135m-paper-recipe"
 TABLE = RESULTS / "nf4-accuracy-table.md"
@@ -51,7 +50,7 @@ def method_block(label, stem, runs, nf4_runs):
     cells = lambda acc: " | ".join(f"{acc[t]:.1f}" for t in TASKS)
     rows = [f"| {label}, bf16 base ({stem}-s0) | {cells(base[0])} | **{base[2]:.2f}** | {in_format(base[0]):.2f} |",
             f"| {label}, NF4 base ({stem}-s0-nf4) | {cells(nf4[0])} | **{nf4[2]:.2f}** | {in_format(nf4[0]):.2f} |",
-            f"| Δ NF4 − bf16 | " + " | ".join(f"{nf4[0][t] - base[0][t]:+.1f}" for t in TASKS)
+            "| Δ NF4 − bf16 | " + " | ".join(f"{nf4[0][t] - base[0][t]:+.1f}" for t in TASKS)
             + f" | **{nf4[2] - base[2]:+.2f}** | {in_format(nf4[0]) - in_format(base[0]):+.2f} |"]
     seeds = [a for a in (accuracies(Path(runs) / f"{stem}-s{s}") for s in range(3)) if a is not None]
     _, sd = mean_sd([a[2] for a in seeds])
@@ -90,16 +89,10 @@ def main(argv=None):
     p.add_argument("--nf4-runs", default=str(RECIPE / "nf4-runs"), help="the NF4 runs (lora-s0-nf4, echo-lora-s0-nf4)")
     p.add_argument("--out", default=str(TABLE), help="the table's file; docs/speed.md only at the default")
     a = p.parse_args(argv)
+    same = lambda a_path, committed_path: Path(a_path).resolve() == committed_path.resolve()
     try:
-        default = Path(a.runs).resolve() == (RECIPE / "runs").resolve() and \
-            Path(a.nf4_runs).resolve() == (RECIPE / "nf4-runs").resolve()
-        if committed(a.out) and not default:
-            refuse_trial(a.out, "these are not the committed runs", "pass --out outside results/ and docs/")
-        fragment = table(a.runs, a.nf4_runs)
-        if Path(a.out).resolve() == TABLE.resolve():
-            publish_fragment(fragment, TABLE)
-        else:
-            write_atomic(a.out, fragment)
+        publish_runs_table(lambda: table(a.runs, a.nf4_runs), a.out, TABLE,
+                           same(a.runs, RECIPE / "runs") and same(a.nf4_runs, RECIPE / "nf4-runs"))
     except StepFailed as e:
         sys.exit(f"error: {e}")
     print(f"wrote {shown_path(a.out)}")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from model.load import CliParser, HelpFormatter
 
-from .common import DISPLAY, RESULTS, TASKS, StepFailed, committed, refuse_trial, shown_path, write_atomic
+from .common import DISPLAY, RESULTS, TASKS, StepFailed, shown_path
 from .evals import eval_file, load_eval
 from .stats import mcnemar_exact, mean_sd
-from .tables import publish_fragment
+from .tables import publish_runs_table
 
 RECIPE = RESULTS / "smollm2-135m-paper-recipe"
 TABLE = RESULTS / "pack-accuracy-table.md"
@@ -83,16 +83,10 @@ def main(argv=None):
     p.add_argument("--pack-runs", default=str(RECIPE / "pack-runs"), help="the packed run (lora-s0-pack)")
     p.add_argument("--out", default=str(TABLE), help="the table's file; docs/packing.md only at the default")
     a = p.parse_args(argv)
+    same = lambda a_path, committed_path: Path(a_path).resolve() == committed_path.resolve()
     try:
-        default = Path(a.runs).resolve() == (RECIPE / "runs").resolve() and \
-            Path(a.pack_runs).resolve() == (RECIPE / "pack-runs").resolve()
-        if committed(a.out) and not default:
-            refuse_trial(a.out, "these are not the committed runs", "pass --out outside results/ and docs/")
-        fragment = table(a.runs, a.pack_runs)
-        if Path(a.out).resolve() == TABLE.resolve():
-            publish_fragment(fragment, TABLE)
-        else:
-            write_atomic(a.out, fragment)
+        publish_runs_table(lambda: table(a.runs, a.pack_runs), a.out, TABLE,
+                           same(a.runs, RECIPE / "runs") and same(a.pack_runs, RECIPE / "pack-runs"))
     except StepFailed as e:
         sys.exit(f"error: {e}")
     print(f"wrote {shown_path(a.out)}")

@@ -10,7 +10,8 @@ import numpy as np
 
 from training.checkpoint import atomic_file
 
-from .common import BLOCKS, DISPLAY, IN_FORMAT, ROOT, TASKS, TRAIN_TASKS, TRANSFER, by_name
+from .common import (BLOCKS, DISPLAY, IN_FORMAT, ROOT, TASKS, TRAIN_TASKS, TRANSFER, by_name, committed, refuse_trial,
+                     write_atomic)
 from .recipes import ABLATIONS, COMPARISONS, MAIN_METHODS, MAIN_SEEDS, METHODS, N_MAIN
 from .stats import (BOOT_SEED, N_BOOT, mcnemar_exact, mean_sd, paired_bootstrap_ci, paired_t_test, seed_bootstrap_ci,
                     two_proportion_z)
@@ -442,6 +443,19 @@ def publish_fragment(fragment, path):
     path = Path(path)
     atomic_file(path, lambda tmp: tmp.write_text(fragment))
     return splice_into_readme(fragment, path.resolve().relative_to(ROOT).as_posix())
+
+
+def publish_runs_table(make, out, table, runs_are_committed):
+    """The one body of the run-comparison publishers (pack_accuracy, nf4_accuracy): make() -> the fragment,
+    written to `out`; spliced into its page only when out is the committed `table`, and a committed out is
+    written only from the committed runs (refuse_trial otherwise, before make() reads anything)."""
+    if committed(out) and not runs_are_committed:
+        refuse_trial(out, "these are not the committed runs", "pass --out outside results/ and docs/")
+    fragment = make()
+    if Path(out).resolve() == Path(table).resolve():
+        publish_fragment(fragment, table)
+    else:
+        write_atomic(out, fragment)
 
 
 def published_pages():
