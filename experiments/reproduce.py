@@ -5,6 +5,7 @@ what is missing (in priority order, --jobs at once), then rebuild every table an
     python -m experiments.reproduce --model models/smollm2 --dry-run         # print the queue and its state
     python -m experiments.reproduce --only-table                             # rebuild JSON + tables, run nothing
     python -m experiments.reproduce --model M --only seed0 ablation --max-runs 6     # a subset this sitting
+    python -m experiments.reproduce --model M --only seed1 seed2 ablation --jobs 8 --gpus 0 1 2 3   # 2 per GPU
     python -m experiments.reproduce --recipe 1epoch-lr1e-3 --only-table      # the earlier 1-epoch recipe
 
 Queue of the paper recipe (3 epochs, lr 2e-4, train.py's defaults, --val-split 0.02): seed 0 of LoRA,
