@@ -4,6 +4,7 @@ the same step, the routing agreement check, and the one-line exit when a peer di
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -90,10 +91,19 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+# A gloo worker thread may still hold the last work it finished (a barrier delays freeing the works before it)
+# after the caller has moved on; dropping it frees tensors Python already let go of, which takes the GIL. Once the
+# interpreter is shutting down, CPython ends such a thread inside that C++ destructor and the process aborts
+# ("terminate called without an active exception", SIGABRT, after the run's files are written). DDP keeps the
+# group alive past destroy_process_group, so its workers are never joined: give them the GIL for a moment.
+WORKERS_LET_GO_S = 0.5
+
+
 def leave(world):
     if world > 1:
         dist.barrier()                 # leave together: a rank tearing down gloo early can abort its peer
         dist.destroy_process_group()
+        time.sleep(WORKERS_LET_GO_S)
 
 
 def exit_with_one_line(main):
