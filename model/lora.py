@@ -91,9 +91,20 @@ def _nf4_linear_backward(ctx, grad):
 _nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup_context)
 
 
+def autocast_input(u):
+    """u as autocast would hand it to F.linear: in the autocast dtype while autocast is on. A custom op has no
+    autocast rule, so eagerly autocast reaches the F.linear inside it (a bf16 output for an fp32 u) while a
+    compiled graph takes the fake kernel's u.dtype (fp32): cast before the op and both give autocast's dtype.
+    (register_autocast would cast the NF4 statistics too.)"""
+    device = u.device.type
+    if torch.is_autocast_enabled(device) and u.is_floating_point():
+        return u.to(torch.get_autocast_dtype(device))
+    return u
+
+
 def nf4_linear(u, q):
     """F.linear(u, dequant(q)) for an NF4Weight q, saving only q's 4-bit buffers for the backward."""
-    return _nf4_linear(u, *q.tensors(), list(q.shape), q.blocksize, q.dq_blocksize)
+    return _nf4_linear(autocast_input(u), *q.tensors(), list(q.shape), q.blocksize, q.dq_blocksize)
 
 
 @torch.library.custom_op("echo_lora::nf4_linear_and_wat", mutates_args=())
@@ -132,7 +143,8 @@ _nf4_linear_and_wat.register_autograd(_nf4_linear_and_wat_backward, setup_contex
 def nf4_linear_and_wat(u, a, q):
     """(F.linear(u, dequant(q)), F.linear(a, dequant(q))) for an NF4Weight q, dequantised once; a gets no
     gradient."""
-    return _nf4_linear_and_wat(u, a.detach(), *q.tensors(), list(q.shape), q.blocksize, q.dq_blocksize)
+    return _nf4_linear_and_wat(autocast_input(u), autocast_input(a.detach()), *q.tensors(), list(q.shape),
+                               q.blocksize, q.dq_blocksize)
 
 
 class LoRALinear(nn.Module):

@@ -381,9 +381,10 @@ def document_block_mask(documents):
 def compiled_flex_attention():
     """torch.compile(flex_attention), made on first use (a cache, not state: the same function every call).
     Eager flex_attention materialises the scores (a reference implementation, no block skipping); compiled, it
-    is one fused block-sparse kernel. Default `dynamic` (as compile_blocks): packed rows change length from step
-    to step, so after the first new length the kernel is recompiled once with symbolic lengths, and no step
-    falls past torch._dynamo's recompile limit into the eager path."""
+    is one fused block-sparse kernel. Default `dynamic` (as compile_blocks): packed rows change length (and, with
+    --pack-layout rows, number) from step to step, so the kernel is compiled static first, then again with a
+    symbolic length (and row count): two or three compilations in all, far under torch._dynamo's recompile
+    limit, past which a call would run eagerly."""
     return torch.compile(flex_attention)
 
 

@@ -382,7 +382,7 @@ def dequantize_fused(packed, absmax, absmax2, offset, code, dq_code, *, shape, b
     guards and launches the compiled kernels. train.py's StepGraphs runs each batch shape once uncaptured
     before capturing it, so the layouts are compiled by then; one first seen inside a capture is
     dequantised eagerly there (capturable) rather than compiled. The forward and the backward use the
-    same layouts (same dtype), and the compiled functions run under no_grad so grad mode adds no guard.
+    same layouts (same dtype) and one calling context (see below), so each layout is compiled once.
 
     Eager instead: ECHO_LORA_NF4_EAGER=1 in the environment (or model.nf4.EAGER = True), to compare both
     on a GPU; and always on CPU (COMPILED_DEVICES), so CPU tests and CI need no compiler. Inside an outer
@@ -400,7 +400,12 @@ def dequantize_fused(packed, absmax, absmax2, offset, code, dq_code, *, shape, b
             _warn_once("more layouts than torch._dynamo.config.recompile_limit", key)
             return dequantize_tensors(*args, **layout)
     block_scales, scale_codes = _compiled_fns()
-    with torch.no_grad():
+    # One calling context for the compiled functions, or dynamo guards on it and compiles each layout again per
+    # context: grad mode, autocast and whether autograd's dispatch keys are on the inputs (the op's forward runs
+    # below autograd, its backward and direct calls above). With those fixed, one compilation per layout, so the
+    # count above is dynamo's and the eager fallback comes before fullgraph=True's hard failure at the limit.
+    with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView(), \
+            torch.autocast(packed.device.type, enabled=False):
         scales = absmax if absmax2 is None else block_scales(absmax, absmax2, dq_code, dq_blocksize)
         w = scale_codes(packed, scales, offset, code, blocksize, dtype)
     _compiled_keys.add(key)

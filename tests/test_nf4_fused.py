@@ -149,6 +149,49 @@ def test_eager_switch(monkeypatch, compiled_on_cpu):
     assert not nf4._compiled_keys
 
 
+def compiled_entries():
+    """How many compiled variants dynamo holds for each of the two compiled functions."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    return [len(_debug_get_cache_entry_list(fn.__code__)) for fn in (nf4._block_scales, nf4._scale_codes)]
+
+
+def test_one_compilation_per_layout_in_every_calling_context(compiled_on_cpu):
+    """The op's forward (below autograd), its backward and a direct call (above it), no_grad, inference_mode and
+    autocast all reuse one compiled variant per layout: otherwise 3 layouts × 4 contexts pass dynamo's limit of 8
+    and fullgraph=True fails hard (FailOnRecompileLimitHit) where the eager fallback was promised."""
+    qs = [quantize_nf4(weight(shape, 6)) for shape in ((96, 128), (64, 128), (32, 128))]
+    u = torch.randn(3, 128, requires_grad=True)
+    for q in qs:                                                       # training: forward below autograd, backward
+        nf4_linear(u, q).sum().backward()
+    for context in (torch.no_grad, torch.inference_mode, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        with context():
+            for q in qs:                                               # (under autocast nf4_linear's u is bf16:
+                nf4.dequantize_fused(*q.tensors(), **layout(q, torch.float32))     # another layout, so not here)
+                if not torch.is_autocast_enabled("cpu"):
+                    nf4_linear(u, q)
+    assert len(nf4._compiled_keys) == 3 and compiled_entries() == [3, 3]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_nf4_ops_follow_autocast_as_f_linear_does(compiled):
+    """Under autocast an fp32 input gives F.linear's autocast dtype (bf16), eagerly and inside torch.compile
+    alike, for both ops: the custom op has no autocast rule, so the wrappers cast the input as autocast would."""
+    q = quantize_nf4(weight((96, 128), 7))
+    u, a = torch.randn(2, 128, requires_grad=True), torch.randn(4, 128)
+    ops = (lambda u: nf4_linear(u, q)), (lambda u: nf4_linear_and_wat(u, a, q)[0]), \
+          (lambda u: nf4_linear_and_wat(u, a, q)[1])
+    if compiled:
+        ops = [torch.compile(op, backend="aot_eager", fullgraph=True) for op in ops]
+    w = dequantize_nf4(q, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [op(u) for op in ops]
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 3
+    assert_same_bits(outs[0], F.linear(u.detach().bfloat16(), w))
+    assert_same_bits(outs[2], F.linear(a.bfloat16(), w))
+    (g,) = torch.autograd.grad(outs[0].float().sum(), u)
+    assert g.dtype == torch.float32 and torch.equal(g, (torch.ones(2, 96, dtype=torch.bfloat16) @ w).float())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
 def test_cuda_compiled_path_is_eager_bit_for_bit_and_graph_capturable(request, monkeypatch):
     """On CUDA: the Triton kernels give the eager bits (so no fma contracted DYN[q]·absmax2 + offset), and

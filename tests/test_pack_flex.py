@@ -17,7 +17,8 @@ import model.model as model_module
 import train
 from echo import echo_loss
 from model.model import document_block_mask
-from test_pack import ANSWERS, PAD, PROMPTS, args, gpu_args, layouts, metrics, pieces, setup, tiny  # noqa: F401 (fixture)
+from test_pack import (ANSWERS, LARGE_KD, PAD, PROMPTS, args, assert_gpu_losses_agree, gpu_args, layouts,  # noqa: F401
+                       metrics, pieces, setup, tiny)                                    # (setup: a fixture)
 
 # eager flex_attention (CPU) warns that it is unfused: it is the reference here, on CPU, by design
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -226,17 +227,10 @@ def test_pack_flex_on_a_gpu_gives_the_same_losses(setup, tmp_path, echo, layout,
     model.compiled_flex_attention) and compiled (flex traced into each compiled block): the padded run's
     per-step losses, as tests/test_pack.py's GPU test asks of --pack with SDPA. Written on CPU, not yet run."""
     torch._dynamo.reset()
-    train.main(gpu_args(setup, tmp_path / "padded", compiled, echo))
+    kd = LARGE_KD if echo == "--echo" else ()
+    train.main(gpu_args(setup, tmp_path / "padded", compiled, echo, *kd))
     torch._dynamo.reset()
-    train.main(gpu_args(setup, tmp_path / "flex", compiled, echo, "--pack", "--pack-attention", "flex",
+    train.main(gpu_args(setup, tmp_path / "flex", compiled, echo, *kd, "--pack", "--pack-attention", "flex",
                         "--pack-layout", layout))
-    padded, flex = metrics(tmp_path / "padded"), metrics(tmp_path / "flex")
     assert json.loads((tmp_path / "flex" / "config.json").read_text())["opts"]["pack_attention"] == "flex"
-    assert len(padded) == len(flex) == 6
-    if echo == "--echo":
-        assert {m["routed"] for m in padded} == {True, False}
-    for a, b in zip(padded, flex):
-        assert a["routed"] == b["routed"] and a["answer_tokens"] == b["answer_tokens"]
-        for k in ("loss", "loss_off", "loss_on", "loss_kd"):
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert_gpu_losses_agree(metrics(tmp_path / "padded"), metrics(tmp_path / "flex"))

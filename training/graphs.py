@@ -80,11 +80,19 @@ def keep_grads(params):
             p.grad = p.grad.clone()
 
 
+BLOCK_RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(step_module, cuda_graphs):
     """Regional compilation: each transformer block is compiled (one graph serves every layer and both
     Echo passes; fast to compile), and so is the Echo module (eqs. 2-8: dozens of tiny kernels, one
     graph). cuda_graphs replays them as CUDA graphs, which removes the CPU's kernel-launch overhead."""
     mode = "reduce-overhead" if cuda_graphs else None
+    # A block is called in up to 8 contexts that each need a graph of their own (its input requiring grad or not,
+    # first layer vs the rest; no mask, the prompt mask or a BlockMask; an Echo site or none), each compiled once
+    # with static sizes and again with dynamic batch and length: more than dynamo's default limit of 8, past
+    # which the block silently runs eagerly (and a speed figure measures that).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     for block in step_module.model.layers:
         block.compile(mode=mode)
     if step_module.echo is not None:
