@@ -217,20 +217,35 @@ def test_defaults_are_sdpa_rows(setup, tmp_path):
 # ----------------------------------------------------------------------------- a GPU
 
 
+@pytest.fixture(scope="module")
+def padded_gpu_run(setup, tmp_path_factory):
+    """padded_gpu_run(compiled, *extra) -> the metrics of the padded GPU run with those flags, trained once per
+    module: the rows and flat layouts compare against the same run (compiled ones cost a minute each)."""
+    done = {}
+
+    def run(compiled, *extra):
+        if (compiled, extra) not in done:
+            out = tmp_path_factory.mktemp("padded")
+            torch._dynamo.reset()
+            train.main(gpu_args(setup, out, compiled, *extra))
+            done[compiled, extra] = metrics(out)
+        return done[compiled, extra]
+    return run
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch has no flex_attention backward "
                                                             "on CPU")
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("layout", ["rows", "flat"])
 @pytest.mark.parametrize("echo", ["--echo", "--no-echo"])
-def test_pack_flex_on_a_gpu_gives_the_same_losses(setup, tmp_path, echo, layout, compiled):
+def test_pack_flex_on_a_gpu_gives_the_same_losses(setup, padded_gpu_run, tmp_path, echo, layout, compiled):
     """train.py --pack --pack-attention flex (rows or flat), fp32, dropout 0, eager (flex through
     model.compiled_flex_attention) and compiled (flex traced into each compiled block): the padded run's
     per-step losses, as tests/test_pack.py's GPU test asks of --pack with SDPA. Written on CPU, not yet run."""
-    torch._dynamo.reset()
     kd = LARGE_KD if echo == "--echo" else ()
-    train.main(gpu_args(setup, tmp_path / "padded", compiled, echo, *kd))
+    padded = padded_gpu_run(compiled, echo, *kd)
     torch._dynamo.reset()
     train.main(gpu_args(setup, tmp_path / "flex", compiled, echo, *kd, "--pack", "--pack-attention", "flex",
                         "--pack-layout", layout))
     assert json.loads((tmp_path / "flex" / "config.json").read_text())["opts"]["pack_attention"] == "flex"
-    assert_gpu_losses_agree(metrics(tmp_path / "padded"), metrics(tmp_path / "flex"))
+    assert_gpu_losses_agree(padded, metrics(tmp_path / "flex"))
