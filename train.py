@@ -157,7 +157,7 @@ def setup(opts):
     echo = EchoModule(EchoConfig.from_flags(opts, seed=opts.seed), model.args).to(device) if opts.echo else None
     make_run_dir(opts, out, master, world)      # only now: a bad --model or Echo layer leaves no empty run folder
     train_set, val_set = load_data(opts, tokenizer, out, master, world, base_model=model)
-    step_module = EchoStep(model, echo, opts.pack_attention)     # fp32 Echo weights (eqs. 2-8), whatever the model's dtype
+    step_module = EchoStep(model, echo, opts.pack_attention)    # fp32 Echo weights (eqs. 2-8), whatever the dtype
     if opts.micro_batch is None:
         opts.micro_batch = smallest_over_ranks(pick_micro_batch(step_module, opts, world, device), world, device)
     cuda = str(device).startswith("cuda")

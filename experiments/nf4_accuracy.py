@@ -89,10 +89,9 @@ def main(argv=None):
     p.add_argument("--nf4-runs", default=str(RECIPE / "nf4-runs"), help="the NF4 runs (lora-s0-nf4, echo-lora-s0-nf4)")
     p.add_argument("--out", default=str(TABLE), help="the table's file; docs/speed.md only at the default")
     a = p.parse_args(argv)
-    same = lambda a_path, committed_path: Path(a_path).resolve() == committed_path.resolve()
     try:
         publish_runs_table(lambda: table(a.runs, a.nf4_runs), a.out, TABLE,
-                           same(a.runs, RECIPE / "runs") and same(a.nf4_runs, RECIPE / "nf4-runs"))
+                           [(a.runs, RECIPE / "runs"), (a.nf4_runs, RECIPE / "nf4-runs")])
     except StepFailed as e:
         sys.exit(f"error: {e}")
     print(f"wrote {shown_path(a.out)}")

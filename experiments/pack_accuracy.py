@@ -83,10 +83,9 @@ def main(argv=None):
     p.add_argument("--pack-runs", default=str(RECIPE / "pack-runs"), help="the packed run (lora-s0-pack)")
     p.add_argument("--out", default=str(TABLE), help="the table's file; docs/packing.md only at the default")
     a = p.parse_args(argv)
-    same = lambda a_path, committed_path: Path(a_path).resolve() == committed_path.resolve()
     try:
         publish_runs_table(lambda: table(a.runs, a.pack_runs), a.out, TABLE,
-                           same(a.runs, RECIPE / "runs") and same(a.pack_runs, RECIPE / "pack-runs"))
+                           [(a.runs, RECIPE / "runs"), (a.pack_runs, RECIPE / "pack-runs")])
     except StepFailed as e:
         sys.exit(f"error: {e}")
     print(f"wrote {shown_path(a.out)}")

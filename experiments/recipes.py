@@ -161,7 +161,7 @@ def select(units, only):
     ablations), and queue order among the units one name picks."""
     if not only:
         return units
-    rank = {name: i for i, name in reversed(list(enumerate(only)))}       # a name given twice counts where first
+    rank = {name: only.index(name) for name in only}                    # a name given twice counts where first
     picked = [(min(rank.get(k, len(only)) for k in (u.run_name, u.name, u.group, f"seed{u.seed}")), i, u)
               for i, u in enumerate(units)]
     return [u for r, _, u in sorted(picked, key=lambda t: t[:2]) if r < len(only)]

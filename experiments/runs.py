@@ -3,8 +3,8 @@ the check that a record matches what a table claims (recipe + data fingerprints)
 import functools
 import json
 import math
-import queue
 import os
+import queue
 import shlex
 import subprocess
 import sys

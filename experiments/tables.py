@@ -395,8 +395,8 @@ def _training_cost(greedy, names):
     if not cost:
         return []
     return ["**Training cost** (mean over seeds; from each run's summary.json; *runs at once*: how many "
-            "runs of the call that trained it could share its GPU (`--jobs`, or `--jobs` per GPU under `--gpus`), so a speed with more than 1 "
-            "there is not a benchmark; README's speed table is):", "",
+            "runs of the call that trained it could share its GPU (`--jobs`, or `--jobs` per GPU under `--gpus`), "
+            "so a speed with more than 1 there is not a benchmark; README's speed table is):", "",
             "| method | train minutes | tokens/s | peak GiB | device | runs at once |",
             "|---|---:|---:|---:|---|---:|"] + cost + [""]
 
@@ -445,10 +445,12 @@ def publish_fragment(fragment, path):
     return splice_into_readme(fragment, path.resolve().relative_to(ROOT).as_posix())
 
 
-def publish_runs_table(make, out, table, runs_are_committed):
+def publish_runs_table(make, out, table, run_dirs):
     """The one body of the run-comparison publishers (pack_accuracy, nf4_accuracy): make() -> the fragment,
     written to `out`; spliced into its page only when out is the committed `table`, and a committed out is
-    written only from the committed runs (refuse_trial otherwise, before make() reads anything)."""
+    written only from the committed runs: run_dirs pairs each runs folder given with the committed one
+    (refuse_trial otherwise, before make() reads anything)."""
+    runs_are_committed = all(Path(given).resolve() == Path(official).resolve() for given, official in run_dirs)
     if committed(out) and not runs_are_committed:
         refuse_trial(out, "these are not the committed runs", "pass --out outside results/ and docs/")
     fragment = make()

@@ -160,7 +160,7 @@ def cost_sentence(c):
     parts = ", ".join(f"{v['wall_minutes']:.0f} min over {v['runs']} runs at {k} per GPU"
                       for k, v in sorted(c["by_jobs"].items()))
     return (f"\n**GPU-minutes spent** (train + eval wall minutes from the run records): {c['wall_minutes']:.0f} "
-            f"({parts}); N runs at once shared one GPU, so the GPUs themselves was busy for about "
+            f"({parts}); N runs at once shared one GPU, so the GPUs themselves were busy for about "
             f"{c['gpu_minutes_if_shared_evenly']:.0f} minutes if they shared it evenly.\n")
 
 

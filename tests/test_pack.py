@@ -332,9 +332,10 @@ def test_resume_refuses_a_change_of_pack(setup, tmp_path):
 
 def test_compiled_blocks_are_not_capped_at_dynamos_default_limit(setup, tmp_path, monkeypatch):
     """Each transformer block is called in more contexts than dynamo's default recompile limit (8): its input
-    requiring grad or not, no mask or the prompt mask (Echo's answer window), an Echo site or none, each static then with dynamic
-    sizes. Past the limit a block silently runs eagerly, so compile_blocks raises it: a 12-step Echo run here
-    compiles more than 8 variants (backend aot_eager: dynamo's capture and guards, no code generation)."""
+    requiring grad or not, no mask or the prompt mask (Echo's answer window), an Echo site or none, each static
+    then with dynamic sizes. Past the limit a block silently runs eagerly, so compile_blocks raises it: a 12-step
+    Echo run here compiles more than 8 variants (backend aot_eager: dynamo's capture and guards, no code
+    generation)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     import model.model as model_module
     compile_module = torch.nn.Module.compile
